@@ -1,0 +1,115 @@
+"""One error hierarchy: each failure has an HTTP status and a stable code, and crosses Redis as data."""
+
+from __future__ import annotations
+
+
+class LlavaError(Exception):
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidRequest(LlavaError):
+    status_code = 422
+    code = "invalid_request"
+
+
+class ImageInvalid(LlavaError):
+    status_code = 400
+    code = "invalid_image"
+
+
+class ContextTooLong(LlavaError):
+    status_code = 400
+    code = "context_length_exceeded"
+
+
+class Unauthorized(LlavaError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class ModelNotFound(LlavaError):
+    status_code = 404
+    code = "model_not_found"
+
+
+class JobNotFound(LlavaError):
+    status_code = 404
+    code = "job_not_found"
+
+
+class PayloadTooLarge(LlavaError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class ImageTooLarge(PayloadTooLarge):
+    code = "image_too_large"
+
+
+class QueueFull(LlavaError):
+    status_code = 429
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
+class GenerationFailed(LlavaError):
+    status_code = 500
+    code = "generation_failed"
+
+
+class DeviceError(LlavaError):
+    """The accelerator failed (out of memory, lost device); the job fails, the worker reports it."""
+
+    status_code = 500
+    code = "device_error"
+
+
+class WorkerLost(LlavaError):
+    status_code = 502
+    code = "worker_lost"
+
+
+class NoWorker(LlavaError):
+    status_code = 503
+    code = "no_worker"
+
+
+class RedisUnavailable(LlavaError):
+    status_code = 503
+    code = "redis_unavailable"
+
+
+class Timeout(LlavaError):
+    status_code = 504
+    code = "timeout"
+
+
+def _all_subclasses(cls: type[LlavaError]) -> list[type[LlavaError]]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+ERRORS_BY_CODE: dict[str, type[LlavaError]] = {c.code: c for c in [LlavaError, *_all_subclasses(LlavaError)]}
+
+
+def error_from_code(code: str, message: str) -> LlavaError:
+    """Rebuild the error class that `code` names (an error that crossed Redis as data)."""
+    cls = ERRORS_BY_CODE.get(code, LlavaError)
+    if cls is QueueFull:
+        return QueueFull(message)
+    error = cls(message)
+    if cls is LlavaError:
+        error.code = code
+    return error

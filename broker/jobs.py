@@ -1,0 +1,250 @@
+"""A generation job's life in rq's records: enqueue, claim, start, finish, cancel, requeue.
+
+rq gives the per-model queues, job records and registries that `rq info` and `redis-cli` show; its worker classes
+run one job at a time, so llava-serve workers claim jobs themselves through these functions, and every status
+change goes through rq's own job and registry API so that the records tell the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from redis import Redis
+from redis.client import Pipeline
+from rq import Queue
+from rq.executions import Execution, ExecutionRegistry
+from rq.job import Job, JobStatus
+from rq.registry import CanceledJobRegistry
+from rq.serializers import JSONSerializer
+from rq.utils import now as rq_now
+
+from broker import keys
+from broker.errors import QueueFull
+from broker.messages import ClaimState, JobOutcome, JobRequest, JobView, WorkerInfo
+
+# A started job's registry entry; liveness is judged by our worker keys, so rq's own expiry must never fire first.
+STARTED_TTL_S = 24 * 3600
+
+_CLAIM = """
+local ids = {}
+for i = 1, tonumber(ARGV[1]) do
+  local id = redis.call('LPOP', KEYS[1])
+  if not id then break end
+  redis.call('HSET', KEYS[2], id, ARGV[2])
+  ids[#ids + 1] = id
+end
+if #ids > 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+return ids
+"""
+
+
+def run_outside_llava_worker(request: dict) -> None:
+    """The rq function name of every llava-serve job; only `llava-serve worker` can run these jobs."""
+    raise RuntimeError("llava-serve jobs are run by `llava-serve worker`, not by `rq worker`")
+
+
+def queue_for(redis: Redis, model: str) -> Queue:
+    return Queue(keys.queue_name(model), connection=redis, serializer=JSONSerializer)
+
+
+def fetch_job(redis: Redis, job_id: str) -> Job | None:
+    try:
+        return Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    except Exception:  # rq raises NoSuchJobError, or a decode error for a record that is not ours
+        return None
+
+
+def queue_depth(redis: Redis, model: str) -> int:
+    return int(redis.llen(queue_for(redis, model).key))
+
+
+def queue_position(redis: Redis, model: str, job_id: str) -> int | None:
+    """0 for the next job to be claimed; None once the job left the queue."""
+    pos = redis.lpos(queue_for(redis, model).key, job_id)
+    return None if pos is None else int(pos)
+
+
+def enqueue(redis: Redis, request: JobRequest, *, max_queue: int, result_ttl: int) -> Job:
+    """Put a job at the back of its model's queue; QueueFull (429) when `max_queue` jobs already wait."""
+    queue = queue_for(redis, request.model)
+    depth = redis.llen(queue.key)
+    if depth >= max_queue:
+        raise QueueFull(
+            f"the queue of model {request.model!r} is full ({depth} jobs waiting, limit {max_queue})",
+            retry_after=max(1, min(60, depth // 8)),
+        )
+    return queue.enqueue_call(
+        run_outside_llava_worker,
+        kwargs={"request": request.model_dump(mode="json")},
+        job_id=request.job_id,
+        result_ttl=result_ttl,
+        failure_ttl=result_ttl,
+        description=f"generate {request.model} ({request.params.max_new_tokens} tokens max)",
+        meta={"model": request.model},
+    )
+
+
+def job_request(job: Job) -> JobRequest:
+    return JobRequest.model_validate(job.kwargs["request"])
+
+
+def claim(redis: Redis, worker_id: str, model: str, n: int) -> list[JobRequest]:
+    """Atomically take up to `n` jobs off the front of a model's queue into the worker's job table."""
+    if n <= 0:
+        return []
+    queue = queue_for(redis, model)
+    raw_ids = redis.eval(
+        _CLAIM, 2, queue.key, keys.worker_jobs(worker_id), n, ClaimState.claimed.value, keys.WORKER_JOBS_TTL_S
+    )
+    ids = [i.decode() if isinstance(i, bytes) else i for i in raw_ids]
+    requests = []
+    for job_id, job in zip(
+        ids, Job.fetch_many(ids, connection=redis, serializer=JSONSerializer), strict=True
+    ):
+        if job is None:  # deleted while queued
+            redis.hdel(keys.worker_jobs(worker_id), job_id)
+            continue
+        requests.append(job_request(job))
+    return requests
+
+
+def put_back(redis: Redis, worker_id: str, model: str, job_ids: Iterable[str]) -> None:
+    """Return claimed, never-started jobs to the front of their queue, in their original order."""
+    ids = list(job_ids)
+    if not ids:
+        return
+    with redis.pipeline() as pipe:
+        pipe.lpush(queue_for(redis, model).key, *reversed(ids))
+        pipe.hdel(keys.worker_jobs(worker_id), *ids)
+        pipe.execute()
+
+
+def mark_started(redis: Redis, worker_id: str, job_id: str) -> Execution | None:
+    """Record that a claimed job was admitted into the worker's engine (rq status `started`)."""
+    job = fetch_job(redis, job_id)
+    if job is None:
+        return None
+    with redis.pipeline() as pipe:
+        execution = Execution.create(job, STARTED_TTL_S, pipeline=pipe, worker_name=worker_id)
+        job.prepare_for_execution(worker_id, pipeline=pipe)
+        pipe.persist(job.key)
+        pipe.hset(keys.worker_jobs(worker_id), job_id, ClaimState.started.value)
+        pipe.execute()
+    return execution
+
+
+def mark_streaming(pipe: Pipeline, worker_id: str, job_id: str) -> None:
+    """Queue, on the caller's pipeline, the note that a job's first token went out (it can no longer be retried)."""
+    pipe.hset(keys.worker_jobs(worker_id), job_id, ClaimState.streaming.value)
+
+
+def is_cancel_requested(redis: Redis, job_id: str) -> bool:
+    return bool(redis.exists(keys.cancel(job_id)))
+
+
+def request_cancel(redis: Redis, job_id: str, model: str) -> bool:
+    """Ask for a job to stop. A job still in the queue leaves it at once (returns True); a claimed or running
+    job is stopped by its worker, which checks the flag between decode steps (returns False)."""
+    redis.set(keys.cancel(job_id), "1", ex=keys.CANCEL_TTL_S)
+    if redis.lrem(queue_for(redis, model).key, 0, job_id):
+        job = fetch_job(redis, job_id)
+        if job is not None:
+            _end(
+                redis,
+                job,
+                JobOutcome(job_id=job_id, status=JobStatus.CANCELED.value, finish_reason="cancelled"),
+            )
+        return True
+    return False
+
+
+def _remove_executions(job: Job, pipe: Pipeline) -> None:
+    for execution in ExecutionRegistry(job_id=job.id, connection=job.connection).get_executions():
+        execution.delete(job=job, pipeline=pipe)
+
+
+def _end(redis: Redis, job: Job, outcome: JobOutcome, *, worker_id: str | None = None) -> None:
+    """Move a job to its final rq status and registry, with `outcome` in its meta, expiring after result_ttl."""
+    ttl = job.result_ttl if job.result_ttl and job.result_ttl > 0 else 600
+    job.meta["outcome"] = outcome.model_dump(mode="json")
+    job.ended_at = job.ended_at or rq_now()
+    with redis.pipeline() as pipe:
+        _remove_executions(job, pipe)
+        if outcome.status == JobStatus.FINISHED.value:
+            job._result = outcome.model_dump(mode="json")
+            job.save(pipeline=pipe)
+            job._handle_success(ttl, pipeline=pipe, worker_name=worker_id or "")
+        elif outcome.status == JobStatus.CANCELED.value:
+            job.set_status(JobStatus.CANCELED, pipeline=pipe)
+            job.save(pipeline=pipe)
+            CanceledJobRegistry(job.origin, connection=redis, serializer=JSONSerializer).add(
+                job, ttl, pipeline=pipe
+            )
+        else:
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            job.save(pipeline=pipe)
+            message = outcome.error.message if outcome.error else "failed"
+            code = outcome.error.code if outcome.error else "error"
+            job._handle_failure(f"{code}: {message}", pipeline=pipe, worker_name=worker_id or "")
+        job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+        if worker_id:
+            pipe.hdel(keys.worker_jobs(worker_id), job.id)
+        pipe.expire(keys.cancel(job.id), 60)
+        pipe.execute()
+
+
+def finish(redis: Redis, worker_id: str, outcome: JobOutcome) -> None:
+    """Record a job's final outcome (finished, canceled or failed) and drop it from the worker's job table."""
+    job = fetch_job(redis, outcome.job_id)
+    if job is None:
+        redis.hdel(keys.worker_jobs(worker_id), outcome.job_id)
+        return
+    outcome.worker_id = worker_id
+    _end(redis, job, outcome, worker_id=worker_id)
+
+
+def requeue(redis: Redis, worker_id: str, job_id: str) -> bool:
+    """Put a job of a dead or stopping worker back at the front of its queue, as never started."""
+    job = fetch_job(redis, job_id)
+    if job is None:
+        redis.hdel(keys.worker_jobs(worker_id), job_id)
+        return False
+    with redis.pipeline() as pipe:
+        _remove_executions(job, pipe)
+        job.set_status(JobStatus.QUEUED, pipeline=pipe)
+        pipe.hdel(job.key, "worker_name", "started_at")
+        pipe.lpush(Queue(job.origin, connection=redis).key, job_id)
+        pipe.hdel(keys.worker_jobs(worker_id), job_id)
+        pipe.execute()
+    return True
+
+
+def view(redis: Redis, job_id: str) -> JobView | None:
+    """What `GET /api/v1/jobs/{id}` returns; None for an unknown (or expired) job."""
+    job = fetch_job(redis, job_id)
+    if job is None:
+        return None
+    status = job.get_status(refresh=False)
+    status_value = status.value if isinstance(status, JobStatus) else str(status)
+    model = job.meta.get("model")
+    outcome = job.meta.get("outcome")
+    position = queue_position(redis, model, job_id) if model and status_value == "queued" else None
+    return JobView(
+        job_id=job_id,
+        model=model,
+        status=status_value,
+        position=position,
+        outcome=JobOutcome.model_validate(outcome) if outcome else None,
+    )
+
+
+def live_workers(redis: Redis) -> list[WorkerInfo]:
+    """Workers whose liveness key has not expired."""
+    ids = sorted(i.decode() if isinstance(i, bytes) else i for i in redis.smembers(keys.workers()))
+    if not ids:
+        return []
+    infos = []
+    for raw in redis.mget([keys.worker(i) for i in ids]):
+        if raw:
+            infos.append(WorkerInfo.model_validate_json(raw))
+    return infos

@@ -1,0 +1,80 @@
+"""Every Redis key and channel name llava-serve uses, under one prefix.
+
+No other module writes a key literal. rq owns its own keys (`rq:queue:<name>`, `rq:job:<id>`, registries);
+the only rq name chosen here is the queue name of a model.
+"""
+
+from __future__ import annotations
+
+PREFIX = "llava:"
+
+# Liveness: a worker key lives WORKER_TTL seconds past the worker's last heartbeat.
+WORKER_TTL_S = 10
+HEARTBEAT_INTERVAL_S = 2.0
+# The per-worker job table outlives the worker key long enough for a sweeper to act on it.
+WORKER_JOBS_TTL_S = 24 * 3600
+CANCEL_TTL_S = 600
+IMAGE_TTL_S = 3600
+SWEEP_LOCK_TTL_MS = 1500
+
+
+def worker(worker_id: str) -> str:
+    """STRING, JSON `WorkerInfo`; TTL WORKER_TTL_S, refreshed by the worker's heartbeat thread."""
+    return f"{PREFIX}worker:{worker_id}"
+
+
+def workers() -> str:
+    """SET of worker ids that registered; the sweeper removes ids whose `worker()` key expired. No TTL."""
+    return f"{PREFIX}workers"
+
+
+def worker_jobs(worker_id: str) -> str:
+    """HASH job id -> `ClaimState` of the jobs a worker holds; TTL WORKER_JOBS_TTL_S, refreshed by heartbeat."""
+    return f"{PREFIX}worker:{worker_id}:jobs"
+
+
+def worker_inbox(worker_id: str) -> str:
+    """LIST a worker's blocking claim (BLMOVE) lands a job id in before it enters `worker_jobs()`; the sweeper
+    treats ids left here as claimed. No TTL: emptied at once by the claim that filled it."""
+    return f"{PREFIX}worker:{worker_id}:inbox"
+
+
+def queue_name(model: str) -> str:
+    """rq queue name of a model; rq stores the queue as LIST `rq:queue:<name>`."""
+    return f"{PREFIX}{model}"
+
+
+def chunks(job_id: str) -> str:
+    """Pub/sub channel of a job's stream events (`JobEvent`). Keeps nothing."""
+    return f"{PREFIX}job:{job_id}:chunks"
+
+
+def chunks_pattern() -> str:
+    """Pattern matching every job's chunk channel (one PSUBSCRIBE per controller process)."""
+    return f"{PREFIX}job:*:chunks"
+
+
+def job_id_from_chunks(channel: str) -> str:
+    """Inverse of `chunks()`."""
+    return channel[len(f"{PREFIX}job:") : -len(":chunks")]
+
+
+def cancel(job_id: str) -> str:
+    """STRING "1" set when a job's client went away or asked to stop; TTL CANCEL_TTL_S."""
+    return f"{PREFIX}job:{job_id}:cancel"
+
+
+def image(digest: str) -> str:
+    """STRING, the bytes of one uploaded image, named by its sha256; TTL IMAGE_TTL_S (no TTL once kept
+    by a feedback entry)."""
+    return f"{PREFIX}image:{digest}"
+
+
+def feedback() -> str:
+    """STREAM of votes and flags (`FeedbackEntry` in field `entry`). No TTL."""
+    return f"{PREFIX}feedback"
+
+
+def sweep_lock() -> str:
+    """STRING held by the controller replica that sweeps dead workers; TTL SWEEP_LOCK_TTL_MS."""
+    return f"{PREFIX}sweeper:lock"

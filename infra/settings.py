@@ -1,0 +1,85 @@
+"""Settings, one object per process, from flags and `LLAVA_*` environment variables; unknown keys rejected.
+
+Redis is one URL for every process: `LLAVA_REDIS_URL` (or `--redis-url`). Everything else has its own prefix,
+`LLAVA_CONTROLLER_`, `LLAVA_WORKER_`, `LLAVA_WEB_`, so one environment can hold settings for all of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+CONTROLLER_PORT = 10000
+WEB_PORT = 7860
+
+
+def _redis_url_field() -> str | None:
+    return Field(default=None, validation_alias=AliasChoices("redis_url", "LLAVA_REDIS_URL"))  # type: ignore[return-value]
+
+
+def default_cache_dir() -> Path:
+    """Where built models and the embedded Redis' data live: `LLAVA_CACHE_DIR`, else the XDG cache dir."""
+    import os
+
+    if os.environ.get("LLAVA_CACHE_DIR"):
+        return Path(os.environ["LLAVA_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "llava-serve"
+
+
+class ControllerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLAVA_CONTROLLER_", extra="forbid", populate_by_name=True)
+
+    redis_url: str | None = _redis_url_field()
+    host: str = "127.0.0.1"
+    port: int = CONTROLLER_PORT
+    public_url: str | None = Field(default=None, description="base URL clients reach this controller at")
+    max_queue: int = Field(default=256, ge=1, description="queued jobs per model before 429")
+    max_images: int = Field(default=8, ge=0, description="images per request")
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="width x height; larger is refused")
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    job_result_ttl: int = Field(default=600, ge=1, description="seconds a finished job's record is kept")
+    queued_update_interval: float = Field(default=1.0, gt=0)
+    sweep_interval: float = Field(default=2.0, gt=0)
+    ping_interval: int = Field(default=15, ge=1)
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLAVA_WORKER_", extra="forbid", populate_by_name=True)
+
+    redis_url: str | None = _redis_url_field()
+    model_path: str
+    model_name: str | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch: int = Field(default=8, ge=1)
+    token_budget: int | None = Field(default=None, ge=1)
+    drain_timeout: float = Field(default=30.0, ge=0, description="SIGTERM: seconds to finish in-flight jobs")
+    job_result_ttl: int = Field(default=600, ge=1)
+    worker_id: str | None = None
+
+    def resolved_model_name(self) -> str:
+        """`--model-name`, else the last component of the model path."""
+        if self.model_name:
+            return self.model_name
+        return self.model_path.rstrip("/").split("/")[-1]
+
+
+class WebSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLAVA_WEB_", extra="forbid", populate_by_name=True)
+
+    controller_url: str = f"http://127.0.0.1:{CONTROLLER_PORT}"
+    host: str = "127.0.0.1"
+    port: int = WEB_PORT
+    model_list_mode: Literal["once", "reload"] = "reload"
+    concurrency_limit: int = Field(default=16, ge=1)
+    max_queue: int = Field(default=64, ge=1)
+    share: bool = False
+    embed: bool = False
+    image_max_side: int = Field(default=1344, ge=64)
+    api_key: str | None = None
