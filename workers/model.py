@@ -135,7 +135,5 @@ def load_model(model_path: str, *, device: str = "auto", dtype: str = "auto") ->
         pad_token_id=int(pad_token_id),
         chat_template=chat_template,
     )
-    log.info(
-        "loaded %s on %s (%s), context %d", loaded.name, loaded.device, str(torch_dtype), loaded.context_length
-    )
+    log.info("loaded %s on %s (%s), context %d", loaded.name, loaded.device, str(torch_dtype), loaded.context_length)
     return loaded

@@ -42,6 +42,8 @@ def sample_batch(
 ) -> list[int]:
     """One token id per row of `logits` [batch, vocab]; greedy rows share one argmax."""
     greedy = torch.argmax(logits, dim=-1)
+    if all(p.temperature == 0 or g is None for p, g in zip(params, generators, strict=True)):
+        return greedy.tolist()
     chosen = [greedy[i] for i in range(logits.shape[0])]
     for i, (p, g) in enumerate(zip(params, generators, strict=True)):
         if p.temperature > 0 and g is not None:

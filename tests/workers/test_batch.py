@@ -1,0 +1,44 @@
+import torch
+
+from workers.batch import DecodeBatch, cache_from_tensors, cache_tensors
+
+
+def one_row(length: int, fill: float, row: str) -> DecodeBatch:
+    keys = torch.full((1, 2, length, 4), fill)
+    cache = cache_from_tensors([(keys, keys + 100), (keys * 2, keys * 2 + 100)])
+    return DecodeBatch.from_prefill(cache, length, first_token=int(fill), row=row, device="cpu")
+
+
+def test_concatenate_left_pads_once():
+    batch = DecodeBatch.concatenate([one_row(3, 1.0, "a"), one_row(5, 2.0, "b"), one_row(1, 3.0, "c")])
+    assert batch.rows == ["a", "b", "c"]
+    assert batch.attention_mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]]
+    assert batch.positions.tolist() == [3, 5, 1] and batch.last_tokens.tolist() == [1, 2, 3]
+    keys, values = cache_tensors(batch.cache)[0]
+    assert keys.shape == (3, 2, 5, 4)
+    assert keys[0, :, :2].abs().sum() == 0 and bool((keys[0, :, 2:] == 1).all())
+    assert bool((values[2, :, 4:] == 103).all())
+    assert batch.cache.get_seq_length() == 5
+
+
+def test_decode_inputs_and_advance():
+    batch = DecodeBatch.concatenate([one_row(2, 1.0, "a"), one_row(3, 2.0, "b")])
+    inputs = batch.decode_inputs()
+    assert inputs["input_ids"].tolist() == [[1], [2]]
+    assert inputs["attention_mask"].tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
+    assert inputs["position_ids"].tolist() == [[2], [3]]
+    batch.advance(batch.cache, torch.tensor([7, 8]))
+    assert batch.positions.tolist() == [3, 4] and batch.last_tokens.tolist() == [7, 8]
+    assert batch.cache_length == 4
+
+
+def test_filter_selects_rows_and_trims_shared_padding():
+    batch = DecodeBatch.concatenate([one_row(2, 1.0, "a"), one_row(6, 2.0, "b"), one_row(3, 3.0, "c")])
+    kept = batch.filter([0, 2])
+    assert kept.rows == ["a", "c"]
+    assert kept.attention_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    keys, _ = cache_tensors(kept.cache)[1]
+    assert keys.shape == (2, 2, 3, 4) and bool((keys[1] == 6).all())
+    assert kept.positions.tolist() == [2, 3]
+    assert batch.filter([]) is None
+    assert batch.filter([0, 1, 2]) is batch

@@ -1,0 +1,277 @@
+import pytest
+import torch
+from PIL import Image
+
+from broker.errors import ContextTooLong, DeviceError, ImageInvalid, InvalidRequest
+from broker.messages import FinishReason, JobImage, JobMessage, JobText, SamplingParams
+from tests.workers.tiny_llava import tiny_loaded
+from workers.engine import Engine, EngineImage, EngineJob, run_to_completion
+
+RED = EngineImage("sha-red", Image.new("RGB", (60, 40), (200, 10, 10)))
+BLUE = EngineImage("sha-blue", Image.new("RGB", (30, 70), (10, 10, 200)))
+
+
+def greedy(max_new_tokens=16, **kw):
+    return SamplingParams(temperature=0, max_new_tokens=max_new_tokens, **kw)
+
+
+def chat_job(job_id, text, images=(), params=None):
+    parts = [JobImage(digest=i.digest) for i in images] + [JobText(text=text)]
+    return EngineJob(job_id, params or greedy(), messages=[JobMessage(role="user", content=parts)], images=list(images))
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_loaded()
+
+
+def reference_tokens(loaded, engine, job):
+    """HF generate, batch 1: the tokens a job must get inside any batch."""
+    prepared = engine.prepare(job)
+    inputs = {"input_ids": prepared.input_ids[None], **prepared.image_inputs}
+    out = loaded.model.generate(
+        **inputs,
+        max_new_tokens=prepared.max_new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=loaded.pad_token_id,
+    )
+    return out[0, prepared.prompt_tokens :].tolist()
+
+
+def test_greedy_batch_matches_alone_and_generate(loaded):
+    jobs = [
+        chat_job("a", "hello"),
+        chat_job("b", "what is in this long picture of a cat and a dog on a mat", [RED]),
+        chat_job("c", "x", [RED, BLUE]),
+        chat_job("d", "Café 🙂 naïve"),
+        chat_job("e", "describe", [BLUE], greedy(max_new_tokens=5)),
+    ]
+    batched = run_to_completion(Engine(loaded, max_batch=8), jobs)
+    engine = Engine(loaded, max_batch=1)
+    for job in jobs:
+        alone = run_to_completion(engine, [job])[job.job_id]
+        together = batched[job.job_id]
+        assert together.token_ids == alone.token_ids == reference_tokens(loaded, engine, job), job.job_id
+        assert together.text == alone.text
+        assert together.finish_reason == FinishReason.length
+        assert together.usage.completion_tokens == job.params.max_new_tokens
+
+
+def test_jobs_join_mid_batch_and_leave_early(loaded):
+    engine = Engine(loaded, max_batch=4)
+    first = chat_job("first", "a long prompt that has quite a few words in it", [RED], greedy(24))
+    short = chat_job("short", "hi", params=greedy(3))
+    late = chat_job("late", "late arrival", [BLUE], greedy(10))
+    tokens = {"first": [], "short": [], "late": []}
+    engine.add(engine.prepare(first))
+    engine.add(engine.prepare(short))
+    for step in range(40):
+        if step == 5:
+            engine.add(engine.prepare(late))
+        for update in engine.step():
+            tokens[update.job_id] += update.token_ids
+        if not engine.has_work():
+            break
+    assert not engine.has_work() and engine.active_count == 0
+    alone = Engine(loaded, max_batch=1)
+    for job in (first, short, late):
+        assert tokens[job.job_id] == run_to_completion(alone, [job])[job.job_id].token_ids
+
+
+def test_prompt_path_equals_messages_path(loaded):
+    engine = Engine(loaded)
+    by_messages = chat_job("m", "What is this?", [RED])
+    by_prompt = EngineJob("p", greedy(), prompt="<s>USER: <image>\nWhat is this? ASSISTANT:", images=[RED])
+    a, b = engine.prepare(by_messages), engine.prepare(by_prompt)
+    assert torch.equal(a.input_ids, b.input_ids)
+    reference = loaded.processor(text=by_prompt.prompt, images=[RED.image], return_tensors="pt")
+    assert torch.equal(a.input_ids, reference["input_ids"][0])
+    assert torch.equal(a.image_inputs["pixel_values"], reference["pixel_values"])
+    assert a.prompt_tokens == b.prompt_tokens == len(a.input_ids)
+    out = run_to_completion(engine, [by_messages, by_prompt])
+    assert out["m"].token_ids == out["p"].token_ids
+
+
+def test_image_preprocessing_cached_by_digest(loaded):
+    engine = Engine(loaded)
+    engine.prepare(chat_job("1", "turn one", [RED]))
+    engine.prepare(chat_job("2", "turn two", [RED, BLUE]))
+    assert (engine.images.misses, engine.images.hits) == (2, 1)
+
+
+def test_sampling_same_seed_same_output(loaded):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=1234)
+    jobs = [chat_job("s1", "tell me", params=params), chat_job("s2", "tell me", params=params)]
+    filler = chat_job("f", "another prompt entirely", [RED], SamplingParams(temperature=0.8, seed=7, max_new_tokens=12))
+    out = run_to_completion(Engine(loaded), [*jobs, filler])
+    alone = run_to_completion(Engine(loaded), [jobs[0]])["s1"]
+    assert out["s1"].token_ids == out["s2"].token_ids == alone.token_ids
+    other = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=99)
+    assert run_to_completion(Engine(loaded), [chat_job("o", "tell me", params=other)])["o"].token_ids != (
+        alone.token_ids
+    )
+
+
+def test_eos_finishes_job(loaded):
+    engine = Engine(loaded)
+    job = chat_job("x", "hello")
+    tokens = run_to_completion(engine, [job])["x"].token_ids
+    loaded_eos = type(loaded)(**{**loaded.__dict__, "eos_token_ids": {tokens[4]}})
+    result = run_to_completion(Engine(loaded_eos), [job])["x"]
+    stop_at = tokens.index(tokens[4])
+    assert result.finish_reason == FinishReason.eos
+    assert result.token_ids == tokens[: stop_at + 1]
+    assert result.usage.completion_tokens == stop_at + 1
+
+
+def test_stop_string_spanning_tokens(loaded):
+    engine = Engine(loaded)
+    full = run_to_completion(engine, [chat_job("x", "Café 🙂", params=greedy(20))])["x"]
+    tok = loaded.tokenizer
+    pieces = [tok.decode(full.token_ids[:n]) for n in range(len(full.token_ids) + 1)]
+    # A stop string made of the last 2 characters of token 3's text and the first character after it.
+    assert full.text.startswith(pieces[3]) and "\ufffd" not in pieces[3]
+    boundary = len(pieces[3])
+    stop = full.text[boundary - 2 : boundary + 1]
+    assert len(stop) == 3 and stop in full.text
+    result = run_to_completion(engine, [chat_job("y", "Café 🙂", params=greedy(20, stop=[stop]))])["y"]
+    assert result.finish_reason == FinishReason.stop
+    assert result.text == full.text[: full.text.find(stop)]
+
+
+def test_cancel_leaves_others_undisturbed(loaded):
+    engine = Engine(loaded, max_batch=3)
+    jobs = [
+        chat_job("keep1", "one", [RED]),
+        chat_job("gone", "two two two", params=greedy(30)),
+        chat_job("keep2", "three", [BLUE]),
+    ]
+    expected = {j.job_id: run_to_completion(Engine(loaded), [j])[j.job_id].token_ids for j in jobs}
+    for job in jobs:
+        engine.add(engine.prepare(job))
+    tokens = {j.job_id: [] for j in jobs}
+    finals = {}
+    for step in range(40):
+        if step == 3:
+            engine.cancel("gone")
+        for update in engine.step():
+            tokens[update.job_id] += update.token_ids
+            if update.finish_reason:
+                finals[update.job_id] = update
+        if not engine.has_work():
+            break
+    assert finals["gone"].finish_reason == FinishReason.cancelled
+    assert tokens["gone"] == expected["gone"][: len(tokens["gone"])] and len(tokens["gone"]) == 3
+    assert tokens["keep1"] == expected["keep1"] and tokens["keep2"] == expected["keep2"]
+
+
+def test_cancel_before_prefill(loaded):
+    engine = Engine(loaded)
+    engine.add(engine.prepare(chat_job("c", "hi")))
+    engine.cancel("c")
+    updates = engine.step()
+    assert [(u.job_id, u.finish_reason, u.usage.completion_tokens) for u in updates] == [
+        ("c", FinishReason.cancelled, 0)
+    ]
+    assert not engine.has_work()
+
+
+def test_context_too_long_names_lengths(loaded):
+    engine = Engine(loaded)
+    with pytest.raises(ContextTooLong, match=r"prompt is \d+ tokens.*context length is 512"):
+        engine.prepare(chat_job("long", "word " * 600))
+
+
+def test_max_new_tokens_capped_by_context(loaded):
+    engine = Engine(loaded)
+    prepared = engine.prepare(chat_job("cap", "word " * 100, params=greedy(4096)))
+    assert prepared.prompt_tokens + prepared.max_new_tokens == 512
+
+
+def test_invalid_requests(loaded):
+    engine = Engine(loaded)
+    with pytest.raises(InvalidRequest, match="1 image parts but 2 images"):
+        engine.prepare(EngineJob("a", greedy(), messages=chat_job("a", "x", [RED]).messages, images=[RED, BLUE]))
+    with pytest.raises(InvalidRequest, match="literal image token"):
+        engine.prepare(chat_job("b", "sneaky <image> token"))
+    with pytest.raises(InvalidRequest, match="prompt has 2"):
+        engine.prepare(EngineJob("c", greedy(), prompt="USER: <image><image> ASSISTANT:", images=[RED]))
+    with pytest.raises(InvalidRequest, match="exactly one"):
+        engine.prepare(EngineJob("d", greedy()))
+    with pytest.raises(ImageInvalid):
+        engine.prepare(chat_job("e", "x", [EngineImage("sha-bad", Image.new("RGB", (0, 0)))]))
+
+
+def test_fits_respects_slots_and_token_budget(loaded):
+    engine = Engine(loaded, max_batch=2, token_budget=100)
+    small = engine.prepare(chat_job("s", "hi", params=greedy(20)))
+    assert engine.fits(small)
+    engine.add(small)
+    big = engine.prepare(chat_job("b", "hi", params=greedy(90)))
+    assert big.kv_tokens <= 100 and not engine.fits(big)
+    other = engine.prepare(chat_job("o", "yo", params=greedy(20)))
+    assert engine.fits(other)
+    engine.add(other)
+    assert engine.free_slots() == 0 and not engine.fits(engine.prepare(chat_job("z", "z", params=greedy(1))))
+    run_to_completion(engine, [])
+    assert engine.fits(big)
+
+
+def test_device_error_fails_batch_and_engine_recovers(loaded, monkeypatch):
+    engine = Engine(loaded)
+    jobs = [chat_job("a", "one"), chat_job("b", "two", [RED])]
+    for job in jobs:
+        engine.add(engine.prepare(job))
+    engine.step()  # prefill both
+    real_forward = loaded.model.forward
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loaded.model, "forward", oom)
+    updates = engine.step()
+    assert {u.job_id: u.finish_reason for u in updates} == {"a": FinishReason.error, "b": FinishReason.error}
+    assert all(isinstance(u.error, DeviceError) and "out of memory" in u.error.message for u in updates)
+    assert engine.healthy and not engine.has_work()
+    monkeypatch.setattr(loaded.model, "forward", real_forward)
+    again = run_to_completion(engine, [chat_job("c", "three")])["c"]
+    assert again.finish_reason == FinishReason.length
+
+
+def test_fatal_device_error_marks_unhealthy(loaded, monkeypatch):
+    engine = Engine(loaded)
+    engine.add(engine.prepare(chat_job("a", "one")))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(loaded.model, "forward", broken)
+    updates = engine.step()
+    assert updates[0].finish_reason == FinishReason.error and isinstance(updates[0].error, DeviceError)
+    assert not engine.healthy
+    assert not engine.fits(engine.prepare(chat_job("b", "two")))
+
+
+def test_one_token_job_finishes_at_prefill(loaded):
+    engine = Engine(loaded)
+    out = run_to_completion(engine, [chat_job("one", "hi", params=greedy(1)), chat_job("two", "hey", [RED])])
+    assert out["one"].finish_reason == FinishReason.length and len(out["one"].token_ids) == 1
+    assert out["one"].usage.completion_tokens == 1 and out["two"].usage.completion_tokens == 16
+
+
+def test_prefill_device_error_fails_only_that_job(loaded, monkeypatch):
+    engine = Engine(loaded)
+    expected = run_to_completion(engine, [chat_job("ok", "fine")])["ok"].token_ids
+    real_forward = loaded.model.forward
+
+    def oom_on_images(*args, **kwargs):
+        if kwargs.get("pixel_values") is not None:
+            raise torch.OutOfMemoryError("CUDA out of memory (vision tower)")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", oom_on_images)
+    out = run_to_completion(engine, [chat_job("ok", "fine"), chat_job("img", "look", [RED])])
+    assert out["img"].finish_reason == FinishReason.error and isinstance(out["img"].error, DeviceError)
+    assert out["ok"].finish_reason == FinishReason.length and out["ok"].token_ids == expected
+    assert engine.healthy

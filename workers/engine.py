@@ -1,0 +1,284 @@
+"""Iteration-level batching for image-text-to-text models: jobs join and leave the running batch every step.
+
+The engine knows nothing of Redis: it takes prepared jobs and returns per-step text deltas (see `step`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from broker.errors import ContextTooLong, DeviceError, InvalidRequest, LlavaError
+from broker.messages import FinishReason, Usage
+from workers.batch import DecodeBatch
+from workers.engine_types import EngineImage, EngineJob, JobUpdate, PreparedJob
+from workers.model import LoadedModel
+from workers.preprocess import ImageCache, check_prompt, render_messages, stack_image_tensors
+from workers.running import RunningJob
+from workers.sampling import sample_batch
+
+__all__ = ["Completion", "Engine", "EngineImage", "EngineJob", "JobUpdate", "PreparedJob", "run_to_completion"]
+
+log = logging.getLogger(__name__)
+
+# Messages of device failures after which the CUDA context cannot be trusted any more.
+_FATAL_DEVICE_MARKERS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "ECC")
+
+
+def _is_device_error(exc: BaseException) -> bool:
+    return isinstance(exc, (torch.OutOfMemoryError, RuntimeError)) and not isinstance(exc, NotImplementedError)
+
+
+class Engine:
+    """Continuous batching over a model's forward and one left-padded KV cache. Not thread-safe."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch: int = 8,
+        token_budget: int | None = None,
+        image_cache_size: int = 128,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, not {max_batch}")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.device = loaded.device
+        self.max_batch = max_batch
+        self.context_length = loaded.context_length
+        self.token_budget = token_budget if token_budget is not None else self._default_token_budget()
+        if self.token_budget < 2:
+            raise ValueError(f"token_budget must be >= 2, not {self.token_budget}")
+        self.images = ImageCache(loaded.processor, loaded.image_token, loaded.image_token_id, image_cache_size)
+        self.healthy = True
+        self._pending: list[RunningJob] = []
+        self._batch: DecodeBatch | None = None
+
+    # ---- capacity -------------------------------------------------------------------------------------------
+
+    def _kv_bytes_per_token(self) -> int:
+        cfg = self.model.config.get_text_config()
+        heads = getattr(cfg, "num_attention_heads", 1)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.finfo(self.loaded.dtype).bits // 8
+
+    def _default_token_budget(self) -> int:
+        budget = self.max_batch * self.context_length
+        if self.device.startswith("cuda"):
+            free, _total = torch.cuda.mem_get_info(torch.device(self.device))
+            # Leave room for activations (prefill of images) and the padding of a merged batch.
+            budget = min(budget, int(free * 0.6) // self._kv_bytes_per_token())
+        return max(budget, 2)
+
+    @property
+    def _rows(self) -> list[RunningJob]:
+        return self._batch.rows if self._batch is not None else []
+
+    @property
+    def active_count(self) -> int:
+        return len(self._pending) + len(self._rows)
+
+    def free_slots(self) -> int:
+        return max(self.max_batch - self.active_count, 0)
+
+    def has_work(self) -> bool:
+        return bool(self._pending or self._rows)
+
+    def reserved_tokens(self) -> int:
+        """KV slots promised to admitted jobs (prompt + max_new_tokens each)."""
+        return sum(r.prepared.kv_tokens for r in (*self._pending, *self._rows))
+
+    def fits(self, prepared: PreparedJob) -> bool:
+        """True when a slot is free and the job's KV cache fits next to the admitted jobs' within the budget."""
+        if not self.healthy or self.free_slots() == 0:
+            return False
+        return self.reserved_tokens() + prepared.kv_tokens <= self.token_budget
+
+    # ---- admission ------------------------------------------------------------------------------------------
+
+    def prepare(self, job: EngineJob) -> PreparedJob:
+        """Template, tokenize and preprocess images; raise InvalidRequest, ImageInvalid or ContextTooLong."""
+        token, images = self.loaded.image_token, job.images
+        if (job.messages is None) == (job.prompt is None):
+            raise InvalidRequest("exactly one of messages and prompt must be set")
+        if job.messages is not None:
+            prompt = render_messages(self.loaded.processor, job.messages, token, len(images))
+        else:
+            prompt = str(job.prompt)
+            check_prompt(prompt, token, len(images))
+        processed = [self.images.get(img.digest, img.image) for img in images]
+        pieces = prompt.split(token)
+        expanded = pieces[0] + "".join(
+            token * p.num_tokens + rest for p, rest in zip(processed, pieces[1:], strict=True)
+        )
+        ids = self.loaded.tokenizer(expanded, add_special_tokens=True)["input_ids"]
+        bos = self.loaded.tokenizer.bos_token_id
+        if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]  # the template wrote BOS and the tokenizer added another
+        prompt_tokens = len(ids)
+        limit = min(self.context_length, self.token_budget)
+        if prompt_tokens >= limit:
+            what = "context length" if limit == self.context_length else "KV token budget"
+            raise ContextTooLong(
+                f"prompt is {prompt_tokens} tokens (images included); the model's {what} is {limit}, "
+                "which leaves no room for new tokens"
+            )
+        max_new = min(job.params.max_new_tokens, limit - prompt_tokens)
+        return PreparedJob(
+            job=job,
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            image_inputs=stack_image_tensors(processed),
+            prompt_tokens=prompt_tokens,
+            max_new_tokens=max_new,
+        )
+
+    def add(self, prepared: PreparedJob) -> None:
+        """Admit a prepared job: it is prefilled at the next step and joins the running batch."""
+        if any(r.job_id == prepared.job_id for r in (*self._pending, *self._rows)):
+            raise InvalidRequest(f"job {prepared.job_id} is already running")
+        self._pending.append(RunningJob(prepared, self.loaded))
+
+    def cancel(self, job_id: str) -> None:
+        """Mark a job cancelled; the next step returns its final update. Unknown ids are ignored."""
+        for r in (*self._pending, *self._rows):
+            if r.job_id == job_id:
+                r.cancelled = True
+
+    # ---- stepping -------------------------------------------------------------------------------------------
+
+    def step(self) -> list[JobUpdate]:
+        """One iteration: drop cancelled jobs, one decode step for the running batch, prefill new jobs."""
+        updates = self._drop_cancelled()
+        if self._batch is not None:
+            updates += self._decode(self._batch)
+        if self._pending:
+            updates += self._prefill_pending()
+        return updates
+
+    def _drop_cancelled(self) -> list[JobUpdate]:
+        updates = [r.finish(FinishReason.cancelled) for r in self._pending if r.cancelled]
+        self._pending = [r for r in self._pending if not r.cancelled]
+        if self._batch is not None:
+            rows = self._batch.rows
+            updates += [r.finish(FinishReason.cancelled) for r in rows if r.cancelled]
+            self._batch = self._batch.filter([i for i, r in enumerate(rows) if not r.cancelled])
+        return updates
+
+    @torch.inference_mode()
+    def _decode(self, batch: DecodeBatch) -> list[JobUpdate]:
+        try:
+            out = self.model(**batch.decode_inputs(), use_cache=True, logits_to_keep=1)
+            rows = batch.rows
+            tokens = sample_batch(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
+        except Exception as exc:
+            if not _is_device_error(exc):
+                raise
+            self._batch = None
+            return self._fail(batch.rows, exc, "decode step")
+        batch.advance(_cache_of(out), torch.tensor(tokens, dtype=torch.long, device=self.device))
+        updates = []
+        for row, token in zip(batch.rows, tokens, strict=True):
+            update = row.accept(token)
+            if update is not None:
+                updates.append(update)
+        self._batch = batch.filter([i for i, r in enumerate(batch.rows) if r.finish_reason is None])
+        return updates
+
+    @torch.inference_mode()
+    def _prefill_pending(self) -> list[JobUpdate]:
+        updates: list[JobUpdate] = []
+        joined: list[DecodeBatch] = []
+        pending, self._pending = self._pending, []
+        for row in pending:
+            try:
+                first, cache = self._prefill_one(row.prepared, row)
+            except Exception as exc:
+                if not _is_device_error(exc):
+                    raise
+                updates += self._fail([row], exc, "prefill")
+                continue
+            update = row.accept(first)
+            if update is not None:
+                updates.append(update)
+            if row.finish_reason is None:
+                joined.append(DecodeBatch.from_prefill(cache, row.prepared.prompt_tokens, first, row, self.device))
+        if joined:
+            parts = [self._batch, *joined] if self._batch is not None else joined
+            try:
+                self._batch = DecodeBatch.concatenate(parts)
+            except Exception as exc:
+                if not _is_device_error(exc):
+                    raise
+                self._batch = None
+                updates += self._fail([r for b in parts for r in b.rows], exc, "batch merge")
+        return updates
+
+    def _prefill_one(self, prepared: PreparedJob, row: RunningJob) -> tuple[int, Any]:
+        """Batch-1 forward over the whole prompt (images included); the first sampled token and the cache."""
+        from transformers import DynamicCache
+
+        inputs: dict[str, Any] = {
+            "input_ids": prepared.input_ids[None, :].to(self.device),
+            "attention_mask": torch.ones((1, prepared.prompt_tokens), dtype=torch.long, device=self.device),
+        }
+        for key, value in prepared.image_inputs.items():
+            value = value.to(self.device)
+            inputs[key] = value.to(self.loaded.dtype) if value.is_floating_point() else value
+        out = self.model(**inputs, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
+        token = sample_batch(out.logits[:, -1, :], [row.params], [row.generator])[0]
+        return token, _cache_of(out)
+
+    def _fail(self, rows: list[RunningJob], exc: BaseException, where: str) -> list[JobUpdate]:
+        """Fail `rows` with DeviceError, free their memory and decide whether the engine can go on."""
+        fatal = any(marker in str(exc) for marker in _FATAL_DEVICE_MARKERS)
+        if fatal:
+            self.healthy = False
+        kind = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else type(exc).__name__
+        log.error("device error during %s (%s), failing %d job(s): %s", where, kind, len(rows), exc)
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        error = DeviceError(f"the device failed during {where} ({kind}): {str(exc)[:300]}")
+        return [r.finish(FinishReason.error, error=error) for r in rows]
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+# ---- in-process use (benchmarks, tests) -------------------------------------------------------------------
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: FinishReason | None
+    usage: Usage
+    error: LlavaError | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+def run_to_completion(engine: Engine, jobs: list[EngineJob]) -> dict[str, Completion]:
+    """Run `jobs` through `engine` (admitting each as capacity allows) until it is idle; collect each job's
+    whole text, including jobs admitted before the call."""
+    waiting = [engine.prepare(job) for job in jobs]
+    results = {job.job_id: Completion("", None, Usage()) for job in jobs}
+    while waiting or engine.has_work():
+        while waiting and engine.fits(waiting[0]):
+            engine.add(waiting.pop(0))
+        if waiting and not engine.has_work():
+            raise RuntimeError(f"job {waiting[0].job_id} never fits the engine's token budget")
+        for update in engine.step():
+            result = results.setdefault(update.job_id, Completion("", None, Usage()))
+            result.text += update.text
+            result.usage = update.usage
+            result.token_ids += update.token_ids
+            if update.finish_reason is not None:
+                result.finish_reason = update.finish_reason
+                result.error = update.error
+    return results
