@@ -43,6 +43,13 @@ class JobNotFound(LlavaError):
     code = "job_not_found"
 
 
+class EndpointGone(LlavaError):
+    """A LLaVA endpoint that has no meaning here (workers join through Redis, not HTTP)."""
+
+    status_code = 410
+    code = "endpoint_removed"
+
+
 class PayloadTooLarge(LlavaError):
     status_code = 413
     code = "payload_too_large"

@@ -47,6 +47,8 @@ class ControllerSettings(BaseSettings):
     queued_update_interval: float = Field(default=1.0, gt=0)
     sweep_interval: float = Field(default=2.0, gt=0)
     ping_interval: int = Field(default=15, ge=1)
+    stall_check_interval: float = Field(default=3.0, gt=0, description="silent stream: read the job record after")
+    no_worker_timeout: float = Field(default=30.0, gt=0, description="queued with no live worker: fail after")
 
 
 class WorkerSettings(BaseSettings):

@@ -1,0 +1,186 @@
+"""The controller: a stateless FastAPI app over Redis (`create_app`), and how `llava-serve controller` runs it."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+
+import redis as sync_redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from broker import images
+from broker.context import ControllerContext, StreamTimings, redis_unavailable
+from broker.errors import LlavaError
+from broker.messages import GenerateRequest
+from broker.relay import ChunkRelay
+from broker.validation import RequestInvalid
+from infra.redis import async_connect, connect
+from infra.settings import ControllerSettings
+
+log = logging.getLogger(__name__)
+
+
+def error_body(error: LlavaError) -> dict:
+    body: dict = {"error": {"code": error.code, "message": error.message}}
+    fields = getattr(error, "fields", None)
+    if fields:
+        body["error"]["fields"] = fields
+    return body
+
+
+async def _llava_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, LlavaError)  # noqa: S101 - registered for LlavaError only
+    return JSONResponse(error_body(exc), status_code=exc.status_code, headers=exc.headers or None)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)  # noqa: S101
+    return await _llava_error(request, RequestInvalid(list(exc.errors())))
+
+
+async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
+    return await _llava_error(request, redis_unavailable(exc))
+
+
+def _start_sweeper(settings: ControllerSettings) -> tuple[threading.Thread, threading.Event] | None:
+    """Run `broker.sweeper.run_sweeper` in a thread when that module exists (replicas share it by a lock)."""
+    try:
+        sweeper = importlib.import_module("broker.sweeper")
+    except ImportError:
+        log.info("broker.sweeper not available; dead workers' jobs are not swept by this controller")
+        return None
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=sweeper.run_sweeper,
+        args=(settings.redis_url, settings.sweep_interval, stop),
+        name="llava-sweeper",
+        daemon=True,
+    )
+    thread.start()
+    return thread, stop
+
+
+def create_app(
+    settings: ControllerSettings, *, timings: StreamTimings | None = None, run_sweeper: bool = True
+) -> FastAPI:
+    """The controller app; its lifespan opens the Redis clients, the chunk relay and the sweeper thread."""
+    from broker.routes_api import router as api_router
+    from broker.routes_llava import LlavaGenerateBody
+    from broker.routes_llava import router as llava_router
+
+    stream_timings = timings or StreamTimings.from_settings(settings)
+    images.install_pil_guard(settings.max_image_pixels)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = async_connect(settings.redis_url)
+        redis_sync = connect(settings.redis_url)
+        relay = ChunkRelay(lambda: async_connect(settings.redis_url), backoff_max=stream_timings.relay_backoff_max_s)
+        relay.start()
+        app.state.ctx = ControllerContext(
+            settings=settings, redis=redis, redis_sync=redis_sync, relay=relay, timings=stream_timings
+        )
+        sweeper = _start_sweeper(settings) if run_sweeper else None
+        try:
+            yield
+        finally:
+            if sweeper is not None:
+                thread, stop = sweeper
+                stop.set()
+                thread.join(timeout=max(5.0, settings.sweep_interval * 2))
+            await relay.stop()
+            await redis.aclose()
+            redis_sync.close()
+
+    app = FastAPI(
+        title="llava-serve controller",
+        summary="Streams LLaVA-style multimodal chat through Redis-queued model workers",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(LlavaError, _llava_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(sync_redis.ConnectionError, _redis_error)
+    app.add_exception_handler(sync_redis.TimeoutError, _redis_error)
+    app.include_router(api_router)
+    app.include_router(llava_router)
+    app.include_router(importlib.import_module("broker.feedback").router)
+    _document_bodies(app, [GenerateRequest, LlavaGenerateBody])
+    return app
+
+
+def _document_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Add the bodies that routes read themselves (to enforce the size limit) to the OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in models:
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `llava-serve controller`; unset flags fall back to `LLAVA_CONTROLLER_*` / `LLAVA_REDIS_URL`."""
+    parser.add_argument("--redis-url", default=None, help="Redis URL (env LLAVA_REDIS_URL)")
+    parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 10000)")
+    parser.add_argument("--public-url", default=None, help="base URL clients reach this controller at")
+    parser.add_argument("--max-queue", type=int, default=None, help="queued jobs per model before 429")
+    parser.add_argument("--max-images", type=int, default=None, help="images per request")
+    parser.add_argument("--max-image-bytes", type=int, default=None)
+    parser.add_argument("--max-image-pixels", type=int, default=None, help="width x height limit per image")
+    parser.add_argument("--max-body-bytes", type=int, default=None)
+    parser.add_argument("--job-result-ttl", type=int, default=None, help="seconds a finished job record is kept")
+    parser.add_argument("--sweep-interval", type=float, default=None)
+    parser.add_argument("--ping-interval", type=int, default=None, help="SSE keep-alive ping, seconds")
+
+
+_CONTROLLER_FLAGS = (
+    "redis_url",
+    "host",
+    "port",
+    "public_url",
+    "max_queue",
+    "max_images",
+    "max_image_bytes",
+    "max_image_pixels",
+    "max_body_bytes",
+    "job_result_ttl",
+    "sweep_interval",
+    "ping_interval",
+)
+
+
+def controller_settings_from_args(args: argparse.Namespace) -> ControllerSettings:
+    """Settings from the flags that were given, the environment for the rest."""
+    given = {name: getattr(args, name) for name in _CONTROLLER_FLAGS if getattr(args, name, None) is not None}
+    return ControllerSettings(**given)
+
+
+def run_controller(settings: ControllerSettings) -> int:
+    """Serve the controller with uvicorn until SIGINT/SIGTERM; returns the exit status."""
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
+    return 0

@@ -1,0 +1,124 @@
+"""What the controller's routes share: settings, Redis clients, the relay, and async reads of the broker state."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio.to_thread
+import redis as sync_redis
+from rq import Queue
+
+from broker import keys
+from broker.errors import ModelNotFound, NoWorker, RedisUnavailable
+from broker.messages import WorkerInfo
+from broker.relay import ChunkRelay
+from infra.settings import ControllerSettings
+
+T = TypeVar("T")
+
+REDIS_ERRORS = (sync_redis.ConnectionError, sync_redis.TimeoutError, ConnectionError, OSError)
+
+
+@dataclass(frozen=True)
+class StreamTimings:
+    """How long a stream waits before checking on its job. Defaults suit production; tests shorten them."""
+
+    stall_check_s: float = 3.0  # no event for this long: read the job record (covers lost pub/sub messages)
+    no_worker_timeout_s: float = 30.0  # queued with no live worker serving the model this long: error no_worker
+    relay_wait_s: float = 2.0  # how long a new request waits for the relay's subscription after an outage
+    relay_backoff_max_s: float = 5.0  # longest pause between the relay's reconnect attempts
+    redis_outage_s: float = 30.0  # a stream rides out a Redis outage this long, then ends with redis_unavailable
+
+    @classmethod
+    def from_settings(cls, settings: ControllerSettings) -> StreamTimings:
+        return cls(
+            stall_check_s=settings.stall_check_interval,
+            no_worker_timeout_s=settings.no_worker_timeout,
+        )
+
+
+def rq_queue_key(model: str) -> str:
+    """The LIST rq keeps a model's queue in (rq's naming, not ours)."""
+    return f"{Queue.redis_queue_namespace_prefix}{keys.queue_name(model)}"
+
+
+@dataclass
+class ControllerContext:
+    settings: ControllerSettings
+    redis: Any  # redis.asyncio.Redis
+    redis_sync: sync_redis.Redis
+    relay: ChunkRelay
+    timings: StreamTimings
+    workers_cache_s: float = 1.0
+    _workers: tuple[float, list[WorkerInfo]] | None = field(default=None, repr=False)
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a sync broker.jobs call off the event loop; Redis failures become RedisUnavailable."""
+        try:
+            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+        except REDIS_ERRORS as exc:
+            raise redis_unavailable(exc) from exc
+
+    async def live_workers(self, *, fresh: bool = False) -> list[WorkerInfo]:
+        """Workers whose liveness key exists, cached for `workers_cache_s` (a thousand streams poll this)."""
+        now = time.monotonic()
+        if not fresh and self._workers is not None and now - self._workers[0] < self.workers_cache_s:
+            return self._workers[1]
+        ids = sorted(i.decode() if isinstance(i, bytes) else i for i in await self.redis.smembers(keys.workers()))
+        infos: list[WorkerInfo] = []
+        if ids:
+            for raw in await self.redis.mget([keys.worker(i) for i in ids]):
+                if raw:
+                    try:
+                        infos.append(WorkerInfo.model_validate_json(raw))
+                    except ValueError:
+                        continue  # a record from another version; not ours to judge
+        self._workers = (time.monotonic(), infos)
+        return infos
+
+    async def serving(self, *, fresh: bool = False) -> dict[str, list[WorkerInfo]]:
+        """Model name -> live, non-draining workers serving it."""
+        models: dict[str, list[WorkerInfo]] = {}
+        for info in await self.live_workers(fresh=fresh):
+            if info.draining:
+                continue
+            for model in info.models:
+                models.setdefault(model, []).append(info)
+        return dict(sorted(models.items()))
+
+    async def queue_depth(self, model: str) -> int:
+        return int(await self.redis.llen(rq_queue_key(model)))
+
+    async def queue_position(self, model: str, job_id: str) -> int | None:
+        position = await self.redis.lpos(rq_queue_key(model), job_id)
+        return None if position is None else int(position)
+
+    async def has_queue(self, model: str) -> bool:
+        """A model someone served or queued for: its rq queue is registered or holds jobs."""
+        key = rq_queue_key(model)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sismember(Queue.redis_queues_keys, key)
+            pipe.llen(key)
+            registered, depth = await pipe.execute()
+        return bool(registered) or int(depth) > 0
+
+    async def require_model(self, model: str) -> list[WorkerInfo]:
+        """The workers serving `model`; 404 naming the models there are, or 503 when it has no live worker."""
+        serving = await self.serving(fresh=True)
+        if model in serving:
+            return serving[model]
+        if await self.has_queue(model):
+            raise NoWorker(
+                f"model {model!r} has no live worker right now; start one with "
+                f"`llava-serve worker --model-path ... --redis-url ...` or retry later"
+            )
+        available = ", ".join(repr(m) for m in serving) or "none (no live worker)"
+        raise ModelNotFound(f"model {model!r} is not served here; models served: {available}")
+
+
+def redis_unavailable(exc: BaseException) -> RedisUnavailable:
+    return RedisUnavailable(f"Redis is unreachable ({type(exc).__name__}: {exc}); retry shortly")

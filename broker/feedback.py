@@ -1,0 +1,168 @@
+"""Votes and flags: `POST /api/v1/feedback` appends them to the `keys.feedback()` stream; `read_feedback` reads
+them back for `llava-serve replay`.
+
+An entry keeps the whole conversation with its images as sha256 digests; each image is stored once under
+`keys.image(digest)` and its TTL removed, so a flagged conversation stays reproducible from the stream alone.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import redis as redis_errors
+from fastapi import APIRouter, Request
+from redis import Redis
+
+from broker import keys
+from broker.errors import ImageInvalid, RedisUnavailable
+from broker.feedback_messages import FeedbackAccepted, FeedbackEntry, FeedbackRequest, FeedbackType
+from broker.images import ImageLimits, check_images
+from broker.messages import (
+    ChatMessage,
+    GenerateRequest,
+    ImageUrl,
+    ImageUrlPart,
+    JobImage,
+    JobMessage,
+    JobText,
+    TextPart,
+)
+
+ENTRY_FIELD = "entry"
+
+_MIME_BY_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
+
+
+def build_entry(request: FeedbackRequest, limits: ImageLimits) -> tuple[FeedbackEntry, dict[str, bytes]]:
+    """The stream entry for `request`, and the distinct images it references (digest -> bytes), checked with
+    the same limits as a generate request."""
+    sources = [
+        (f"messages[{i}].content[{j}]", part.image_url.url)
+        for i, message in enumerate(request.messages)
+        if not isinstance(message.content, str)
+        for j, part in enumerate(message.content)
+        if isinstance(part, ImageUrlPart)
+    ]
+    checked = iter(check_images(sources, limits))
+    images: dict[str, bytes] = {}
+    messages: list[JobMessage] = []
+    for message in request.messages:
+        if isinstance(message.content, str):
+            messages.append(JobMessage(role=message.role, content=[JobText(text=message.content)]))
+            continue
+        parts: list[JobText | JobImage] = []
+        for part in message.content:
+            if isinstance(part, TextPart):
+                parts.append(JobText(text=part.text))
+                continue
+            image = next(checked)
+            images.setdefault(image.digest, image.data)
+            parts.append(JobImage(digest=image.digest))
+        messages.append(JobMessage(role=message.role, content=parts))
+    entry = FeedbackEntry(
+        type=request.type,
+        model=request.model,
+        reason=request.reason,
+        messages=messages,
+        images=list(images),
+        params=request.params,
+        job_ids=request.job_ids,
+        conversation_started_at=request.conversation_started_at,
+        client_sent_at=request.client_sent_at,
+    )
+    return entry, images
+
+
+def queue_entry(pipe: Any, entry: FeedbackEntry, images: dict[str, bytes]) -> None:
+    """Queue on `pipe` (sync or asyncio) the image writes, without TTL, and the stream append."""
+    for digest, data in images.items():
+        # SET without EX drops any TTL the generate path gave the same bytes: the entry keeps them.
+        pipe.set(keys.image(digest), data)
+    pipe.xadd(keys.feedback(), {ENTRY_FIELD: entry.model_dump_json(exclude={"entry_id"})})
+
+
+router = APIRouter()
+
+
+@router.post("/api/v1/feedback", response_model=FeedbackAccepted, summary="Record a vote or flag on a reply")
+async def post_feedback(body: FeedbackRequest, request: Request) -> FeedbackAccepted:
+    """Append a vote or flag, with its whole conversation and images, to the feedback stream."""
+    ctx = request.app.state.ctx  # broker.context.ControllerContext
+    limits = ImageLimits(
+        max_images=ctx.settings.max_images,
+        max_image_bytes=ctx.settings.max_image_bytes,
+        max_image_pixels=ctx.settings.max_image_pixels,
+    )
+    entry, images = build_entry(body, limits)
+    try:
+        async with ctx.redis.pipeline(transaction=True) as pipe:
+            queue_entry(pipe, entry, images)
+            results = await pipe.execute()
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
+        raise RedisUnavailable(f"cannot store the feedback: Redis is unavailable ({exc})") from exc
+    entry_id = results[-1]
+    return FeedbackAccepted(
+        entry_id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id), images=list(images)
+    )
+
+
+# ---- Reading back (llava-serve replay) -------------------------------------------------------------------------
+
+
+def read_feedback(
+    redis: Redis,
+    *,
+    start: str = "-",
+    end: str = "+",
+    count: int | None = None,
+    types: set[FeedbackType] | None = None,
+) -> list[FeedbackEntry]:
+    """Entries of the feedback stream between stream ids `start` and `end`, oldest first, `entry_id` set."""
+    entries = []
+    for raw_id, fields in redis.xrange(keys.feedback(), min=start, max=end, count=count):
+        raw = fields.get(ENTRY_FIELD.encode()) or fields.get(ENTRY_FIELD)
+        if raw is None:
+            continue
+        entry = FeedbackEntry.model_validate_json(raw)
+        if types and entry.type not in types:
+            continue
+        entry.entry_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        entries.append(entry)
+    return entries
+
+
+def feedback_images(redis: Redis, entry: FeedbackEntry) -> dict[str, bytes]:
+    """The bytes of every image an entry references; ImageInvalid names a digest no longer stored."""
+    if not entry.images:
+        return {}
+    found = redis.mget([keys.image(d) for d in entry.images])
+    missing = [d for d, data in zip(entry.images, found, strict=True) if data is None]
+    if missing:
+        raise ImageInvalid(f"feedback entry {entry.entry_id}: images no longer stored: {', '.join(missing)}")
+    return dict(zip(entry.images, found, strict=True))
+
+
+def _data_url(data: bytes) -> str:
+    mime = next((m for magic, m in _MIME_BY_MAGIC if data.startswith(magic)), "application/octet-stream")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def feedback_generate_request(
+    redis: Redis, entry: FeedbackEntry, *, include_last_reply: bool = False
+) -> GenerateRequest:
+    """The `POST /api/v1/generate` body that produced the judged reply (the reply itself dropped unless asked)."""
+    images = feedback_images(redis, entry)
+    messages = list(entry.messages)
+    if not include_last_reply and messages and messages[-1].role == "assistant":
+        messages = messages[:-1]
+    chat = []
+    for message in messages:
+        parts: list[TextPart | ImageUrlPart] = [
+            TextPart(text=p.text)
+            if isinstance(p, JobText)
+            else ImageUrlPart(image_url=ImageUrl(url=_data_url(images[p.digest])))
+            for p in message.content
+        ]
+        chat.append(ChatMessage(role=message.role, content=parts))
+    return GenerateRequest(model=entry.model, messages=chat, **entry.params.model_dump())

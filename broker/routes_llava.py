@@ -1,0 +1,210 @@
+"""LLaVA's controller and worker wire format, so that existing LLaVA clients work unchanged.
+
+`/get_worker_address` answers with this controller's own URL, so clients stream `/worker_generate_stream` through
+it; that stream keeps LLaVA's format: NUL-terminated JSON chunks `{"text": prompt + text so far, "error_code"}`.
+Errors carry a real message and LLaVA's codes (1 request or generation error, 2 no worker, 3 Redis/network),
+plus our stable `error.code`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive, Scope, Send
+
+from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
+from broker.errors import EndpointGone, InvalidRequest, LlavaError, ModelNotFound, NoWorker, RedisUnavailable
+from broker.messages import MAX_NEW_TOKENS, MAX_TEMPERATURE, DoneEvent, ErrorEvent, JobRequest, TokenEvent
+from broker.routes_api import checked_images, context, new_job_id
+from broker.streams import StreamEvent, follow_job, submit_job
+from broker.validation import read_model
+
+router = APIRouter(tags=["LLaVA compatibility"])
+
+IMAGE_PLACEHOLDER = "<image>"
+ERROR_CODE_REQUEST = 1  # LLaVA's worker: any failure of the request or the generation
+ERROR_CODE_NO_WORKER = 2  # LLaVA's controller: no worker for the model
+ERROR_CODE_NETWORK = 3  # LLaVA's controller: the worker could not be reached
+
+
+
+
+class LlavaGenerateBody(BaseModel):
+    """LLaVA's `/worker_generate_stream` body; LLaVA's defaults, our range checks."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    prompt: str
+    images: list[str] | None = None
+    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
+    stop: str | None = None
+
+
+class ModelName(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+
+
+def llava_error_code(error: LlavaError) -> int:
+    if isinstance(error, (NoWorker, ModelNotFound)):
+        return ERROR_CODE_NO_WORKER
+    if isinstance(error, RedisUnavailable):
+        return ERROR_CODE_NETWORK
+    return ERROR_CODE_REQUEST
+
+
+def chunk(text: str, error_code: int = 0, **extra: object) -> bytes:
+    return json.dumps({"text": text, "error_code": error_code, **extra}).encode() + b"\0"
+
+
+def error_chunk(code: str, message: str, error_code: int) -> bytes:
+    return chunk(message, error_code, error={"code": code, "message": message})
+
+
+class _DisconnectAwareStream(StreamingResponse):
+    # Starlette skips its disconnect listener under ASGI spec 2.4; without it a queued job's stream would only
+    # notice a vanished client on its next write. Keep the listener, so a disconnect cancels the job at once.
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        asgi = {**scope.get("asgi", {}), "spec_version": "2.3"}
+        await super().__call__({**scope, "asgi": asgi}, receive, send)
+
+
+async def llava_chunks(prompt: str, events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+    generated = ""
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                generated += event.text
+                yield chunk(prompt + generated)
+            elif isinstance(event, DoneEvent):
+                if event.text and event.text != generated:  # tokens lost in a Redis blip: send the whole text
+                    yield chunk(prompt + event.text)
+                return
+            elif isinstance(event, ErrorEvent):
+                error = ERROR_CODE_NO_WORKER if event.code == NoWorker.code else ERROR_CODE_REQUEST
+                if event.code == RedisUnavailable.code:
+                    error = ERROR_CODE_NETWORK
+                yield error_chunk(event.code, event.message, error)
+                return
+
+
+def _error_response(error: LlavaError) -> Response:
+    return Response(
+        error_chunk(error.code, error.message, llava_error_code(error)),
+        status_code=error.status_code,
+        headers=error.headers or None,
+        media_type="application/octet-stream",
+    )
+
+
+async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[LlavaGenerateBody, JobRequest]:
+    body = await read_model(request, LlavaGenerateBody, ctx.settings.max_body_bytes)
+    sent = body.images or []
+    placeholders = body.prompt.count(IMAGE_PLACEHOLDER)
+    if placeholders != len(sent):
+        raise InvalidRequest(
+            f"prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(sent)} image(s) were sent; "
+            f"each image needs exactly one {IMAGE_PLACEHOLDER} in the prompt"
+        )
+    try:
+        await ctx.require_model(body.model)
+    except REDIS_ERRORS as exc:
+        raise redis_unavailable(exc) from exc
+    checked = await checked_images(ctx, [(f"images[{i}]", value) for i, value in enumerate(sent)])
+    job = JobRequest(
+        job_id=new_job_id(),
+        model=body.model,
+        prompt=body.prompt,
+        images=[image.digest for image in checked],
+        params={
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "max_new_tokens": body.max_new_tokens,
+            "stop": body.stop,
+        },
+    )
+    return body, job
+
+
+@router.post(
+    "/worker_generate_stream",
+    summary="LLaVA: stream NUL-delimited JSON chunks of prompt + text",
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LlavaGenerateBody"}}},
+        }
+    },
+)
+async def worker_generate_stream(request: Request) -> Response:
+    ctx = context(request)
+    try:
+        body, job = await _start_llava_job(ctx, request)
+        sub = await submit_job(ctx, job)
+    except LlavaError as error:
+        return _error_response(error)
+    except REDIS_ERRORS as exc:
+        return _error_response(redis_unavailable(exc))
+    return _DisconnectAwareStream(
+        llava_chunks(body.prompt, follow_job(ctx, sub, job.model)),
+        media_type="application/octet-stream",
+        headers={"X-Job-Id": job.job_id},
+    )
+
+
+@router.post("/list_models", summary="LLaVA: models served by live workers")
+async def list_models(request: Request) -> dict[str, list[str]]:
+    return {"models": list(await context(request).serving(fresh=True))}
+
+
+@router.post("/get_worker_address", summary="LLaVA: where to stream from (this controller), or '' if no worker")
+async def get_worker_address(request: Request) -> dict[str, str]:
+    ctx = context(request)
+    body = await read_model(request, ModelName, ctx.settings.max_body_bytes)
+    if body.model not in await ctx.serving(fresh=True):
+        return {"address": ""}
+    address = ctx.settings.public_url or str(request.base_url)
+    return {"address": address.rstrip("/")}
+
+
+@router.post("/worker_get_status", summary="LLaVA: models, speed and queue length summed over live workers")
+async def worker_get_status(request: Request) -> dict[str, object]:
+    ctx = context(request)
+    serving = await ctx.serving(fresh=True)
+    workers = {w.worker_id: w for infos in serving.values() for w in infos}
+    queued = 0
+    for model in serving:
+        queued += await ctx.queue_depth(model)
+    return {
+        "model_names": list(serving),
+        "speed": len(workers),
+        "queue_length": queued + sum(w.busy_slots for w in workers.values()),
+    }
+
+
+@router.post("/refresh_all_workers", summary="LLaVA: no-op; liveness comes from Redis keys")
+async def refresh_all_workers() -> None:
+    return None
+
+
+_JOIN_HINT = (
+    "workers join through Redis, not by HTTP registration: start one with "
+    "`llava-serve worker --model-path ... --redis-url redis://...` pointing at this controller's Redis"
+)
+
+
+@router.post("/register_worker", status_code=410, summary="LLaVA: removed; workers join through Redis")
+async def register_worker() -> JSONResponse:
+    raise EndpointGone(f"/register_worker is not supported: {_JOIN_HINT}")
+
+
+@router.post("/receive_heart_beat", status_code=410, summary="LLaVA: removed; liveness is a Redis key")
+async def receive_heart_beat() -> JSONResponse:
+    raise EndpointGone(f"/receive_heart_beat is not supported: {_JOIN_HINT}")

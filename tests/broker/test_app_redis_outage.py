@@ -1,0 +1,79 @@
+"""Redis goes away and comes back: the controller answers 503 meanwhile and recovers by itself."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from broker.app import create_app
+from infra.embedded_redis import EmbeddedRedis
+from infra.redis import connect
+from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, read_sse, settings_for
+
+
+def wait_ready(client: TestClient, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.1)
+    raise AssertionError("controller not ready after Redis came back")
+
+
+def test_redis_down_is_503_then_the_controller_recovers(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", persist=False).start()
+    try:
+        with TestClient(create_app(settings_for(server.url), timings=FAST, run_sweeper=False)) as client:
+            wait_ready(client)
+            server.stop()
+
+            ready = client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["error"]["code"] == "redis_unavailable"
+            for response in (
+                client.post("/api/v1/generate", json=chat_body()),
+                client.get("/api/v1/models"),
+                client.post("/worker_generate_stream", json={"model": "tiny-llava", "prompt": "hi"}),
+            ):
+                assert response.status_code == 503, response.text
+            assert client.get("/healthz").status_code == 200
+
+            server = EmbeddedRedis(tmp_path / "redis", port=server.port, persist=False).start()
+            wait_ready(client)
+            redis_client = connect(server.url)
+            worker = ScriptedWorker(redis_client).register()
+            running = worker.in_thread(lambda w: w.serve_one(["back"]))
+            with client.stream("POST", "/api/v1/generate", json=chat_body()) as response:
+                assert response.status_code == 200
+                events = list(read_sse(response.iter_lines()))
+            running.result()
+            assert events[-1][0] == "done" and events[-1][1]["text"] == "back"
+            redis_client.close()
+    finally:
+        server.stop()
+
+
+def test_a_stream_rides_out_a_short_redis_outage(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", persist=True).start()  # the queued job survives the restart
+    try:
+        with TestClient(create_app(settings_for(server.url), timings=FAST, run_sweeper=False)) as client:
+            wait_ready(client)
+            redis_client = connect(server.url)
+            ScriptedWorker(redis_client).register()
+            redis_client.close()
+            with client.stream("POST", "/api/v1/generate", json=chat_body()) as response:
+                events = read_sse(response.iter_lines())
+                assert next(events)[0] == "queued"
+                server.stop()
+                time.sleep(0.5)  # the stream's queue checks fail meanwhile
+                server = EmbeddedRedis(tmp_path / "redis", port=server.port, persist=True).start()
+                redis_client = connect(server.url)
+                running = ScriptedWorker(redis_client).in_thread(lambda w: w.serve_one(["still", " here"]))
+                rest = list(events)
+                running.result()
+                redis_client.close()
+            assert rest[-1][0] == "done" and rest[-1][1]["text"] == "still here"
+    finally:
+        server.stop()
