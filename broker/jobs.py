@@ -37,6 +37,19 @@ if #ids > 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
 return ids
 """
 
+# Moves every id a blocking claim left in the inbox into the job table, so a lost reply never strands a job.
+_TAKE_INBOX = """
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+for _, id in ipairs(ids) do
+  redis.call('HSET', KEYS[2], id, ARGV[1])
+end
+if #ids > 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
+return ids
+"""
+
 
 def run_outside_llava_worker(request: dict) -> None:
     """The rq function name of every llava-serve job; only `llava-serve worker` can run these jobs."""
@@ -96,7 +109,13 @@ def claim(redis: Redis, worker_id: str, model: str, n: int) -> list[JobRequest]:
     raw_ids = redis.eval(
         _CLAIM, 2, queue.key, keys.worker_jobs(worker_id), n, ClaimState.claimed.value, keys.WORKER_JOBS_TTL_S
     )
+    return _claimed_requests(redis, worker_id, raw_ids)
+
+
+def _claimed_requests(redis: Redis, worker_id: str, raw_ids: Iterable[bytes | str]) -> list[JobRequest]:
     ids = [i.decode() if isinstance(i, bytes) else i for i in raw_ids]
+    if not ids:
+        return []
     requests = []
     for job_id, job in zip(
         ids, Job.fetch_many(ids, connection=redis, serializer=JSONSerializer), strict=True
@@ -106,6 +125,36 @@ def claim(redis: Redis, worker_id: str, model: str, n: int) -> list[JobRequest]:
             continue
         requests.append(job_request(job))
     return requests
+
+
+def take_inbox(redis: Redis, worker_id: str) -> list[JobRequest]:
+    """Atomically move the job ids in a worker's inbox (left by `claim_blocking`) into its job table."""
+    raw_ids = redis.eval(
+        _TAKE_INBOX,
+        2,
+        keys.worker_inbox(worker_id),
+        keys.worker_jobs(worker_id),
+        ClaimState.claimed.value,
+        keys.WORKER_JOBS_TTL_S,
+    )
+    return _claimed_requests(redis, worker_id, raw_ids)
+
+
+def claim_blocking(redis: Redis, worker_id: str, model: str, n: int, timeout: float) -> list[JobRequest]:
+    """Wait up to `timeout` seconds for a job (BLMOVE into the worker's inbox), then take up to `n` jobs in all.
+
+    Ids left in the inbox by an earlier call whose reply was lost are taken first."""
+    if n <= 0:
+        return []
+    taken = take_inbox(redis, worker_id)
+    if not taken:
+        moved = redis.blmove(queue_for(redis, model).key, keys.worker_inbox(worker_id), timeout, "LEFT", "RIGHT")
+        if moved is None:
+            return []
+        taken = take_inbox(redis, worker_id)
+    if len(taken) < n:
+        taken += claim(redis, worker_id, model, n - len(taken))
+    return taken
 
 
 def put_back(redis: Redis, worker_id: str, model: str, job_ids: Iterable[str]) -> None:

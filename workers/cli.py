@@ -1,0 +1,116 @@
+"""`llava-serve worker`: load the model (or the scripted engine), connect Redis, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from typing import Any
+
+from infra.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 2.0
+ENGINE_KINDS = ("transformers", "scripted")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of `llava-serve worker`; unset flags fall back to `LLAVA_WORKER_*` variables, then defaults."""
+    parser.add_argument("--model-path", help="local directory (or hub id) of the model")
+    parser.add_argument("--model-name", help="the name clients ask for (default: last part of the model path)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--max-batch", type=int, help="jobs generated together at most")
+    parser.add_argument("--token-budget", type=int, help="KV cache tokens across the batch (default: from memory)")
+    parser.add_argument("--redis-url", help="redis://host:port/db (default: LLAVA_REDIS_URL, else local)")
+    parser.add_argument("--drain-timeout", type=float, help="seconds to finish in-flight jobs on SIGTERM")
+    parser.add_argument("--worker-id", help="a stable id for this worker (default: host-pid-random)")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINE_KINDS,
+        default="transformers",
+        help="'scripted' is a fake engine for load and fault tests of the broker, not a model",
+    )
+    return parser
+
+
+def worker_settings_from_args(args: argparse.Namespace) -> WorkerSettings:
+    """WorkerSettings from parsed flags; flags left unset keep the environment's or the default value."""
+    fields = ("model_path", "model_name", "device", "dtype", "max_batch", "token_budget", "redis_url")
+    values: dict[str, Any] = {f: getattr(args, f, None) for f in (*fields, "drain_timeout", "worker_id")}
+    return WorkerSettings(**{k: v for k, v in values.items() if v is not None})
+
+
+def build_engine(settings: WorkerSettings, engine_kind: str, *, scripted_step_delay: float = 0.05) -> tuple[Any, str]:
+    """The engine and the device name it runs on."""
+    if engine_kind == "scripted":
+        from workers.scripted import ScriptedEngine
+
+        engine = ScriptedEngine(
+            max_batch=settings.max_batch, token_budget=settings.token_budget, step_delay=scripted_step_delay
+        )
+        return engine, "scripted"
+    if engine_kind != "transformers":
+        raise ValueError(f"engine must be one of {', '.join(ENGINE_KINDS)}, not {engine_kind!r}")
+    from workers.engine import Engine
+    from workers.model import load_model
+
+    loaded = load_model(settings.model_path, device=settings.device, dtype=settings.dtype)
+    engine = Engine(loaded, max_batch=settings.max_batch, token_budget=settings.token_budget)
+    return engine, str(loaded.device)
+
+
+def run_worker(
+    settings: WorkerSettings,
+    *,
+    engine_kind: str = "transformers",
+    scripted_step_delay: float = 0.05,
+    sweep_interval: float = SWEEP_INTERVAL_S,
+) -> int:
+    """Serve `settings.model_path` until SIGTERM/SIGINT (exit 0) or an unrecoverable device error (non-zero).
+
+    Also sweeps dead peers' jobs, so a deployment without a running controller still recovers them."""
+    from infra.redis import connect
+    from workers.worker import Worker
+
+    engine, device = build_engine(settings, engine_kind, scripted_step_delay=scripted_step_delay)
+    client = connect(settings.redis_url)
+    worker = Worker(
+        settings,
+        engine,
+        client,
+        model_name=settings.resolved_model_name(),
+        device=device,
+        context_length=getattr(engine, "context_length", None),
+    )
+    _install_signal_handlers(worker)
+    from broker.sweeper import run_sweeper
+
+    stop_sweeper = threading.Event()
+    sweeper = threading.Thread(
+        target=run_sweeper, args=(settings.redis_url, sweep_interval, stop_sweeper), name="llava-sweeper", daemon=True
+    )
+    sweeper.start()
+    try:
+        code = worker.run()
+    finally:
+        stop_sweeper.set()
+        sweeper.join(timeout=5)
+        client.close()
+    log.info("worker %s exits with code %d", worker.worker_id, code)
+    return code
+
+
+def _install_signal_handlers(worker: Any) -> None:
+    """SIGTERM/SIGINT: stop claiming and drain; a second signal settles in-flight jobs at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handle(signum: int, _frame: object) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)

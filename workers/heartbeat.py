@@ -1,0 +1,105 @@
+"""A worker's liveness: a thread with its own Redis connection that refreshes `keys.worker()` and never waits on
+the model, so a worker busy in a long prefill still looks alive and a dead one expires in WORKER_TTL_S seconds."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import redis as redis_lib
+from redis import Redis
+
+from broker import keys
+from broker.messages import WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+def private_client(client: Redis) -> Redis:
+    """A client with its own connection pool, configured like `client` (a stuck or busy pool is not shared)."""
+    pool = client.connection_pool
+    return Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs))
+
+
+def register(client: Redis, info: WorkerInfo) -> bool:
+    """Write one heartbeat in one round trip; True when the worker key had expired (or never existed) before."""
+    worker_id = info.worker_id
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(keys.worker(worker_id), info.model_dump_json(), ex=keys.WORKER_TTL_S, get=True)
+        pipe.sadd(keys.workers(), worker_id)
+        pipe.expire(keys.worker_jobs(worker_id), keys.WORKER_JOBS_TTL_S)
+        previous, _added, _expired = pipe.execute()
+    return previous is None
+
+
+def deregister(client: Redis, worker_id: str) -> bool:
+    """Remove a stopping worker's key; drop its id and empty job table too. False when jobs remain in its table
+    or inbox (the sweeper then handles them, since the worker key is gone)."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.delete(keys.worker(worker_id))
+        pipe.hlen(keys.worker_jobs(worker_id))
+        pipe.llen(keys.worker_inbox(worker_id))
+        _deleted, held, inbox = pipe.execute()
+    if held or inbox:
+        return False
+    with client.pipeline(transaction=False) as pipe:
+        pipe.srem(keys.workers(), worker_id)
+        pipe.delete(keys.worker_jobs(worker_id), keys.worker_inbox(worker_id))
+        pipe.execute()
+    return True
+
+
+class Heartbeat(threading.Thread):
+    """Refreshes a worker's key every HEARTBEAT_INTERVAL_S; survives Redis outages (logs, tries again).
+
+    `lost` is set when a beat finds the worker key gone after an earlier beat had written it: the worker was
+    unreachable for longer than WORKER_TTL_S and a sweeper may have taken its jobs away.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        info: Callable[[], WorkerInfo],
+        *,
+        interval: float = keys.HEARTBEAT_INTERVAL_S,
+    ) -> None:
+        super().__init__(name="llava-heartbeat", daemon=True)
+        self.client = private_client(client)
+        self.info = info
+        self.interval = interval
+        self.lost = threading.Event()
+        self.beats = 0
+        self._stop_event = threading.Event()
+        self._down = False
+
+    def beat(self) -> bool:
+        """One heartbeat; False (logged) when Redis could not be reached."""
+        try:
+            expired = register(self.client, self.info())
+        except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
+            if not self._down:
+                log.warning("heartbeat: Redis unreachable (%s); retrying every %.1f s", exc, self.interval)
+            self._down = True
+            return False
+        if self._down:
+            log.info("heartbeat: Redis reachable again; worker registered")
+            self._down = False
+        if expired and self.beats:
+            log.warning("heartbeat: the worker key had expired; a sweeper may have taken this worker's jobs")
+            self.lost.set()
+        self.beats += 1
+        return True
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                self.beat()
+            except Exception:  # never let the liveness thread die silently
+                log.exception("heartbeat failed")
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout=5)
+        self.client.close()

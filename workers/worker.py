@@ -1,0 +1,387 @@
+"""The worker's job loop: claim → admit → generate → publish → finish, around an engine that knows no Redis.
+
+One Redis round trip per decode step carries every job's new text, the first-token notes and the cancel checks.
+Redis outages are survived: generation goes on, unsent text and final results wait, and are sent when Redis is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import redis as redis_lib
+from redis import Redis
+
+from broker import jobs, keys
+from broker.errors import DeviceError, GenerationFailed, LlavaError
+from broker.messages import FinishReason, JobRequest, TokenEvent, WorkerInfo
+from broker.sweeper import SweepReport, sweep_worker, worker_lost_error
+from infra.settings import WorkerSettings
+from workers.heartbeat import Heartbeat, deregister, register
+from workers.jobstate import ActiveJob, Backoff, error_from_event, failure_update, load_images
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_CRASHED = 1
+EXIT_DEVICE_ERROR = 3
+CLAIM_BLOCK_S = 1
+SOFTWARE_VERSION = "0.1.0"
+_REDIS_ERRORS = (redis_lib.ConnectionError, redis_lib.TimeoutError)
+
+
+class Worker:
+    """Serves one model's rq queue with a batching engine. `run()` returns the process exit code."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: Any,
+        redis: Redis,
+        *,
+        model_name: str,
+        device: str = "cpu",
+        context_length: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.redis = redis
+        self.model_name = model_name
+        self.device = device
+        self.context_length = context_length
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.started_at = time.time()
+        self.active: dict[str, ActiveJob] = {}
+        self.finishing: list[ActiveJob] = []  # ended in the engine; final event or record not yet written
+        self.busy_slots = 0
+        self.draining = False
+        self._stop = threading.Event()
+        self._drain_deadline: float | None = None
+        self._backoff = Backoff()
+        self._claim_paused = False  # set after a put_back; cleared when a job ends and frees capacity
+        self.returning: list[str] = []  # claimed job ids to put back at the front of the queue
+        self.heartbeat = Heartbeat(redis, self.info)
+
+    # ---- control ----------------------------------------------------------------------------------------------
+
+    def stop(self, *, now: bool = False) -> None:
+        """Stop claiming and drain in-flight jobs (within `drain_timeout`; at once with `now`). Thread-safe."""
+        if now or self._stop.is_set():
+            self._drain_deadline = time.monotonic()
+        self._stop.set()
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(
+            worker_id=self.worker_id,
+            models=[self.model_name],
+            max_batch=self.engine.max_batch,
+            busy_slots=self.busy_slots,
+            device=self.device,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            software_version=SOFTWARE_VERSION,
+            started_at=self.started_at,
+            heartbeat_at=time.time(),
+            context_length=self.context_length,
+            draining=self.draining,
+        )
+
+    def run(self) -> int:
+        """Serve until stopped (exit 0) or the engine becomes unusable (non-zero)."""
+        log.info("worker %s serving model %r (max_batch %d)", self.worker_id, self.model_name, self.engine.max_batch)
+        if not self._register():
+            log.info("exit: stopped before Redis could be reached")
+            self.heartbeat.stop()
+            return EXIT_OK
+        self.heartbeat.start()
+        try:
+            code = self._loop()
+        except Exception:
+            log.exception("worker %s crashed; failing its jobs", self.worker_id)
+            self._abandon(GenerationFailed(f"worker {self.worker_id} crashed while generating"), requeue=False)
+            code = EXIT_CRASHED
+        finally:
+            self.heartbeat.stop()
+            self._deregister()
+        return code
+
+    def _loop(self) -> int:
+        while True:
+            if self.heartbeat.lost.is_set():
+                self._reconcile()
+            if not self.engine.healthy:
+                log.error("exit: the engine reported an unrecoverable device error")
+                self._abandon(DeviceError(f"worker {self.worker_id} lost its device"), requeue=True)
+                return EXIT_DEVICE_ERROR
+            if self._stop.is_set() and not self._drain_step():
+                log.info("exit: stopped and drained")
+                return EXIT_OK
+            if not self._stop.is_set():
+                self._admit(self._claim())
+            if self.engine.has_work():
+                updates = self._generate()
+                self._publish(updates)
+            elif self.finishing or self.active:
+                self._publish([])
+            self._finish()
+            self.busy_slots = self.engine.active_count
+            if not self.engine.has_work() and (self.finishing or self.returning or self._stop.is_set()):
+                self._backoff.wait_if_down() or time.sleep(0.01)
+
+    # ---- claim ------------------------------------------------------------------------------------------------
+
+    def _claim(self) -> list[JobRequest]:
+        free = self.engine.free_slots()
+        if free <= 0 or (self._claim_paused and self.engine.has_work()) or self.returning:
+            return []
+        if not self._backoff.ready():
+            if not self.engine.has_work():
+                self._backoff.wait_if_down()
+            return []
+        try:
+            if self.engine.has_work():
+                claimed = jobs.claim(self.redis, self.worker_id, self.model_name, free)
+            else:
+                claimed = jobs.claim_blocking(self.redis, self.worker_id, self.model_name, free, CLAIM_BLOCK_S)
+        except _REDIS_ERRORS as exc:
+            self._backoff.failed("claim", exc)
+            return []
+        self._backoff.ok()
+        return claimed
+
+    # ---- admit ------------------------------------------------------------------------------------------------
+
+    def _admit(self, claimed: list[JobRequest]) -> None:
+        back: list[str] = []
+        for request in claimed:
+            if back:  # keep queue order: nothing overtakes a job that did not fit
+                back.append(request.job_id)
+                continue
+            try:
+                if not self._admit_one(request):
+                    back.append(request.job_id)
+            except _REDIS_ERRORS as exc:  # it goes back to the queue once Redis answers
+                self._backoff.failed("admit", exc)
+                back.append(request.job_id)
+            except Exception as exc:  # the one catch point per job: a bad job fails alone
+                log.exception("job %s failed during admission", request.job_id)
+                error = exc if isinstance(exc, LlavaError) else GenerationFailed(f"admitting the job failed: {exc}")
+                self._end(ActiveJob.from_request(request), error=error)
+        if back:
+            self._claim_paused = True
+            self.returning += back
+            self._return_claimed()
+
+    def _return_claimed(self) -> None:
+        if not self.returning or not self._backoff.ready():
+            return
+        try:
+            jobs.put_back(self.redis, self.worker_id, self.model_name, self.returning)
+        except _REDIS_ERRORS as exc:
+            self._backoff.failed("put_back", exc)
+            return
+        self.returning = []
+
+    def _admit_one(self, request: JobRequest) -> bool:
+        """Admit one claimed job; False when it does not fit the engine now (it goes back to the queue)."""
+        job = ActiveJob.from_request(request)
+        prepared = self.engine.prepare(job.engine_job(load_images(self.redis, request.images)))
+        if not self.engine.fits(prepared):
+            if self.engine.has_work():
+                return False
+            raise GenerationFailed(
+                f"job needs {getattr(prepared, 'kv_tokens', '?')} KV tokens, more than this worker's token budget"
+            )
+        if jobs.is_cancel_requested(self.redis, request.job_id):
+            job.end(FinishReason.cancelled)
+            self._end(job)
+            return True
+        job.started_at = time.time()
+        if jobs.mark_started(self.redis, self.worker_id, request.job_id) is None:
+            self.redis.hdel(keys.worker_jobs(self.worker_id), request.job_id)
+            log.info("job %s vanished before it started; skipped", request.job_id)
+            return True
+        self.engine.add(prepared)
+        self.active[request.job_id] = job
+        return True
+
+    # ---- generate ---------------------------------------------------------------------------------------------
+
+    def _generate(self) -> list[Any]:
+        try:
+            return self.engine.step()
+        except Exception as exc:  # the batch state is unknown after this: fail its jobs and restart the worker
+            log.exception("engine step failed")
+            self.engine.healthy = False
+            error = DeviceError(f"the engine failed during a step: {exc}")
+            return [failure_update(job_id, job.usage, error) for job_id, job in self.active.items()]
+
+    # ---- publish ----------------------------------------------------------------------------------------------
+
+    def _publish(self, updates: list[Any]) -> None:
+        """Fold the step's updates into job state, then one pipelined round trip: new text, first-token notes and
+        cancel checks of running jobs. Final events go out in `_finish`, after the job record is written."""
+        now = time.time()
+        for update in updates:
+            job = self.active.get(update.job_id)
+            if job is None:
+                continue
+            job.take(update, now)
+            if update.finish_reason is not None:
+                del self.active[update.job_id]
+                self.finishing.append(job)
+                self._claim_paused = False
+        if not self._backoff.ready():
+            return
+        sending = [j for j in (*self.active.values(), *self.finishing) if j.unsent]
+        running = list(self.active)
+        if not (sending or running):
+            return
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                for job in sending:
+                    if not job.streaming:
+                        # Noted before the text goes out, so a sweeper never requeues a job the client saw.
+                        jobs.mark_streaming(pipe, self.worker_id, job.job_id)
+                    event = TokenEvent(job_id=job.job_id, text=job.unsent, seq=job.seq + 1)
+                    pipe.publish(keys.chunks(job.job_id), event.model_dump_json())
+                for job_id in running:
+                    pipe.exists(keys.cancel(job_id))
+                results = pipe.execute()
+        except _REDIS_ERRORS as exc:
+            self._backoff.failed("publish", exc)
+            return
+        self._backoff.ok()
+        for job in sending:
+            job.sent()
+        for job_id, flagged in zip(running, results[len(results) - len(running) :], strict=True):
+            if flagged and job_id in self.active and not self.active[job_id].cancel_sent:
+                self.active[job_id].cancel_sent = True
+                self.engine.cancel(job_id)
+
+    # ---- finish -----------------------------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        """Write the outcome of every ended job whose text went out, then its final event, so that a client
+        reading the record on `done` finds it final (both retried while Redis is away)."""
+        self._return_claimed()
+        if not self._backoff.ready():
+            return
+        remaining = []
+        for job in self.finishing:
+            if job.unsent:
+                remaining.append(job)
+                continue
+            try:
+                if not job.recorded:
+                    jobs.finish(self.redis, self.worker_id, job.outcome())
+                    job.recorded = True
+                    log.info("job %s %s (%d tokens)", job.job_id, job.status, job.usage.completion_tokens)
+                self.redis.publish(keys.chunks(job.job_id), job.final_event().model_dump_json())
+            except _REDIS_ERRORS as exc:
+                self._backoff.failed("finish", exc)
+                remaining.append(job)
+            except Exception:  # one catch point per job: a record that cannot be written is logged, not fatal
+                log.exception("could not record the outcome of job %s", job.job_id)
+        self.finishing = remaining
+
+    def _end(self, job: ActiveJob, *, error: LlavaError | None = None) -> None:
+        """End a job that never entered the engine (or left it abnormally): its final event and record follow."""
+        if error is not None:
+            job.end(FinishReason.error, error)
+        self.active.pop(job.job_id, None)
+        self.finishing.append(job)
+
+    # ---- drain, abandon, deregister ---------------------------------------------------------------------------
+
+    def _drain_step(self) -> bool:
+        """While stopping: False once nothing is left to do; past the drain deadline, settle what is left."""
+        if not self.draining:
+            self.draining = True
+            self._drain_deadline = min(
+                self._drain_deadline or float("inf"), time.monotonic() + self.settings.drain_timeout
+            )
+            log.info("stopping: draining %d job(s) within %.0f s", len(self.active), self.settings.drain_timeout)
+        if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and self.active:
+            log.warning("drain timeout: settling %d unfinished job(s)", len(self.active))
+            self._abandon(None, requeue=True)
+        if self.active or self.engine.has_work():
+            return True
+        if (self.finishing or self.returning) and time.monotonic() < (self._drain_deadline or 0) + 10:
+            return True  # give Redis a little longer to take the last results
+        return False
+
+    def _abandon(self, error: LlavaError | None, *, requeue: bool) -> None:
+        """Settle every job still in the engine: requeue those that streamed nothing (when `requeue`), fail the
+        rest with `error` (default: a worker_lost-style error), and write every pending result."""
+        for job_id in list(self.active):
+            self.engine.cancel(job_id)
+        for job_id, job in list(self.active.items()):
+            if requeue and not job.streaming and not job.unsent:
+                if self._retry_redis("requeue", lambda j=job_id: jobs.requeue(self.redis, self.worker_id, j)):
+                    del self.active[job_id]
+                    log.info("job %s returned to the queue", job_id)
+                    continue
+            if error is None:
+                lost = worker_lost_error(job_id, self.worker_id, reason="shut down")
+                job.end(FinishReason.error, error_from_event(lost))
+            else:
+                job.end(FinishReason.error, error)
+            self._end(job)
+        deadline = time.monotonic() + 5
+        while (self.finishing or self.returning) and time.monotonic() < deadline:
+            self._publish([])
+            self._finish()
+            if self.finishing or self.returning:
+                self._backoff.wait_if_down() or time.sleep(0.05)
+        self.busy_slots = 0
+
+    def _register(self) -> bool:
+        """First heartbeat, written before any claim; settles leftovers of an earlier life under the same id."""
+        while not self._stop.is_set():
+            try:
+                table, inbox = keys.worker_jobs(self.worker_id), keys.worker_inbox(self.worker_id)
+                if not self.redis.exists(keys.worker(self.worker_id)) and self.redis.exists(table, inbox):
+                    sweep_worker(self.redis, self.worker_id, SweepReport())
+                register(self.redis, self.info())
+                return True
+            except _REDIS_ERRORS as exc:
+                self._backoff.failed("register", exc)
+                self._backoff.wait_if_down()
+        return False
+
+    def _reconcile(self) -> None:
+        """After a heartbeat gap longer than the TTL: drop jobs a sweeper took away (already requeued/failed)."""
+        try:
+            raw = self.redis.hkeys(keys.worker_jobs(self.worker_id))
+            held = {k.decode() if isinstance(k, bytes) else k for k in raw}
+        except _REDIS_ERRORS as exc:
+            self._backoff.failed("reconcile", exc)
+            return
+        self.heartbeat.lost.clear()
+        for job_id in [j for j in self.active if j not in held]:
+            log.warning("job %s was taken over by the sweeper while this worker was unreachable", job_id)
+            self.engine.cancel(job_id)
+            self.active.pop(job_id)
+
+    def _deregister(self) -> None:
+        if self._retry_redis("deregister", lambda: deregister(self.redis, self.worker_id)) is False:
+            log.warning("worker %s left jobs behind; the sweeper settles them", self.worker_id)
+        log.info("worker %s deregistered", self.worker_id)
+
+    def _retry_redis(self, what: str, call: Any, attempts: int = 5) -> Any:
+        for attempt in range(attempts):
+            try:
+                result = call()
+                self._backoff.ok()
+                return result
+            except _REDIS_ERRORS as exc:
+                self._backoff.failed(what, exc)
+                if attempt + 1 < attempts:
+                    self._backoff.wait_if_down()
+        return None
