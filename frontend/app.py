@@ -1,0 +1,212 @@
+"""`llava-serve web`: the Gradio chat page, an HTTP client of the controller and nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from functools import partial
+from pathlib import Path
+
+import gradio as gr
+
+from broker.feedback_messages import FeedbackType
+from frontend.client import ControllerClient
+from frontend.conversation import Conversation, ImageMode, display_dir
+from frontend.handlers import ChatHandlers
+from infra.settings import WebSettings
+
+log = logging.getLogger("llava.web")
+
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+EXAMPLES = [
+    ("house_and_car.png", "What do you see in this picture, and what colour is each thing?"),
+    ("coloured_shapes.png", "How many shapes are there, and what colour is each one?"),
+]
+
+TITLE = """# 🌋 LLaVA: Large Language and Vision Assistant
+Served by **llava-serve**. Upload one or more images, ask about them, and keep chatting."""
+
+TERMS = """### Terms of use
+This is a research preview for non-commercial use only. The model may produce wrong, offensive or biased output.
+Votes and flags you send are stored with the whole conversation, images included, to improve the service: please
+**Flag** replies that are harmful or wrong, and do not upload personal data."""
+
+CSS = """
+#buttons button { min-width: min(120px, 100%); }
+#status { padding: 0 0.5em; }
+"""
+
+
+def build_demo(settings: WebSettings, client: ControllerClient | None = None) -> gr.Blocks:
+    """The page, wired to a controller client; call `.queue()` and `.launch()` on it (as `run_web` does)."""
+    client = client or ControllerClient(settings.controller_url, api_key=settings.api_key)
+    handlers = ChatHandlers(settings, client)
+    # The controller may be down: the page then says so and each page load retries.
+    initial = [m.name for m in handlers.fetch_models()[0]]
+
+    with gr.Blocks(title="LLaVA", analytics_enabled=False) as demo:
+        state = gr.State(Conversation())
+        if not settings.embed:
+            gr.Markdown(TITLE)
+        status = gr.Markdown("", visible=False, elem_id="status")
+        with gr.Row():
+            with gr.Column(scale=3):
+                model = gr.Dropdown(
+                    choices=initial,
+                    value=initial[0] if initial else None,
+                    label="Model",
+                    interactive=True,
+                    allow_custom_value=True,  # API clients name models too; the controller validates them
+                    elem_id="model",
+                )
+                mode = gr.Radio(
+                    [m.value for m in ImageMode],
+                    value=ImageMode.default.value,
+                    label="Pre-process non-square images",
+                    info="Crop: center square · Resize: stretch to square · Pad: square with grey · Default: as is",
+                    elem_id="image-mode",
+                )
+                with gr.Accordion("Parameters", open=False):
+                    temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature")
+                    top_p = gr.Slider(0.0, 1.0, value=0.7, step=0.1, label="Top P")
+                    max_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max output tokens")
+            with gr.Column(scale=8):
+                chatbot = gr.Chatbot(
+                    label="LLaVA Chatbot",
+                    elem_id="chatbot",
+                    height=560,
+                    layout="panel",
+                    render_markdown=True,
+                    feedback_options=None,
+                    placeholder="Upload images and ask a question about them.",
+                )
+                with gr.Row():
+                    textbox = gr.MultimodalTextbox(
+                        placeholder="Enter text (attach images with the clip) and press ENTER",
+                        show_label=False,
+                        file_types=["image"],
+                        file_count="multiple",
+                        sources=["upload"],
+                        submit_btn=False,
+                        scale=8,
+                        elem_id="textbox",
+                    )
+                    send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                    stop = gr.Button("⏹️ Stop", scale=1, interactive=False, elem_id="stop")
+                with gr.Row(elem_id="buttons"):
+                    upvote = gr.Button("👍 Upvote", interactive=False, elem_id="upvote")
+                    downvote = gr.Button("👎 Downvote", interactive=False, elem_id="downvote")
+                    flag = gr.Button("⚠️ Flag", interactive=False, elem_id="flag")
+                    regenerate = gr.Button("🔄 Regenerate", interactive=False, elem_id="regenerate")
+                    clear = gr.Button("🗑️ Clear", interactive=False, elem_id="clear")
+                reason = gr.Textbox(
+                    label="Reason for flagging (optional)", max_lines=3, max_length=2000, elem_id="flag-reason"
+                )
+                gr.Examples(
+                    examples=[[{"text": q, "files": [str(EXAMPLES_DIR / f)]}] for f, q in EXAMPLES],
+                    inputs=[textbox],
+                    label="Examples",
+                )
+        if not settings.embed:
+            gr.Markdown(TERMS)
+
+        buttons = [upvote, downvote, flag, regenerate, clear, stop]
+        stream = dict(
+            fn=handlers.generate,
+            inputs=[state, model, temperature, top_p, max_tokens],
+            outputs=[state, chatbot, *buttons],
+            concurrency_limit=settings.concurrency_limit,
+            concurrency_id="generate",  # one limit across Send, Enter and Regenerate
+            show_progress="hidden",
+        )
+        add = dict(fn=handlers.add_message, inputs=[state, textbox, mode], outputs=[state, chatbot, textbox, *buttons])
+        textbox.submit(**add, api_name="add_message").then(**stream, api_name="generate")
+        send.click(**add, api_visibility="private").then(**stream, api_visibility="private")
+        regenerate.click(handlers.regenerate, [state], [state, chatbot, *buttons], api_name="regenerate").then(
+            **stream, api_visibility="private"
+        )
+        stop.click(handlers.stop, None, None, queue=False, api_name="stop")
+        clear.click(handlers.clear, None, [state, chatbot, textbox, status, *buttons], queue=False, api_name="clear")
+        for button, kind in (
+            (upvote, FeedbackType.upvote),
+            (downvote, FeedbackType.downvote),
+            (flag, FeedbackType.flag),
+        ):
+            button.click(
+                partial(handlers.feedback, kind),
+                [state, reason],
+                [status, upvote, downvote, flag, reason],
+                api_name=kind.value,
+            )
+        demo.load(handlers.load, None, [state, model, status], queue=False)
+    return demo
+
+
+def launch(demo: gr.Blocks, settings: WebSettings, *, block: bool = True) -> None:
+    """Queue and launch `demo` as `settings` say (theme and CSS are launch options in Gradio 6)."""
+    demo.queue(max_size=settings.max_queue, default_concurrency_limit=settings.concurrency_limit)
+    demo.launch(
+        server_name=settings.host,
+        server_port=settings.port,
+        share=settings.share,
+        theme=gr.themes.Default(),
+        css=CSS,
+        allowed_paths=[str(EXAMPLES_DIR), str(display_dir())],
+        footer_links=["api"] if not settings.embed else [],
+        prevent_thread_lock=not block,
+        show_error=True,
+        quiet=not block,
+    )
+
+
+def run_web(settings: WebSettings) -> int:
+    """Serve the UI until interrupted; starts even when the controller is down."""
+    client = ControllerClient(settings.controller_url, api_key=settings.api_key)
+    demo = build_demo(settings, client)
+    log.info("web UI on http://%s:%d, controller %s", settings.host, settings.port, settings.controller_url)
+    try:
+        launch(demo, settings)
+    finally:
+        client.close()
+    return 0
+
+
+def add_web_arguments(parser: argparse.ArgumentParser) -> None:
+    d = WebSettings.model_fields
+    parser.add_argument(
+        "--controller-url", default=None, help=f"controller base URL (default {d['controller_url'].default})"
+    )
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port to listen on (default 7860)")
+    parser.add_argument(
+        "--concurrency-limit", type=int, default=None, help="replies streamed at once by this process (default 16)"
+    )
+    parser.add_argument("--max-queue", type=int, default=None, help="requests waiting in the UI's queue (default 64)")
+    parser.add_argument("--share", action="store_true", default=None, help="open a public Gradio share link")
+    parser.add_argument("--embed", action="store_true", default=None, help="hide the title and the terms of use")
+    parser.add_argument(
+        "--model-list-mode",
+        choices=["once", "reload"],
+        default=None,
+        help="fetch the model list once, or on every page load (default reload)",
+    )
+    parser.add_argument("--image-max-side", type=int, default=None, help="cap on an image's long side (default 1344)")
+    parser.add_argument("--api-key", default=None, help="bearer token for the controller, if it requires one")
+
+
+def web_settings_from_args(args: argparse.Namespace) -> WebSettings:
+    """Flags given on the command line override `LLAVA_WEB_*` variables, which override defaults."""
+    names = (
+        "controller_url",
+        "host",
+        "port",
+        "concurrency_limit",
+        "max_queue",
+        "share",
+        "embed",
+        "model_list_mode",
+        "image_max_side",
+        "api_key",
+    )
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return WebSettings(**given)

@@ -1,0 +1,281 @@
+"""What the UI's buttons do: add a message, stream a reply, stop, regenerate, clear, vote and flag.
+
+Every handler is a plain method on `ChatHandlers` so tests can drive it without a browser; the Gradio layout in
+`frontend.app` only wires components to these.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import gradio as gr
+
+from broker.feedback_messages import FeedbackRequest, FeedbackType
+from broker.messages import GenerateRequest, SamplingParams
+from frontend.client import ControllerClient, ControllerError, ModelInfo
+from frontend.conversation import CURSOR, ChatImage, Conversation, ImageMode
+from infra.settings import WebSettings
+
+log = logging.getLogger("llava.web")
+
+# The buttons whose state follows the conversation, in this order in every handler's outputs.
+BUTTONS = ("upvote", "downvote", "flag", "regenerate", "clear", "stop")
+
+
+def describe_error(exc: ControllerError, model: str | None) -> str:
+    """What the user reads for a failure: the cause, and what to do about it."""
+    name = f"`{model}`" if model else "this model"
+    code, message = exc.code, exc.message
+    if code == "controller_unreachable":
+        return f"⚠️ The controller is unreachable: {message}. Check that `llava-serve controller` is running."
+    if code == "no_worker":
+        return f"⚠️ No worker is serving {name} right now ({message}). Start a worker for it or pick another model."
+    if code == "model_not_found":
+        return f"⚠️ The controller does not know model {name} ({message}). Reload the page to refresh the list."
+    if code == "queue_full":
+        wait = f"try again in {exc.retry_after} s" if exc.retry_after is not None else "try again shortly"
+        return f"⚠️ The queue for {name} is full: {wait}."
+    if code in ("invalid_image", "image_too_large"):
+        return f"⚠️ Image rejected: {message}"
+    if code == "worker_lost":
+        return f"⚠️ The worker generating this reply was lost ({message}). Press **Regenerate** to try again."
+    if code == "context_length_exceeded":
+        return f"⚠️ The conversation is too long for {name}: {message}. Press **Clear** and start a shorter one."
+    if code in ("payload_too_large", "invalid_request"):
+        return f"⚠️ The controller refused the request: {message}"
+    if code == "timeout":
+        return f"⚠️ The request timed out: {message}. Press **Regenerate** to try again."
+    if code == "redis_unavailable":
+        return f"⚠️ The controller cannot reach Redis: {message}."
+    if code == "device_error":
+        return f"⚠️ The worker's accelerator failed: {message}. Press **Regenerate** to try again."
+    return f"⚠️ Generation failed ({code}): {message}"
+
+
+def _note_for_finish(reason: str | None) -> str:
+    if reason == "length":
+        return "_(cut at the max output tokens limit)_"
+    if reason == "cancelled":
+        return "_(stopped)_"
+    return ""
+
+
+@dataclass
+class ActiveReply:
+    """A reply being streamed for one browser session: what Stop needs to reach it."""
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    job_id: str | None = None
+
+
+class ChatHandlers:
+    def __init__(self, settings: WebSettings, client: ControllerClient):
+        self.settings = settings
+        self.client = client
+        self._active: dict[str, ActiveReply] = {}
+        self._lock = threading.Lock()
+        self._models: list[ModelInfo] | None = None  # `once` mode: the list, once fetched successfully
+
+    # ---- model list ------------------------------------------------------------------------------------------
+
+    def fetch_models(self) -> tuple[list[ModelInfo], str | None]:
+        """The model list, and a message for the page when it could not be fetched or is empty."""
+        if self.settings.model_list_mode == "once" and self._models is not None:
+            return self._models, None
+        try:
+            models = self.client.list_models()
+        except ControllerError as exc:
+            log.warning("model list: %s", exc)
+            return [], describe_error(exc, None) + " Reload the page once it is up."
+        if self.settings.model_list_mode == "once":
+            self._models = models
+        if not models:
+            return [], "⚠️ No model is being served yet. Start a worker (`llava-serve worker`), then reload the page."
+        return models, None
+
+    def load(self, request: gr.Request | None = None) -> tuple:
+        """Page load: fresh state, the model dropdown (`?model=NAME` selects one), and a status line."""
+        models, problem = self.fetch_models()
+        choices = [
+            (m.name if m.workers is None else f"{m.name} ({m.workers} worker{'s' * (m.workers != 1)})", m.name)
+            for m in models
+        ]
+        wanted = request.query_params.get("model") if request is not None else None
+        names = [m.name for m in models]
+        value = wanted if wanted in names else (names[0] if names else None)
+        status = problem or ""
+        if wanted and wanted not in names and not problem:
+            status = f"⚠️ Model `{wanted}` from the URL is not being served; showing `{value}` instead."
+        return (
+            Conversation(),
+            gr.update(choices=choices, value=value),
+            gr.update(value=status, visible=bool(status)),
+        )
+
+    # ---- chat -----------------------------------------------------------------------------------------------
+
+    def button_updates(self, conversation: Conversation, *, generating: bool = False) -> list:
+        reply = conversation.last_reply
+        votable = not generating and reply is not None and reply.finished and not reply.failed
+        has_user = any(t.role == "user" for t in conversation.turns)
+        return [
+            gr.update(interactive=votable),
+            gr.update(interactive=votable),
+            gr.update(interactive=votable),
+            gr.update(interactive=not generating and has_user),
+            gr.update(interactive=not generating and bool(conversation.turns)),
+            gr.update(interactive=generating),
+        ]
+
+    def add_message(self, conversation: Conversation, message: dict | None, mode: str) -> tuple:
+        """Append the user's text and images; the textbox is cleared and the buttons wait for the reply."""
+        message = message or {}
+        text = (message.get("text") or "").strip()
+        files = list(message.get("files") or [])
+        images = []
+        for path in files:
+            path = path.get("path") if isinstance(path, dict) else path
+            try:
+                images.append(ChatImage.from_file(path, mode or ImageMode.default, self.settings.image_max_side))
+            except OSError as exc:
+                gr.Warning(f"Could not read {path} as an image: {exc}")
+        if not text and not images:
+            return (conversation, conversation.chatbot_messages(), gr.update(), *self.button_updates(conversation))
+        conversation.add_user(text, images)
+        return (
+            conversation,
+            conversation.chatbot_messages(),
+            gr.update(value=None),
+            *self.button_updates(conversation, generating=True),
+        )
+
+    def regenerate(self, conversation: Conversation) -> tuple:
+        conversation.drop_last_reply()
+        return (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=True))
+
+    def clear(self) -> tuple:
+        conversation = Conversation()
+        return (
+            conversation,
+            [],
+            gr.update(value=None),
+            gr.update(value="", visible=False),
+            *self.button_updates(conversation),
+        )
+
+    def generate(self, conversation, model, temperature, top_p, max_new_tokens, request: gr.Request | None = None):
+        """Stream a reply to the last user turn; yields (state, chatbot, *buttons) as the reply grows."""
+        if not conversation.turns or conversation.turns[-1].role != "user":
+            yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
+            return
+        reply = conversation.start_reply()
+        if not model:
+            reply.status, reply.failed, reply.finished = "⚠️ No model is selected (none is being served).", True, True
+            yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
+            return
+        params = SamplingParams(
+            temperature=float(temperature),
+            top_p=max(0.01, float(top_p)),
+            max_new_tokens=int(max_new_tokens),
+            seed=random.randrange(2**31),  # recorded, so a flagged reply can be replayed
+        )
+        conversation.model, conversation.params = model, params
+        body = GenerateRequest(model=model, messages=conversation.request_messages(), **params.model_dump())
+        session = request.session_hash if request is not None and request.session_hash else f"anon-{id(reply)}"
+        active = ActiveReply()
+        with self._lock:
+            self._active[session] = active
+        yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=True))
+        try:
+            for event in self.client.generate(body):
+                if event.job_id and not reply.job_id:
+                    reply.job_id = active.job_id = event.job_id
+                if active.stop.is_set():
+                    reply.status = _note_for_finish("cancelled")
+                    break
+                if event.type == "queued":
+                    reply.status = f"Waiting in queue: position {int(event.data.get('position', 0)) + 1}"
+                elif event.type == "token":
+                    reply.text += str(event.data.get("text", ""))
+                    reply.status = CURSOR
+                elif event.type == "done":
+                    reply.text = str(event.data.get("text") or reply.text)
+                    reply.status = _note_for_finish(event.data.get("finish_reason"))
+                    break
+                elif event.type == "error":
+                    error = ControllerError(str(event.data.get("code", "error")), str(event.data.get("message", "")))
+                    reply.status, reply.failed = describe_error(error, model), True
+                    break
+                else:
+                    continue
+                yield (
+                    conversation,
+                    conversation.chatbot_messages(),
+                    *self.button_updates(conversation, generating=True),
+                )
+            else:
+                if not active.stop.is_set():
+                    error = ControllerError("stream_ended", "the controller closed the stream before the reply ended")
+                    reply.status, reply.failed = describe_error(error, model), True
+                else:
+                    reply.status = _note_for_finish("cancelled")
+        except ControllerError as exc:
+            reply.status, reply.failed = describe_error(exc, model), True
+        finally:
+            with self._lock:
+                if self._active.get(session) is active:
+                    del self._active[session]
+        if active.stop.is_set() and reply.job_id:
+            self._cancel_quietly(reply.job_id)
+        reply.finished = True
+        yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
+
+    def _cancel_quietly(self, job_id: str) -> None:
+        try:
+            self.client.cancel(job_id)
+        except ControllerError as exc:
+            log.warning("cancel %s: %s", job_id, exc)
+
+    def stop(self, request: gr.Request | None = None) -> None:
+        """Stop this session's reply: the worker is told at once, the stream closes at its next event."""
+        session = request.session_hash if request is not None else None
+        with self._lock:
+            active = self._active.get(session) if session else None
+        if active is None:
+            return
+        active.stop.set()
+        if active.job_id:
+            self._cancel_quietly(active.job_id)
+
+    # ---- feedback --------------------------------------------------------------------------------------------
+
+    def feedback(self, kind: FeedbackType, conversation: Conversation, reason: str | None) -> tuple:
+        """Send a vote or flag on the last reply; returns (status, upvote, downvote, flag, reason box)."""
+        unchanged = (gr.update(),) * 3
+        reply = conversation.last_reply
+        if reply is None or not reply.finished or conversation.model is None:
+            return (gr.update(value="There is no reply to vote on yet.", visible=True), *unchanged, gr.update())
+        request = FeedbackRequest(
+            type=kind,
+            model=conversation.model,
+            messages=conversation.request_messages(include_last_reply=True),
+            reason=(reason or "").strip() if kind is FeedbackType.flag else "",
+            params=conversation.params or SamplingParams(),
+            job_ids=conversation.job_ids(),
+            conversation_started_at=conversation.started_at,
+            client_sent_at=time.time(),
+        )
+        try:
+            self.client.send_feedback(request)
+        except ControllerError as exc:
+            return (gr.update(value=f"⚠️ Feedback not recorded: {exc.message}", visible=True), *unchanged, gr.update())
+        done = gr.update(interactive=False)
+        if kind is FeedbackType.flag:
+            note = "Flag recorded. Thank you for reporting this reply."
+            return (gr.update(value=note, visible=True), gr.update(), gr.update(), done, gr.update(value=""))
+        note = f"Thanks, your {kind.value} was recorded."
+        return (gr.update(value=note, visible=True), done, done, gr.update(), gr.update())

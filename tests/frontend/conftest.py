@@ -1,0 +1,138 @@
+"""Fixtures for UI tests: the real controller app under uvicorn in a thread, and a worker with the scripted engine.
+
+The worker is `workers.worker.Worker` driving `workers.scripted.ScriptedEngine`: a scripted stand-in for a model
+(deterministic words at a set pace), not a model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+import uvicorn
+
+from broker import keys
+from broker.app import create_app
+from broker.context import StreamTimings
+from broker.messages import WorkerInfo
+from infra.embedded_redis import free_port
+from infra.settings import ControllerSettings, WorkerSettings
+from workers.scripted import ScriptedEngine
+from workers.worker import Worker
+
+MODEL = "scripted-model"
+
+
+class ServerThread:
+    """A uvicorn server in a daemon thread; `stop()` shuts it down and joins."""
+
+    def __init__(self, app, port: int) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("the controller did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture
+def controller_url(redis_client: redis.Redis, redis_url: str) -> Iterator[str]:
+    """The controller on a free port over the emptied test database (max_queue 2, so 429 is reachable)."""
+    settings = ControllerSettings(redis_url=redis_url, max_queue=2, queued_update_interval=0.1)
+    app = create_app(settings, timings=StreamTimings(stall_check_s=0.5, no_worker_timeout_s=30.0), run_sweeper=False)
+    server = ServerThread(app, free_port()).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+class WorkerThread:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.thread = threading.Thread(target=worker.run, daemon=True)
+
+    def stop(self) -> None:
+        self.worker.stop(now=True)
+        self.thread.join(15)
+
+
+def start_worker(redis_url: str, **engine_kwargs) -> WorkerThread:
+    from infra.redis import connect
+
+    engine_kwargs.setdefault("step_delay", 0.01)
+    settings = WorkerSettings(model_path=MODEL, worker_id=f"ui-test-{time.monotonic_ns()}", drain_timeout=2.0)
+    worker = Worker(settings, ScriptedEngine(**engine_kwargs), connect(redis_url), model_name=MODEL)
+    running = WorkerThread(worker)
+    running.thread.start()
+    client = connect(redis_url)
+    deadline = time.monotonic() + 10
+    while not client.exists(keys.worker(worker.worker_id)):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the scripted worker did not register")
+        time.sleep(0.02)
+    client.close()
+    return running
+
+
+@pytest.fixture
+def scripted_worker(controller_url: str, redis_url: str) -> Iterator[WorkerThread]:
+    """A live worker serving MODEL with the scripted engine (a stand-in, not a model)."""
+    running = start_worker(redis_url)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def idle_worker(redis_client: redis.Redis) -> str:
+    """A worker record that is alive but never claims: jobs stay queued. Returns its model name."""
+    info = WorkerInfo(
+        worker_id="idle",
+        models=["idle-model"],
+        max_batch=1,
+        device="cpu",
+        host="test",
+        pid=0,
+        software_version="test",
+        started_at=time.time(),
+        heartbeat_at=time.time(),
+    )
+    redis_client.sadd(keys.workers(), "idle")
+    redis_client.set(keys.worker("idle"), info.model_dump_json(), ex=120)
+    return "idle-model"
+
+
+@pytest.fixture
+def web_url(controller_url: str, scripted_worker: WorkerThread) -> Iterator[str]:
+    """The Gradio UI of `frontend.app`, launched in-process on a free port against the test controller."""
+    from frontend.app import build_demo, launch
+    from infra.settings import WebSettings
+
+    settings = WebSettings(controller_url=controller_url, port=free_port(), concurrency_limit=4)
+    demo = build_demo(settings)
+    launch(demo, settings, block=False)
+    try:
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        demo.close()

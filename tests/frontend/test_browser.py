@@ -1,0 +1,105 @@
+"""The page in headless Chromium: upload an image, ask, watch the reply stream in, upvote and flag."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from broker.feedback import read_feedback
+from frontend.app import EXAMPLES_DIR, build_demo, launch
+from infra.embedded_redis import free_port
+from infra.settings import WebSettings
+from tests.frontend.conftest import MODEL, start_worker
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshot.png"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
+    ),
+]
+
+
+@pytest.fixture
+def slow_web_url(controller_url, redis_url):
+    """The UI over a scripted worker (a stand-in, not a model) slow enough for the page to show the stream."""
+    worker = start_worker(redis_url, step_delay=0.15, reply_tokens=24)
+    settings = WebSettings(controller_url=controller_url, port=free_port())
+    demo = build_demo(settings)
+    launch(demo, settings, block=False)
+    try:
+        yield f"http://127.0.0.1:{settings.port}/?model={MODEL}"
+    finally:
+        demo.close()
+        worker.stop()
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_upload_ask_stream_vote_and_flag(slow_web_url, redis_url, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(slow_web_url)
+            page.wait_for_selector("#model input")
+            wait_for(lambda: page.input_value("#model input").startswith(MODEL), what="the model list")
+            page.set_input_files("#textbox input[type=file]", str(EXAMPLES_DIR / "house_and_car.png"))
+            page.wait_for_selector("#textbox img", timeout=15000)
+            page.fill("#textbox textarea", "What colour is the house?")
+            page.click("#send")
+            bot = page.locator("#chatbot .message.bot").last
+            seen = []
+
+            def finished() -> bool:
+                if bot.count():
+                    text = bot.inner_text()
+                    if not seen or seen[-1] != text:
+                        seen.append(text)
+                return page.locator("#upvote").is_enabled()
+
+            wait_for(finished, what="the reply")
+            finished()
+            assert sum(t.endswith("▌") for t in seen) >= 3, seen  # partial replies were on screen before the last
+            assert seen[-1].startswith("What colour is the house? What colour")
+            assert page.locator("#chatbot img").count() >= 1
+            page.click("#upvote")
+            page.wait_for_selector("text=Thanks, your upvote was recorded.")
+            page.fill("#flag-reason textarea", "the house is red, not described")
+            page.click("#flag")
+            page.wait_for_selector("text=Flag recorded")
+            wait_for(lambda: not page.locator("#flag").is_enabled(), 10, "the flag button to disable")
+            assert not page.locator("#upvote").is_enabled() and page.locator("#regenerate").is_enabled()
+            shot = tmp_path / "screenshot.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    shutil.copyfile(shot, SCREENSHOT)
+    entries = read_feedback(redis.Redis.from_url(redis_url))
+    assert [(e.type.value, e.reason) for e in entries] == [("upvote", ""), ("flag", "the house is red, not described")]
+    assert entries[1].images and entries[1].messages[0].content[0].type == "image"

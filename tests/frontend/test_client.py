@@ -1,0 +1,110 @@
+"""The UI's controller client against the real controller app, with a scripted worker (a stand-in, not a model)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from broker import jobs
+from broker.messages import GenerateRequest, ImageUrl, ImageUrlPart, JobRequest, TextPart
+from frontend.client import ControllerClient, ControllerError, iter_sse
+from infra.embedded_redis import free_port
+from tests.frontend.conftest import MODEL
+
+
+def ask(model: str, text: str = "red green blue", image_url: str | None = None, **params) -> GenerateRequest:
+    parts = [TextPart(text=text)]
+    if image_url:
+        parts.insert(0, ImageUrlPart(image_url=ImageUrl(url=image_url)))
+    return GenerateRequest(model=model, messages=[{"role": "user", "content": parts}], **params)
+
+
+def test_sse_lines_become_events():
+    lines = [
+        ": ping",
+        "event: queued",
+        'data: {"job_id": "j", "position": 2}',
+        "",
+        'data: {"type": "token",',
+        'data: "text": "hi"}',
+        "",
+    ]
+    events = list(iter_sse(iter(lines)))
+    assert [(e.type, e.job_id) for e in events] == [("queued", "j"), ("token", None)]
+    assert events[1].data["text"] == "hi"
+
+
+def test_models_list_live_workers(controller_url, scripted_worker):
+    models = ControllerClient(controller_url).list_models()
+    assert [(m.name, m.workers) for m in models] == [(MODEL, 1)]
+
+
+def test_a_reply_streams_token_by_token(controller_url, scripted_worker):
+    events = list(ControllerClient(controller_url).generate(ask(MODEL, max_new_tokens=5)))
+    tokens = [e.data["text"] for e in events if e.type == "token"]
+    assert len(tokens) == 5
+    assert events[-1].type == "done"
+    assert events[-1].data["text"] == "".join(tokens) == "red green blue red green"
+    assert events[-1].data["finish_reason"] == "length"
+    assert all(e.job_id == events[-1].job_id for e in events)
+
+
+def test_unreachable_controller_is_named():
+    client = ControllerClient(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ControllerError) as err:
+        client.list_models()
+    assert err.value.code == "controller_unreachable" and "cannot reach the controller" in err.value.message
+    with pytest.raises(ControllerError, match="controller_unreachable"):
+        list(client.generate(ask(MODEL)))
+
+
+def test_unknown_model_and_model_without_worker(controller_url, redis_client: redis.Redis):
+    client = ControllerClient(controller_url)
+    with pytest.raises(ControllerError) as err:
+        list(client.generate(ask("no-such-model")))
+    assert (err.value.code, err.value.status_code) == ("model_not_found", 404)
+    jobs.enqueue(redis_client, JobRequest(job_id="old", model="orphan"), max_queue=10, result_ttl=60)
+    with pytest.raises(ControllerError) as err:
+        list(client.generate(ask("orphan")))
+    assert (err.value.code, err.value.status_code) == ("no_worker", 503)
+
+
+def test_rejected_image_says_why(controller_url, scripted_worker):
+    with pytest.raises(ControllerError) as err:
+        list(ControllerClient(controller_url).generate(ask(MODEL, image_url="data:image/png;base64,bm90IGFuIGltYWdl")))
+    assert err.value.code == "invalid_image"
+    assert "cannot be decoded" in err.value.message
+
+
+def test_queue_full_carries_retry_after(controller_url, idle_worker, redis_client):
+    for i in range(2):  # the test controller's max_queue
+        jobs.enqueue(redis_client, JobRequest(job_id=f"w{i}", model=idle_worker), max_queue=10, result_ttl=60)
+    with pytest.raises(ControllerError) as err:
+        list(ControllerClient(controller_url).generate(ask(idle_worker)))
+    assert (err.value.code, err.value.status_code) == ("queue_full", 429)
+    assert isinstance(err.value.retry_after, int) and err.value.retry_after >= 1
+
+
+def test_a_queued_job_reports_its_position_and_cancel_ends_it(controller_url, idle_worker, redis_client):
+    jobs.enqueue(redis_client, JobRequest(job_id="ahead", model=idle_worker), max_queue=10, result_ttl=60)
+    client = ControllerClient(controller_url)
+    stream = client.generate(ask(idle_worker))
+    first = next(stream)
+    assert first.type == "queued" and first.data["position"] == 1
+    threading.Thread(target=client.cancel, args=(first.job_id,)).start()
+    rest = list(stream)
+    assert rest[-1].type == "done" and rest[-1].data["finish_reason"] == "cancelled"
+    assert jobs.queue_position(redis_client, idle_worker, first.job_id) is None
+
+
+def test_an_error_after_the_stream_started_is_an_event(controller_url, redis_url):
+    from tests.frontend.conftest import start_worker
+
+    worker = start_worker(redis_url, context_length=4)
+    try:
+        events = list(ControllerClient(controller_url).generate(ask(MODEL, text="one two three four five six")))
+    finally:
+        worker.stop()
+    assert events[-1].type == "error" and events[-1].data["code"] == "context_length_exceeded"
