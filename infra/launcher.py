@@ -1,0 +1,176 @@
+"""`llava-serve up`: the whole system in one command, stopped with Ctrl-C leaving no process behind."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from infra.embedded_redis import EmbeddedRedis
+from infra.process import die_with_parent
+from infra.settings import CONTROLLER_PORT, WEB_PORT, default_cache_dir
+
+log = logging.getLogger("llava.up")
+
+RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+
+
+def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("LLAVA_REDIS_URL"),
+        help="use this Redis (default: LLAVA_REDIS_URL, else start an embedded redis-server)",
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="embedded Redis data (append-only file); default: <cache dir>/data"
+    )
+    parser.add_argument(
+        "--model-path",
+        default=None,
+        help="model dir or HF id for the workers (default: the tiny demo model, built on first use)",
+    )
+    parser.add_argument("--model-name", default=None)
+    parser.add_argument("--workers", type=int, default=1, help="number of model workers (default 1)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda or cuda:N (workers start on cuda:0..N-1 "
+        "in turn when 'cuda' is given and several GPUs are visible)",
+    )
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--host", default="127.0.0.1", help="address the controller and UI listen on")
+    parser.add_argument("--port", type=int, default=CONTROLLER_PORT, help="controller port (default 10000)")
+    parser.add_argument("--web-port", type=int, default=WEB_PORT, help="web UI port (default 7860)")
+    parser.add_argument("--no-web", action="store_true", help="do not start the web UI")  # fmt: skip
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    restart: bool = True
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    history: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent)
+        self.started_at = time.monotonic()
+        log.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def stop(self, timeout: float) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "infra.cli", *args]
+
+
+def _wait_ready(url: str, children: list[Child], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(c.process is not None and c.process.poll() is not None for c in children):
+            return False
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def _default_model_path() -> str:
+    from workers.tiny_model import ensure_tiny_model
+
+    return str(ensure_tiny_model(default_cache_dir() / "models"))
+
+
+def run_up(args: argparse.Namespace) -> int:
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+
+    redis_server = None
+    redis_url = args.redis_url
+    if not redis_url:
+        data_dir = args.data_dir or default_cache_dir() / "data"
+        redis_server = EmbeddedRedis(data_dir / "redis").start()
+        redis_url = redis_server.url
+        log.info("embedded redis-server on %s (data in %s)", redis_url, data_dir / "redis")
+
+    model_path = args.model_path or _default_model_path()
+    env = {**os.environ, "LLAVA_REDIS_URL": redis_url}
+    controller_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    children = [Child("controller", _cli("controller", "--host", args.host, "--port", str(args.port)), env)]
+    for i in range(args.workers):
+        device = args.device
+        if device == "cuda" and args.workers > 1:
+            device = f"cuda:{i}"
+        argv = _cli("worker", "--model-path", model_path, "--device", device, "--dtype", args.dtype,
+                    "--max-batch", str(args.max_batch))  # fmt: skip
+        if args.model_name:
+            argv += ["--model-name", args.model_name]
+        children.append(Child(f"worker-{i + 1}", argv, env))
+    if not args.no_web:
+        web_argv = _cli("web", "--controller-url", controller_url, "--host", args.host, "--port", str(args.web_port))
+        children.append(Child("web", web_argv, env))
+
+    code = 0
+    try:
+        for child in children:
+            child.start()
+        if not _wait_ready(f"{controller_url}/readyz", children[:1], timeout=60):
+            log.error("the controller did not become ready; see its log above")
+            return 1
+        print(f"\nllava-serve is up\n  controller  {controller_url}  (API: {controller_url}/docs)", flush=True)
+        if not args.no_web:
+            print(f"  web UI      http://{args.host}:{args.web_port}", flush=True)
+        print(f"  redis       {redis_url}\n  model       {model_path} ({args.workers} worker(s))", flush=True)
+        print("Press Ctrl-C to stop.\n", flush=True)
+        while not stopping:
+            time.sleep(0.5)
+            for child in children:
+                if child.process is None or child.process.poll() is None or stopping:
+                    continue
+                rc = child.process.returncode
+                backoff = RESTART_BACKOFF_S[min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
+                log.warning("%s exited with code %s; restarting in %d s", child.name, rc, backoff)
+                time.sleep(backoff)
+                child.restarts += 1
+                if not stopping:
+                    child.start()
+    finally:
+        log.info("stopping")
+        for child in reversed(children):
+            child.stop(timeout=45 if child.name.startswith("worker") else 10)
+        if redis_server is not None:
+            redis_server.stop()
+    return code

@@ -1,0 +1,71 @@
+"""`llava-serve up`: one command brings up Redis, the controller, a worker and the UI; Ctrl-C leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from broker.messages import GenerateRequest
+from frontend.client import ControllerClient
+from infra.embedded_redis import free_port
+from tests.processes import ROOT, wait_until
+
+pytestmark = pytest.mark.pipeline
+
+
+def test_up_serves_a_streamed_answer_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port, web_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "LLAVA_REDIS_URL"}
+    env.update(LLAVA_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
+    up = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "up", "--port", str(port), "--web-port", str(web_port)],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    launcher = psutil.Process(up.pid)
+    try:
+
+        def serving() -> bool:
+            models = httpx.get(f"{url}/api/v1/models", timeout=2).json()["models"]
+            return any(m["name"] == "tiny-llava" and m["workers"] >= 1 for m in models)
+
+        def output() -> str:
+            return (tmp_path / "up.log").read_text(errors="replace")
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and up.poll() is None and "llava-serve is up" not in output():
+            time.sleep(0.2)
+        assert "llava-serve is up" in output(), output()
+        wait_until(serving, 90, "the worker to register")
+        wait_until(lambda: httpx.get(f"http://127.0.0.1:{web_port}/", timeout=2).status_code == 200, 60, "the UI")
+
+        client = ControllerClient(url)
+        request = GenerateRequest.model_validate(
+            {"model": "tiny-llava", "messages": [{"role": "user", "content": "Hello?"}], "max_new_tokens": 8}
+        )
+        events = list(client.generate(request))
+        client.close()
+        assert events[-1].type == "done" and any(e.type == "token" for e in events), events
+
+        # the embedded Redis keeps its data in the cache dir, append-only
+        assert list((tmp_path / "cache" / "data" / "redis").rglob("*.aof*")), "no append-only file"
+        family = launcher.children(recursive=True)
+        assert len(family) >= 4  # redis-server, controller, worker, web (and their helpers)
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(60)
+        finally:
+            log.close()
+    assert up.returncode == 0, (tmp_path / "up.log").read_text(errors="replace")[-3000:]
+    gone, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, f"left running: {[p.cmdline() for p in alive]}"
