@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from broker import jobs
 from broker.app import create_app
 from broker.context import rq_queue_key
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
-
-
-@pytest.fixture
-def client(redis_url: str, redis_client: redis.Redis) -> Iterator[TestClient]:
-    with TestClient(create_app(settings_for(redis_url), timings=FAST, run_sweeper=False)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def worker(redis_client: redis.Redis) -> ScriptedWorker:
-    return ScriptedWorker(redis_client).register()
 
 
 def llava_chunks(response) -> list[dict]:

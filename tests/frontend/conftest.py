@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -123,16 +124,22 @@ def idle_worker(redis_client: redis.Redis) -> str:
     return "idle-model"
 
 
-@pytest.fixture
-def web_url(controller_url: str, scripted_worker: WorkerThread) -> Iterator[str]:
-    """The Gradio UI of `frontend.app`, launched in-process on a free port against the test controller."""
+@contextmanager
+def launched_ui(controller_url: str, **settings: object) -> Iterator[str]:
+    """The Gradio UI of `frontend.app`, launched in-process on a free port against a controller."""
     from frontend.app import build_demo, launch
     from infra.settings import WebSettings
 
-    settings = WebSettings(controller_url=controller_url, port=free_port(), concurrency_limit=4)
-    demo = build_demo(settings)
-    launch(demo, settings, block=False)
+    web_settings = WebSettings(controller_url=controller_url, port=free_port(), **settings)
+    demo = build_demo(web_settings)
+    launch(demo, web_settings, block=False)
     try:
-        yield f"http://127.0.0.1:{settings.port}"
+        yield f"http://127.0.0.1:{web_settings.port}"
     finally:
         demo.close()
+
+
+@pytest.fixture
+def web_url(controller_url: str, scripted_worker: WorkerThread) -> Iterator[str]:
+    with launched_ui(controller_url, concurrency_limit=4) as url:
+        yield url

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import redis
 
 from broker.feedback import read_feedback
-from frontend.app import EXAMPLES_DIR, build_demo, launch
-from infra.embedded_redis import free_port
-from infra.settings import WebSettings
-from tests.frontend.conftest import MODEL, start_worker
+from frontend.app import EXAMPLES_DIR
+from tests.frontend.conftest import MODEL, launched_ui, start_worker
+from tests.workers.harness import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -41,24 +39,11 @@ pytestmark = [
 def slow_web_url(controller_url, redis_url):
     """The UI over a scripted worker (a stand-in, not a model) slow enough for the page to show the stream."""
     worker = start_worker(redis_url, step_delay=0.15, reply_tokens=24)
-    settings = WebSettings(controller_url=controller_url, port=free_port())
-    demo = build_demo(settings)
-    launch(demo, settings, block=False)
     try:
-        yield f"http://127.0.0.1:{settings.port}/?model={MODEL}"
+        with launched_ui(controller_url) as url:
+            yield f"{url}/?model={MODEL}"
     finally:
-        demo.close()
         worker.stop()
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_upload_ask_stream_vote_and_flag(slow_web_url, redis_url, tmp_path):
