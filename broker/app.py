@@ -16,9 +16,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from broker import images
+from broker.auth import ApiKeyCheck, ApiKeyMiddleware, load_api_keys
 from broker.context import ControllerContext, StreamTimings, redis_unavailable
 from broker.errors import LlavaError
 from broker.messages import GenerateRequest
+from broker.metrics import ControllerMetrics, StatsWriter
+from broker.openai_messages import ChatCompletionRequest, openai_error, openai_status
 from broker.relay import ChunkRelay
 from broker.validation import RequestInvalid
 from infra.redis import async_connect, connect
@@ -35,9 +38,24 @@ def error_body(error: LlavaError) -> dict:
     return body
 
 
+GENERATE_PATHS = frozenset({"/api/v1/generate", "/v1/chat/completions", "/worker_generate_stream"})
+
+
+def error_body_for(path: str, error: LlavaError) -> dict:
+    """The error body for a request to `path`: OpenAI's shape under `/v1/`, the controller's own elsewhere."""
+    if path.startswith("/v1/"):
+        return openai_error(error).model_dump(mode="json")
+    return error_body(error)
+
+
 async def _llava_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, LlavaError)  # noqa: S101 - registered for LlavaError only
-    return JSONResponse(error_body(exc), status_code=exc.status_code, headers=exc.headers or None)
+    path = request.url.path
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None and path in GENERATE_PATHS:
+        metrics.rejected.labels(exc.code).inc()
+    status = openai_status(exc) if path.startswith("/v1/") else exc.status_code
+    return JSONResponse(error_body_for(path, exc), status_code=status, headers=exc.headers or None)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -71,12 +89,16 @@ def create_app(
     settings: ControllerSettings, *, timings: StreamTimings | None = None, run_sweeper: bool = True
 ) -> FastAPI:
     """The controller app; its lifespan opens the Redis clients, the chunk relay and the sweeper thread."""
+    from broker.metrics import router as metrics_router
     from broker.routes_api import router as api_router
     from broker.routes_llava import LlavaGenerateBody
     from broker.routes_llava import router as llava_router
+    from broker.routes_openai import router as openai_router
 
     stream_timings = timings or StreamTimings.from_settings(settings)
     images.install_pil_guard(settings.max_image_pixels)
+    api_keys = load_api_keys(settings.api_keys, settings.api_keys_file)
+    metrics = ControllerMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,8 +106,14 @@ def create_app(
         redis_sync = connect(settings.redis_url)
         relay = ChunkRelay(lambda: async_connect(settings.redis_url), backoff_max=stream_timings.relay_backoff_max_s)
         relay.start()
+        stats = StatsWriter(redis)
         app.state.ctx = ControllerContext(
-            settings=settings, redis=redis, redis_sync=redis_sync, relay=relay, timings=stream_timings
+            settings=settings,
+            redis=redis,
+            redis_sync=redis_sync,
+            relay=relay,
+            timings=stream_timings,
+            observe=lambda model: metrics.observe(model, stats.record),
         )
         sweeper = _start_sweeper(settings) if run_sweeper else None
         try:
@@ -96,6 +124,7 @@ def create_app(
                 stop.set()
                 thread.join(timeout=max(5.0, settings.sweep_interval * 2))
             await relay.stop()
+            await stats.drain()
             await redis.aclose()
             redis_sync.close()
 
@@ -112,7 +141,13 @@ def create_app(
     app.include_router(api_router)
     app.include_router(llava_router)
     app.include_router(importlib.import_module("broker.feedback").router)
-    _document_bodies(app, [GenerateRequest, LlavaGenerateBody])
+    app.include_router(openai_router)
+    app.include_router(metrics_router)
+    app.state.metrics = metrics
+    metrics.watch_redis(lambda: app.state.ctx.redis_sync)
+    if api_keys:
+        app.add_middleware(ApiKeyMiddleware, check=ApiKeyCheck(api_keys), render_error=error_body_for)
+    _document_bodies(app, [GenerateRequest, LlavaGenerateBody, ChatCompletionRequest])
     return app
 
 
@@ -148,6 +183,21 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-result-ttl", type=int, default=None, help="seconds a finished job record is kept")
     parser.add_argument("--sweep-interval", type=float, default=None)
     parser.add_argument("--ping-interval", type=int, default=None, help="SSE keep-alive ping, seconds")
+    parser.add_argument(
+        "--api-keys",
+        dest="api_keys_file",
+        default=None,
+        metavar="FILE",
+        help="file of API keys, one per line; then every endpoint but /healthz, /readyz, /metrics needs "
+        "`Authorization: Bearer <key>` (also: LLAVA_API_KEYS=k1,k2)",
+    )
+    parser.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        default=None,
+        help="fetch http(s) image_url images (public addresses only; size and time limited). Default: off",
+    )
+    parser.add_argument("--remote-image-timeout", type=float, default=None, help="seconds per remote image (5)")
 
 
 _CONTROLLER_FLAGS = (
@@ -163,6 +213,9 @@ _CONTROLLER_FLAGS = (
     "job_result_ttl",
     "sweep_interval",
     "ping_interval",
+    "api_keys_file",
+    "allow_remote_images",
+    "remote_image_timeout",
 )
 
 

@@ -54,6 +54,8 @@ class ControllerContext:
     relay: ChunkRelay
     timings: StreamTimings
     workers_cache_s: float = 1.0
+    # Called with the model as a stream starts; returns an observer (`on_event(event)`, `close()`): metrics.
+    observe: Callable[[str], Any] | None = None
     _workers: tuple[float, list[WorkerInfo]] | None = field(default=None, repr=False)
 
     async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -78,3 +78,20 @@ def feedback() -> str:
 def sweep_lock() -> str:
     """STRING held by the controller replica that sweeps dead workers; TTL SWEEP_LOCK_TTL_MS."""
     return f"{PREFIX}sweeper:lock"
+
+
+STATS_TTL_S = 2 * 3600
+REPLAYS_MAXLEN = 100_000
+
+
+def stats_minute(minute: int) -> str:
+    """HASH of counters for one wall-clock minute (`minute` = Unix time // 60), fields `<model>|<counter>`
+    (`requests`, `errors`, `prompt_tokens`, `completion_tokens`), HINCRBY'd once per finished job in one
+    pipelined write; TTL STATS_TTL_S, set in the same pipeline."""
+    return f"{PREFIX}stats:{minute}"
+
+
+def replays() -> str:
+    """STREAM of `llava-serve replay` results (`ReplayRow` JSON in field `row`, plus `run_id`), capped near
+    REPLAYS_MAXLEN entries. No TTL."""
+    return f"{PREFIX}replays"

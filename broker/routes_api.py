@@ -112,6 +112,25 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+async def prepare_job(ctx: ControllerContext, body: GenerateRequest) -> JobRequest:
+    """Check a generate request's model and images (stored once each) and build its job; the one path shared by
+    `POST /api/v1/generate` and `POST /v1/chat/completions`."""
+    sources = image_sources(body)
+    images.check_image_count(len(sources), image_limits(ctx))
+    try:
+        await ctx.require_model(body.model)
+    except REDIS_ERRORS as exc:
+        raise redis_unavailable(exc) from exc
+    checked = await checked_images(ctx, sources)
+    return JobRequest(
+        job_id=new_job_id(),
+        model=body.model,
+        messages=job_messages(body, [image.digest for image in checked]),
+        images=[image.digest for image in checked],
+        params=body.model_dump(include={"temperature", "top_p", "max_new_tokens", "stop", "seed"}),
+    )
+
+
 def sse(event: StreamEvent) -> ServerSentEvent:
     return ServerSentEvent(data=event.model_dump_json(), event=event.type)
 
@@ -136,20 +155,7 @@ async def sse_events(events: AsyncIterator[StreamEvent]) -> AsyncIterator[Server
 async def generate(request: Request) -> EventSourceResponse:
     ctx = context(request)
     body = await read_model(request, GenerateRequest, ctx.settings.max_body_bytes)
-    sources = image_sources(body)
-    images.check_image_count(len(sources), image_limits(ctx))
-    try:
-        await ctx.require_model(body.model)
-    except REDIS_ERRORS as exc:
-        raise redis_unavailable(exc) from exc
-    checked = await checked_images(ctx, sources)
-    job = JobRequest(
-        job_id=new_job_id(),
-        model=body.model,
-        messages=job_messages(body, [image.digest for image in checked]),
-        images=[image.digest for image in checked],
-        params=body.model_dump(include={"temperature", "top_p", "max_new_tokens", "stop", "seed"}),
-    )
+    job = await prepare_job(ctx, body)
     sub = await submit_job(ctx, job)
     return EventSourceResponse(
         sse_events(follow_job(ctx, sub, job.model)),

@@ -191,21 +191,32 @@ async def follow_job(ctx: ControllerContext, sub: Subscription, model: str) -> A
     """Yield a job's events up to its final one; a Redis failure mid-stream becomes a final `error` event.
     Closing the iterator before the final event (client gone) cancels the job."""
     follower = _JobFollower(ctx, sub, model)
+    observer = ctx.observe(model) if ctx.observe is not None else None
     finished = False
     try:
         try:
             async for event in follower.events():
                 if isinstance(event, (DoneEvent, ErrorEvent)):
                     finished = True
+                if observer is not None:
+                    observer.on_event(event)
                 yield event
         except REDIS_ERRORS as exc:
             finished = True
-            yield error_event(sub.job_id, redis_unavailable(exc), follower.text)
+            event = error_event(sub.job_id, redis_unavailable(exc), follower.text)
+            if observer is not None:
+                observer.on_event(event)
+            yield event
         except RedisUnavailable as exc:
             finished = True
-            yield error_event(sub.job_id, exc, follower.text)
+            event = error_event(sub.job_id, exc, follower.text)
+            if observer is not None:
+                observer.on_event(event)
+            yield event
     finally:
         sub.close()
+        if observer is not None:
+            observer.close()
         if not finished:
             with anyio.CancelScope(shield=True):
                 await cancel_quietly(ctx, sub.job_id, model)

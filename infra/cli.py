@@ -40,12 +40,23 @@ def _tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from broker.status import run_status
+
+    return run_status(args)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from broker.replay import run_replay_command
+
+    return run_replay_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from broker.app import add_controller_arguments
     from frontend.app import add_web_arguments
-    from workers.cli import add_worker_arguments
-
     from infra.launcher import add_up_arguments
+    from workers.cli import add_worker_arguments
 
     parser = argparse.ArgumentParser(prog="llava-serve", description="Serve LLaVA-style multimodal chat over Redis.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -66,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     web = sub.add_parser("web", help="the Gradio web UI, a client of the controller (port 7860)")
     add_web_arguments(web)
     web.set_defaults(run=_web)
+
+    from broker.replay import add_replay_arguments
+    from broker.status import add_status_arguments
+
+    status = sub.add_parser("status", help="workers, queues and recent rates, read from Redis (--watch to follow)")
+    add_status_arguments(status)
+    status.set_defaults(run=_status)
+
+    replay = sub.add_parser(
+        "replay", help="re-run flagged (or voted) conversations against a model and write a side-by-side report"
+    )
+    add_replay_arguments(replay)
+    replay.set_defaults(run=_replay)
 
     tiny = sub.add_parser("tiny-model", help="build a tiny random-weight LLaVA in DIR, offline, for tests")
     tiny.add_argument("dir", help="directory to write the model to")

@@ -1,0 +1,224 @@
+"""OpenAI-compatible wire messages (`/v1/chat/completions`, `/v1/models`) and OpenAI-shaped error bodies.
+
+Requests are validated here with the same limits as `GenerateRequest`, so errors name the OpenAI field
+(`max_tokens`, not `max_new_tokens`); `to_generate_request` then maps them onto the controller's own request.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+
+from broker.errors import InvalidRequest, LlavaError, ModelNotFound
+from broker.messages import (
+    MAX_NEW_TOKENS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    ChatMessage,
+    ContentPart,
+    FinishReason,
+    GenerateRequest,
+    Usage,
+)
+
+DEFAULT_MAX_TOKENS = 512
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # `name`, `refusal`, ... are accepted and not used
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """Body of `POST /v1/chat/completions`; fields this server has no use for are ignored, unsupported values of
+    the ones it knows are refused."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1)
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    stop: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1, description="only one choice per request")
+    user: str | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str] | None) -> list[str] | None:
+        if value and any(s == "" for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    def to_generate_request(self) -> GenerateRequest:
+        """The same request as `POST /api/v1/generate` takes; OpenAI's defaults (temperature 1, top_p 1)."""
+        messages = []
+        for i, message in enumerate(self.messages):
+            if message.content is None or message.content == []:
+                raise InvalidRequest(f"invalid request: messages[{i}].content: must not be empty")
+            role = "system" if message.role == "developer" else message.role
+            messages.append(ChatMessage(role=role, content=message.content))
+        return GenerateRequest(
+            model=self.model,
+            messages=messages,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            max_new_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
+            stop=self.stop or [],
+            seed=self.seed,
+        )
+
+
+# ---- Responses ----------------------------------------------------------------------------------------------
+
+
+def openai_finish_reason(reason: FinishReason | None) -> str | None:
+    """OpenAI knows stop and length; an end-of-sequence token is a `stop`, and so is a cancelled job."""
+    if reason is None:
+        return None
+    return "length" if reason == FinishReason.length else "stop"
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, usage: Usage) -> CompletionUsage:
+        return cls(
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        )
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: CompletionUsage
+    system_fingerprint: str | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler: Any) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}  # OpenAI leaves unset delta fields out
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: CompletionUsage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llava-serve"
+
+
+class ModelCardList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- Errors -------------------------------------------------------------------------------------------------
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
+
+
+def openai_status(error: LlavaError) -> int:
+    """OpenAI answers a malformed request with 400, where the controller's own API says 422."""
+    return 400 if error.status_code == 422 else error.status_code
+
+
+def _error_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def _param(error: LlavaError) -> str | None:
+    fields = getattr(error, "fields", None)
+    if fields:
+        return fields[0].get("field")
+    if isinstance(error, ModelNotFound):
+        return "model"
+    return getattr(error, "param", None)
+
+
+def openai_error(error: LlavaError, *, status: int | None = None) -> OpenAIError:
+    """The OpenAI error body of `error`: `{"error": {"message", "type", "param", "code"}}`."""
+    status = openai_status(error) if status is None else status
+    return OpenAIError(
+        error=OpenAIErrorDetail(message=error.message, type=_error_type(status), param=_param(error), code=error.code)
+    )
+
+
+def openai_error_from_event(code: str, message: str, status: int) -> OpenAIError:
+    """The same body for an error that arrived as a stream event."""
+    return OpenAIError(error=OpenAIErrorDetail(message=message, type=_error_type(status), code=code))
