@@ -49,6 +49,15 @@ class ControllerSettings(BaseSettings):
     ping_interval: int = Field(default=15, ge=1)
     stall_check_interval: float = Field(default=3.0, gt=0, description="silent stream: read the job record after")
     no_worker_timeout: float = Field(default=30.0, gt=0, description="queued with no live worker: fail after")
+    api_keys: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("api_keys", "LLAVA_API_KEYS"),
+        description="comma-separated bearer keys; when set, every endpoint but health and metrics needs one",
+    )
+    api_keys_file: Path | None = Field(default=None, description="file of bearer keys, one per line, # comments")
+    allow_remote_images: bool = Field(default=False, description="fetch http(s) image_url (public addresses only)")
+    remote_image_timeout: float = Field(default=5.0, gt=0, description="seconds to fetch one remote image, in all")
+    remote_image_max_redirects: int = Field(default=3, ge=0)
 
 
 class WorkerSettings(BaseSettings):
@@ -64,6 +73,9 @@ class WorkerSettings(BaseSettings):
     drain_timeout: float = Field(default=30.0, ge=0, description="SIGTERM: seconds to finish in-flight jobs")
     job_result_ttl: int = Field(default=600, ge=1)
     worker_id: str | None = None
+    compile: bool = Field(default=False, description="static cache + compiled decode step")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics here (default off)")
+    metrics_host: str = Field(default="127.0.0.1", description="address the /metrics server binds")
 
     def resolved_model_name(self) -> str:
         """`--model-name`, else the last component of the model path."""

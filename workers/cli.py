@@ -28,6 +28,16 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--drain-timeout", type=float, help="seconds to finish in-flight jobs on SIGTERM")
     parser.add_argument("--worker-id", help="a stable id for this worker (default: host-pid-random)")
     parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off; 0 picks a free port)"
+    )
+    parser.add_argument("--metrics-host", help="address the metrics server binds (default 127.0.0.1)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="static KV cache + torch.compile'd decode step (GPU; compiles once per batch shape)",
+    )
+    parser.add_argument(
         "--engine",
         choices=ENGINE_KINDS,
         default="transformers",
@@ -39,7 +49,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 def worker_settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     """WorkerSettings from parsed flags; flags left unset keep the environment's or the default value."""
     fields = ("model_path", "model_name", "device", "dtype", "max_batch", "token_budget", "redis_url")
-    values: dict[str, Any] = {f: getattr(args, f, None) for f in (*fields, "drain_timeout", "worker_id")}
+    extra = ("drain_timeout", "worker_id", "metrics_port", "metrics_host", "compile")
+    values: dict[str, Any] = {f: getattr(args, f, None) for f in (*fields, *extra)}
     return WorkerSettings(**{k: v for k, v in values.items() if v is not None})
 
 
@@ -58,7 +69,9 @@ def build_engine(settings: WorkerSettings, engine_kind: str, *, scripted_step_de
     from workers.model import load_model
 
     loaded = load_model(settings.model_path, device=settings.device, dtype=settings.dtype)
-    engine = Engine(loaded, max_batch=settings.max_batch, token_budget=settings.token_budget)
+    engine = Engine(
+        loaded, max_batch=settings.max_batch, token_budget=settings.token_budget, compile=settings.compile
+    )
     return engine, str(loaded.device)
 
 
@@ -77,6 +90,7 @@ def run_worker(
 
     engine, device = build_engine(settings, engine_kind, scripted_step_delay=scripted_step_delay)
     client = connect(settings.redis_url)
+    metrics, stop_metrics = _start_metrics(settings, engine, device)
     worker = Worker(
         settings,
         engine,
@@ -84,7 +98,10 @@ def run_worker(
         model_name=settings.resolved_model_name(),
         device=device,
         context_length=getattr(engine, "context_length", None),
+        metrics=metrics,
     )
+    if metrics is not None:
+        metrics.set_info(worker.worker_id, device)
     _install_signal_handlers(worker)
     from broker.sweeper import run_sweeper
 
@@ -99,8 +116,22 @@ def run_worker(
         stop_sweeper.set()
         sweeper.join(timeout=5)
         client.close()
+        stop_metrics()
     log.info("worker %s exits with code %d", worker.worker_id, code)
     return code
+
+
+def _start_metrics(settings: WorkerSettings, engine: Any, device: str) -> tuple[Any, Any]:
+    """The worker's metrics and a function that stops their HTTP server; (None, no-op) without --metrics-port."""
+    if settings.metrics_port is None:
+        return None, lambda: None
+    from workers.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics(
+        model=settings.resolved_model_name(), max_batch=int(getattr(engine, "max_batch", settings.max_batch))
+    )
+    _, stop = metrics.serve(settings.metrics_host, settings.metrics_port)
+    return metrics, stop
 
 
 def _install_signal_handlers(worker: Any) -> None:

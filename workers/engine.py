@@ -42,6 +42,7 @@ class Engine:
         max_batch: int = 8,
         token_budget: int | None = None,
         image_cache_size: int = 128,
+        compile: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, not {max_batch}")
@@ -57,6 +58,14 @@ class Engine:
         self.healthy = True
         self._pending: list[RunningJob] = []
         self._batch: DecodeBatch | None = None
+        # compile: a fixed-shape cache per batch membership and a torch.compile'd decode forward (CUDA graphs on
+        # CUDA); one graph per (batch size, cache capacity), reused until the batch changes.
+        self.compiled = compile
+        self._compiled_forward = None
+        if compile:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            mode = "reduce-overhead" if self.device.startswith("cuda") else None
+            self._compiled_forward = torch.compile(self.model.forward, mode=mode, dynamic=False)
 
     # ---- capacity -------------------------------------------------------------------------------------------
 
@@ -172,7 +181,8 @@ class Engine:
     @torch.inference_mode()
     def _decode(self, batch: DecodeBatch) -> list[JobUpdate]:
         try:
-            out = self.model(**batch.decode_inputs(), use_cache=True, logits_to_keep=1)
+            forward = self._compiled_forward or self.model
+            out = forward(**batch.decode_inputs(), use_cache=True, logits_to_keep=1)
             rows = batch.rows
             tokens = sample_batch(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
         except Exception as exc:
@@ -206,7 +216,11 @@ class Engine:
             if update is not None:
                 updates.append(update)
             if row.finish_reason is None:
-                joined.append(DecodeBatch.from_prefill(cache, row.prepared.prompt_tokens, first, row, self.device))
+                joined.append(
+                    DecodeBatch.from_prefill(
+                        cache, row.prepared.prompt_tokens, first, row, self.device, static=self.compiled
+                    )
+                )
         if joined:
             parts = [self._batch, *joined] if self._batch is not None else joined
             try:

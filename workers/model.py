@@ -109,8 +109,14 @@ def load_model(model_path: str, *, device: str = "auto", dtype: str = "auto") ->
     except (ValueError, ImportError):
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     model.to(resolved_device)
-    model.eval()
+    return wrap_model(model, processor, device=resolved_device, dtype=torch_dtype, name=path.resolve().name)
 
+
+def wrap_model(model: Any, processor: Any, *, device: str, dtype: torch.dtype, name: str) -> LoadedModel:
+    """A LoadedModel around a model already on `device` in `dtype` and its processor (also for in-process builds)."""
+    model.eval()
+    tokenizer = processor.tokenizer
+    chat_template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
     image_token = getattr(processor, "image_token", None) or "<image>"
     image_token_id = getattr(model.config, "image_token_id", None)
     if image_token_id is None:
@@ -125,15 +131,15 @@ def load_model(model_path: str, *, device: str = "auto", dtype: str = "auto") ->
         model=model,
         processor=processor,
         tokenizer=tokenizer,
-        device=resolved_device,
-        dtype=torch_dtype,
+        device=device,
+        dtype=dtype,
         context_length=_context_length(model.config),
         eos_token_ids=_eos_ids(model, tokenizer),
         image_token=image_token,
         image_token_id=int(image_token_id),
-        name=path.resolve().name,
+        name=name,
         pad_token_id=int(pad_token_id),
         chat_template=chat_template,
     )
-    log.info("loaded %s on %s (%s), context %d", loaded.name, loaded.device, str(torch_dtype), loaded.context_length)
+    log.info("loaded %s on %s (%s), context %d", loaded.name, loaded.device, str(dtype), loaded.context_length)
     return loaded

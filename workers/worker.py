@@ -47,6 +47,7 @@ class Worker:
         model_name: str,
         device: str = "cpu",
         context_length: int | None = None,
+        metrics: Any = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -66,6 +67,7 @@ class Worker:
         self._claim_paused = False  # set after a put_back; cleared when a job ends and frees capacity
         self.returning: list[str] = []  # claimed job ids to put back at the front of the queue
         self.heartbeat = Heartbeat(redis, self.info)
+        self.metrics = metrics  # workers.metrics.WorkerMetrics, when --metrics-port is set
 
     # ---- control ----------------------------------------------------------------------------------------------
 
@@ -125,11 +127,15 @@ class Worker:
                 self._admit(self._claim())
             if self.engine.has_work():
                 updates = self._generate()
+                if self.metrics is not None:
+                    self.metrics.on_step(updates, time.time())
                 self._publish(updates)
             elif self.finishing or self.active:
                 self._publish([])
             self._finish()
             self.busy_slots = self.engine.active_count
+            if self.metrics is not None:
+                self.metrics.set_running(self.busy_slots)
             if not self.engine.has_work() and (self.finishing or self.returning or self._stop.is_set()):
                 self._backoff.wait_if_down() or time.sleep(0.01)
 
@@ -280,6 +286,8 @@ class Worker:
             try:
                 if not job.recorded:
                     jobs.finish(self.redis, self.worker_id, job.outcome())
+                if self.metrics is not None:
+                    self.metrics.on_finished(job)
                     job.recorded = True
                     log.info("job %s %s (%d tokens)", job.job_id, job.status, job.usage.completion_tokens)
                 self.redis.publish(keys.chunks(job.job_id), job.final_event().model_dump_json())

@@ -275,3 +275,16 @@ def test_prefill_device_error_fails_only_that_job(loaded, monkeypatch):
     assert out["img"].finish_reason == FinishReason.error and isinstance(out["img"].error, DeviceError)
     assert out["ok"].finish_reason == FinishReason.length and out["ok"].token_ids == expected
     assert engine.healthy
+
+
+def test_compiled_static_cache_matches_eager(loaded):
+    # Both jobs join at one step and leave at one step: a single compiled shape keeps the test to one compile.
+    jobs = [
+        chat_job("a", "hello", [RED], greedy(6)),
+        chat_job("b", "a longer prompt with more words", params=greedy(6)),
+    ]
+    expected = {j.job_id: run_to_completion(Engine(loaded, max_batch=1), [j])[j.job_id].token_ids for j in jobs}
+    engine = Engine(loaded, max_batch=2, compile=True)
+    out = run_to_completion(engine, jobs)
+    assert {j: out[j].token_ids for j in expected} == expected
+    assert engine.compiled and not engine.has_work()

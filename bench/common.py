@@ -1,0 +1,83 @@
+"""Pieces shared by the benchmarks: request content, percentiles, a served system of real processes."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from broker.messages import GenerateRequest
+
+COLORS = ["red", "green", "blue", "orange", "purple", "yellow", "black", "cyan"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def png_bytes(i: int) -> bytes:
+    image = Image.new("RGB", (128, 128), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((20 + i % 5 * 4, 24, 100, 104 - i % 3 * 6), fill=COLORS[i % len(COLORS)])
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def question(i: int) -> str:
+    return f"Request {i}: what colour is the shape in this picture, and where is it?"
+
+
+def generate_request(model: str, i: int, max_new_tokens: int) -> GenerateRequest:
+    """Request `i`: one image and a question, greedy."""
+    data_url = "data:image/png;base64," + base64.b64encode(png_bytes(i)).decode()
+    content = [{"type": "image_url", "image_url": {"url": data_url}}, {"type": "text", "text": question(i)}]
+    return GenerateRequest.model_validate({
+        "model": model, "messages": [{"role": "user", "content": content}],
+        "temperature": 0.0, "max_new_tokens": max_new_tokens,
+    })  # fmt: skip
+
+
+def stream_once(url: str, body: GenerateRequest) -> None:
+    """Stream one request to its end (warm-up); raise on an error event."""
+    from frontend.client import ControllerClient
+
+    client = ControllerClient(url)
+    try:
+        for event in client.generate(body):
+            if event.type == "error":
+                raise RuntimeError(f"warm-up request failed: {event.data}")
+    finally:
+        client.close()
+
+
+def served_system(model_path: str, max_batch: int, workdir: Path, *worker_args: str, timeout: float = 180):
+    """Embedded Redis, a controller and one worker, as `llava-serve up` would run them."""
+    from infra.embedded_redis import EmbeddedRedis
+    from tests.processes import start_controller, start_worker, wait_for_workers
+
+    redis = EmbeddedRedis(workdir / "redis", persist=False).start()
+    procs = []
+    try:
+        controller, url = start_controller(redis.url, workdir)
+        procs.append(controller)
+        worker = start_worker(redis.url, workdir, f"worker-b{max_batch}", "--model-path", model_path,
+                              "--max-batch", str(max_batch), *worker_args)  # fmt: skip
+        procs.append(worker)
+        wait_for_workers(url, Path(model_path).name, 1, procs, timeout=timeout)
+    except BaseException:
+        stop_system(redis, procs)
+        raise
+    return redis, procs, url
+
+
+def stop_system(redis, procs) -> None:
+    for proc in reversed(procs):
+        proc.stop()
+    redis.stop()
