@@ -50,7 +50,13 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address the controller and UI listen on")
     parser.add_argument("--port", type=int, default=CONTROLLER_PORT, help="controller port (default 10000)")
     parser.add_argument("--web-port", type=int, default=WEB_PORT, help="web UI port (default 7860)")
-    parser.add_argument("--no-web", action="store_true", help="do not start the web UI")  # fmt: skip
+    parser.add_argument("--no-web", action="store_true", help="do not start the web UI")
+    parser.add_argument(
+        "--api-keys",
+        type=Path,
+        default=None,
+        help="require bearer keys (file, one per line; or LLAVA_API_KEYS); the UI uses the first",
+    )
 
 
 @dataclass
@@ -108,6 +114,16 @@ def _default_model_path() -> str:
     return str(ensure_tiny_model(default_cache_dir() / "models"))
 
 
+def _web_env(env: dict[str, str], api_keys_file: Path | None) -> dict[str, str]:
+    """The UI's environment: with API keys required and no key of its own, it uses the first one."""
+    from broker.auth import load_api_keys
+
+    keys = load_api_keys(env.get("LLAVA_API_KEYS"), api_keys_file)
+    if keys and not env.get("LLAVA_WEB_API_KEY"):
+        return {**env, "LLAVA_WEB_API_KEY": keys[0]}
+    return env
+
+
 def run_up(args: argparse.Namespace) -> int:
     stopping = False
 
@@ -129,7 +145,10 @@ def run_up(args: argparse.Namespace) -> int:
     model_path = args.model_path or _default_model_path()
     env = {**os.environ, "LLAVA_REDIS_URL": redis_url}
     controller_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    children = [Child("controller", _cli("controller", "--host", args.host, "--port", str(args.port)), env)]
+    controller_argv = _cli("controller", "--host", args.host, "--port", str(args.port))
+    if args.api_keys:
+        controller_argv += ["--api-keys", str(args.api_keys)]
+    children = [Child("controller", controller_argv, env)]
     for i in range(args.workers):
         device = args.device
         if device == "cuda" and args.workers > 1:
@@ -141,7 +160,7 @@ def run_up(args: argparse.Namespace) -> int:
         children.append(Child(f"worker-{i + 1}", argv, env))
     if not args.no_web:
         web_argv = _cli("web", "--controller-url", controller_url, "--host", args.host, "--port", str(args.web_port))
-        children.append(Child("web", web_argv, env))
+        children.append(Child("web", web_argv, _web_env(env, args.api_keys)))
 
     code = 0
     try:

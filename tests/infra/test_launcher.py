@@ -69,3 +69,14 @@ def test_up_serves_a_streamed_answer_and_ctrl_c_stops_everything(tmp_path: Path)
     assert up.returncode == 0, (tmp_path / "up.log").read_text(errors="replace")[-3000:]
     gone, alive = psutil.wait_procs(family, timeout=10)
     assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+
+
+def test_the_ui_gets_the_first_api_key_when_keys_are_required(tmp_path: Path) -> None:
+    from infra.launcher import _web_env
+
+    keys = tmp_path / "keys"
+    keys.write_text("# team keys\nfirst-key\nsecond-key\n")
+    assert _web_env({}, keys)["LLAVA_WEB_API_KEY"] == "first-key"
+    assert _web_env({"LLAVA_API_KEYS": "env-key"}, None)["LLAVA_WEB_API_KEY"] == "env-key"
+    assert _web_env({"LLAVA_API_KEYS": "a", "LLAVA_WEB_API_KEY": "own"}, None)["LLAVA_WEB_API_KEY"] == "own"
+    assert "LLAVA_WEB_API_KEY" not in _web_env({}, None)
