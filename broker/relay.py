@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 # A stream that falls this far behind is a stalled client; its events are dropped and `overflowed` is set,
 # so the stream finishes from the job record instead of holding memory without bound.
 MAX_PENDING_EVENTS = 100_000
+CLOSE_TIMEOUT_S = 2.0
 
 
 class Subscription:
@@ -99,8 +100,8 @@ class ChunkRelay:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._task, 2 * CLOSE_TIMEOUT_S)
             self._task = None
         self._connected.clear()
 
@@ -175,5 +176,6 @@ class ChunkRelay:
                 self._connected.clear()
                 for closer in (pubsub, client):
                     if closer is not None:
-                        with contextlib.suppress(Exception):
-                            await asyncio.shield(closer.aclose())
+                        # bounded: a connection cut mid-read must not hold up shutdown or the reconnect
+                        with contextlib.suppress(Exception, asyncio.CancelledError):
+                            await asyncio.wait_for(asyncio.shield(closer.aclose()), CLOSE_TIMEOUT_S)
