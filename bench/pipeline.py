@@ -76,8 +76,9 @@ def run_engine(model_path: str, streams: int, requests: int, max_new_tokens: int
     start = time.perf_counter()
     while next_i < requests or engine.has_work():
         while next_i < requests and engine.active_count < streams:
+            arrived = time.perf_counter()  # before preparing: the served path's TTFT includes it too
             prepared = engine.prepare(job(next_i))
-            submitted[prepared.job_id] = time.perf_counter()
+            submitted[prepared.job_id] = arrived
             engine.add(prepared)
             next_i += 1
         for update in engine.step():
