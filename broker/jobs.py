@@ -101,25 +101,31 @@ def job_request(job: Job) -> JobRequest:
     return JobRequest.model_validate(job.kwargs["request"])
 
 
+def queue_claim(pipe: Pipeline, worker_id: str, model: str, n: int) -> None:
+    """Queue, on the caller's pipeline, an atomic take of up to `n` jobs off the front of a model's queue into the
+    worker's job table; its reply (the ids) goes to `claimed_requests`. Lets a busy worker claim in the same
+    round trip as it publishes a decode step."""
+    queue_key = Queue.redis_queue_namespace_prefix + keys.queue_name(model)
+    pipe.eval(_CLAIM, 2, queue_key, keys.worker_jobs(worker_id), n, ClaimState.claimed.value, keys.WORKER_JOBS_TTL_S)
+
+
 def claim(redis: Redis, worker_id: str, model: str, n: int) -> list[JobRequest]:
     """Atomically take up to `n` jobs off the front of a model's queue into the worker's job table."""
     if n <= 0:
         return []
-    queue = queue_for(redis, model)
-    raw_ids = redis.eval(
-        _CLAIM, 2, queue.key, keys.worker_jobs(worker_id), n, ClaimState.claimed.value, keys.WORKER_JOBS_TTL_S
-    )
-    return _claimed_requests(redis, worker_id, raw_ids)
+    with redis.pipeline(transaction=False) as pipe:
+        queue_claim(pipe, worker_id, model, n)
+        (raw_ids,) = pipe.execute()
+    return claimed_requests(redis, worker_id, raw_ids)
 
 
-def _claimed_requests(redis: Redis, worker_id: str, raw_ids: Iterable[bytes | str]) -> list[JobRequest]:
+def claimed_requests(redis: Redis, worker_id: str, raw_ids: Iterable[bytes | str]) -> list[JobRequest]:
+    """The requests of jobs just claimed (ids as the claim script returned them); vanished jobs are dropped."""
     ids = [i.decode() if isinstance(i, bytes) else i for i in raw_ids]
     if not ids:
         return []
     requests = []
-    for job_id, job in zip(
-        ids, Job.fetch_many(ids, connection=redis, serializer=JSONSerializer), strict=True
-    ):
+    for job_id, job in zip(ids, Job.fetch_many(ids, connection=redis, serializer=JSONSerializer), strict=True):
         if job is None:  # deleted while queued
             redis.hdel(keys.worker_jobs(worker_id), job_id)
             continue
@@ -137,7 +143,7 @@ def take_inbox(redis: Redis, worker_id: str) -> list[JobRequest]:
         ClaimState.claimed.value,
         keys.WORKER_JOBS_TTL_S,
     )
-    return _claimed_requests(redis, worker_id, raw_ids)
+    return claimed_requests(redis, worker_id, raw_ids)
 
 
 def claim_blocking(redis: Redis, worker_id: str, model: str, n: int, timeout: float) -> list[JobRequest]:
@@ -226,9 +232,7 @@ def _end(redis: Redis, job: Job, outcome: JobOutcome, *, worker_id: str | None =
         elif outcome.status == JobStatus.CANCELED.value:
             job.set_status(JobStatus.CANCELED, pipeline=pipe)
             job.save(pipeline=pipe)
-            CanceledJobRegistry(job.origin, connection=redis, serializer=JSONSerializer).add(
-                job, ttl, pipeline=pipe
-            )
+            CanceledJobRegistry(job.origin, connection=redis, serializer=JSONSerializer).add(job, ttl, pipeline=pipe)
         else:
             job.set_status(JobStatus.FAILED, pipeline=pipe)
             job.save(pipeline=pipe)

@@ -66,6 +66,7 @@ class Worker:
         self._backoff = Backoff()
         self._claim_paused = False  # set after a put_back; cleared when a job ends and frees capacity
         self.returning: list[str] = []  # claimed job ids to put back at the front of the queue
+        self._claimed_ids: list[bytes] = []  # claimed in the last step's publish round trip, not yet admitted
         self.heartbeat = Heartbeat(redis, self.info)
         self.metrics = metrics  # workers.metrics.WorkerMetrics, when --metrics-port is set
 
@@ -141,21 +142,29 @@ class Worker:
 
     # ---- claim ------------------------------------------------------------------------------------------------
 
+    def _may_claim(self) -> bool:
+        if self._stop.is_set() or self.returning or self.engine.free_slots() <= 0:
+            return False
+        return not (self._claim_paused and self.engine.has_work())
+
     def _claim(self) -> list[JobRequest]:
-        free = self.engine.free_slots()
-        if free <= 0 or (self._claim_paused and self.engine.has_work()) or self.returning:
-            return []
+        """Jobs claimed with the last step's publish (busy), or a blocking claim (idle)."""
+        claimed_ids, self._claimed_ids = self._claimed_ids, []
         if not self._backoff.ready():
             if not self.engine.has_work():
                 self._backoff.wait_if_down()
+            self.returning += [i.decode() if isinstance(i, bytes) else i for i in claimed_ids]
             return []
         try:
-            if self.engine.has_work():
-                claimed = jobs.claim(self.redis, self.worker_id, self.model_name, free)
-            else:
-                claimed = jobs.claim_blocking(self.redis, self.worker_id, self.model_name, free, CLAIM_BLOCK_S)
+            if claimed_ids or self.engine.has_work():
+                return jobs.claimed_requests(self.redis, self.worker_id, claimed_ids)
+            if not self._may_claim():
+                return []
+            free = self.engine.free_slots()
+            claimed = jobs.claim_blocking(self.redis, self.worker_id, self.model_name, free, CLAIM_BLOCK_S)
         except _REDIS_ERRORS as exc:
             self._backoff.failed("claim", exc)
+            self.returning += [i.decode() if isinstance(i, bytes) else i for i in claimed_ids]
             return []
         self._backoff.ok()
         return claimed
@@ -230,8 +239,9 @@ class Worker:
     # ---- publish ----------------------------------------------------------------------------------------------
 
     def _publish(self, updates: list[Any]) -> None:
-        """Fold the step's updates into job state, then one pipelined round trip: new text, first-token notes and
-        cancel checks of running jobs. Final events go out in `_finish`, after the job record is written."""
+        """Fold the step's updates into job state, then one pipelined round trip: new text, first-token notes,
+        cancel checks of running jobs and the claim of jobs for free slots. Final events go out in `_finish`, after
+        the job record is written."""
         now = time.time()
         for update in updates:
             job = self.active.get(update.job_id)
@@ -258,6 +268,9 @@ class Worker:
                     pipe.publish(keys.chunks(job.job_id), event.model_dump_json())
                 for job_id in running:
                     pipe.exists(keys.cancel(job_id))
+                claiming = running and self._may_claim()
+                if claiming:
+                    jobs.queue_claim(pipe, self.worker_id, self.model_name, self.engine.free_slots())
                 results = pipe.execute()
         except _REDIS_ERRORS as exc:
             self._backoff.failed("publish", exc)
@@ -265,6 +278,8 @@ class Worker:
         self._backoff.ok()
         for job in sending:
             job.sent()
+        if claiming:
+            self._claimed_ids = list(results.pop())
         for job_id, flagged in zip(running, results[len(results) - len(running) :], strict=True):
             if flagged and job_id in self.active and not self.active[job_id].cancel_sent:
                 self.active[job_id].cancel_sent = True

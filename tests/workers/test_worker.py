@@ -206,3 +206,16 @@ def test_drain_timeout_requeues_unstarted_and_fails_streaming_jobs(redis_client)
     assert jobs.queue_position(redis_client, MODEL, "quiet") == 0
     assert not redis_client.sismember(keys.workers(), "w1")
     assert not redis_client.exists(keys.worker_jobs("w1"))
+
+
+def test_a_busy_worker_admits_a_job_arriving_mid_batch(redis_client):
+    worker = make_worker(redis_client, max_batch=2, reply_tokens=40, step_delay=0.02)
+    with RunningWorker(worker):
+        first = submit(redis_client, "long")
+        first.wait_tokens(2)
+        second = submit(redis_client, "short", "[[tokens=3]] hi")
+        second_events = second.read_until_final()
+        assert isinstance(second_events[-1], DoneEvent)
+        # the first job was still running when the second one (claimed between its decode steps) finished
+        assert status(redis_client, "long") == "started"
+        assert isinstance(first.read_until_final()[-1], DoneEvent)
