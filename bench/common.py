@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -57,8 +60,11 @@ def stream_once(url: str, body: GenerateRequest) -> None:
         client.close()
 
 
-def served_system(model_path: str, max_batch: int, workdir: Path, *worker_args: str, timeout: float = 180):
-    """Embedded Redis, a controller and one worker, as `llava-serve up` would run them."""
+def served_system(
+    model_path: str, max_batch: int, workdir: Path, *worker_args: str, timeout: float = 180, threads: int | None = None
+):
+    """Embedded Redis, a controller and one worker, as `llava-serve up` would run them; `threads` sets the
+    worker's OMP_NUM_THREADS (None: inherit)."""
     from infra.embedded_redis import EmbeddedRedis
     from tests.processes import start_controller, start_worker, wait_for_workers
 
@@ -67,14 +73,31 @@ def served_system(model_path: str, max_batch: int, workdir: Path, *worker_args: 
     try:
         controller, url = start_controller(redis.url, workdir)
         procs.append(controller)
-        worker = start_worker(redis.url, workdir, f"worker-b{max_batch}", "--model-path", model_path,
-                              "--max-batch", str(max_batch), *worker_args)  # fmt: skip
+        with _omp_threads(threads):  # the worker inherits the environment at start
+            worker = start_worker(redis.url, workdir, f"worker-b{max_batch}", "--model-path", model_path,
+                                  "--max-batch", str(max_batch), *worker_args)  # fmt: skip
         procs.append(worker)
         wait_for_workers(url, Path(model_path).name, 1, procs, timeout=timeout)
     except BaseException:
         stop_system(redis, procs)
         raise
     return redis, procs, url
+
+
+@contextlib.contextmanager
+def _omp_threads(threads: int | None) -> Iterator[None]:
+    if threads is None:
+        yield
+        return
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
 
 
 def stop_system(redis, procs) -> None:

@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{projected:.0f} s projected, budget {args.max_seconds:.0f} s", flush=True)  # fmt: skip
                 continue
             run_start = time.perf_counter()
-            engine = Engine(loaded, max_batch=batch, token_budget=batch * 1024, compile=compiled)
+            engine = Engine(
+                loaded, max_batch=batch, token_budget=batch * 1024, compile=compiled, prefill_tokens=batch * 1024
+            )  # the whole batch prefills in the first step
             jobs = make_jobs(batch, args.new_tokens)
             warm = make_jobs(batch, args.new_tokens)
             for job in warm:

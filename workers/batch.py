@@ -160,6 +160,29 @@ class DecodeBatch:
             rows=[row],
         )
 
+    @classmethod
+    def from_prefill_batch(
+        cls,
+        cache: Any,
+        attention_mask: torch.Tensor,
+        first_tokens: Sequence[int],
+        rows: Sequence[Any],
+        device: str,
+        static: bool = False,
+    ) -> DecodeBatch:
+        """A batch from one left-padded prefill forward: `attention_mask` [rows, prompt_len] marks real tokens."""
+        rows = list(rows)
+        mask = attention_mask.to(device=device, dtype=torch.long)
+        capacity = _capacity(rows, mask.shape[1], static)
+        return cls(
+            cache=cache_from_tensors(cache_tensors(cache), capacity, static),
+            static=static,
+            attention_mask=mask,
+            positions=mask.sum(dim=1),
+            last_tokens=torch.tensor(list(first_tokens), dtype=torch.long, device=device),
+            rows=rows,
+        )
+
     def decode_inputs(self) -> dict[str, Any]:
         """Model kwargs for one decode step of every row."""
         ones = self.attention_mask.new_ones((self.size, 1))

@@ -24,6 +24,9 @@ __all__ = ["Completion", "Engine", "EngineImage", "EngineJob", "JobUpdate", "Pre
 
 log = logging.getLogger(__name__)
 
+# Prompt tokens prefilled in one step by default: several LLaVA-1.5 prompts (40 text + 576 image tokens).
+DEFAULT_PREFILL_TOKENS = 4096
+
 # Messages of device failures after which the CUDA context cannot be trusted any more.
 _FATAL_DEVICE_MARKERS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "ECC")
 
@@ -43,9 +46,12 @@ class Engine:
         token_budget: int | None = None,
         image_cache_size: int = 128,
         compile: bool = False,
+        prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, not {max_batch}")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, not {prefill_tokens}")
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
@@ -55,6 +61,9 @@ class Engine:
         if self.token_budget < 2:
             raise ValueError(f"token_budget must be >= 2, not {self.token_budget}")
         self.images = ImageCache(loaded.processor, loaded.image_token, loaded.image_token_id, image_cache_size)
+        # Prompt tokens prefilled per step at most (vLLM's max_num_batched_tokens): bounds how long the running
+        # batch waits for new jobs; a longer prompt still goes, alone.
+        self.prefill_tokens = prefill_tokens
         self.healthy = True
         self._pending: list[RunningJob] = []
         self._batch: DecodeBatch | None = None
@@ -199,28 +208,38 @@ class Engine:
         self._batch = batch.filter([i for i, r in enumerate(batch.rows) if r.finish_reason is None])
         return updates
 
+    def _take_prefill_work(self) -> list[RunningJob]:
+        """Pending jobs, in order, whose prompts fit this step's prefill token budget (at least one)."""
+        taken, tokens = [], 0
+        for row in self._pending:
+            if taken and tokens + row.prepared.prompt_tokens > self.prefill_tokens:
+                break
+            taken.append(row)
+            tokens += row.prepared.prompt_tokens
+        self._pending = self._pending[len(taken) :]
+        return taken
+
     @torch.inference_mode()
     def _prefill_pending(self) -> list[JobUpdate]:
+        """Prefill this step's share of the pending jobs, one forward per group of same-shaped images."""
         updates: list[JobUpdate] = []
         joined: list[DecodeBatch] = []
-        pending, self._pending = self._pending, []
-        for row in pending:
+        for group in prefill_groups(self._take_prefill_work()):
             try:
-                first, cache = self._prefill_one(row.prepared, row)
+                tokens, batch = self._prefill_group(group)
             except Exception as exc:
                 if not _is_device_error(exc):
                     raise
-                updates += self._fail([row], exc, "prefill")
+                updates += self._fail(group, exc, "prefill")
                 continue
-            update = row.accept(first)
-            if update is not None:
-                updates.append(update)
-            if row.finish_reason is None:
-                joined.append(
-                    DecodeBatch.from_prefill(
-                        cache, row.prepared.prompt_tokens, first, row, self.device, static=self.compiled
-                    )
-                )
+            for row, token in zip(group, tokens, strict=True):
+                update = row.accept(token)
+                if update is not None:
+                    updates.append(update)
+            keep = [i for i, r in enumerate(group) if r.finish_reason is None]
+            kept = batch.filter(keep)
+            if kept is not None:
+                joined.append(kept)
         if joined:
             parts = [self._batch, *joined] if self._batch is not None else joined
             try:
@@ -232,20 +251,33 @@ class Engine:
                 updates += self._fail([r for b in parts for r in b.rows], exc, "batch merge")
         return updates
 
-    def _prefill_one(self, prepared: PreparedJob, row: RunningJob) -> tuple[int, Any]:
-        """Batch-1 forward over the whole prompt (images included); the first sampled token and the cache."""
+    def _prefill_group(self, rows: list[RunningJob]) -> tuple[list[int], DecodeBatch]:
+        """One forward over the left-padded prompts of `rows` (images included): first tokens and their batch."""
         from transformers import DynamicCache
 
+        lengths = [r.prepared.prompt_tokens for r in rows]
+        longest = max(lengths)
+        input_ids = torch.full((len(rows), longest), self.loaded.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
+            input_ids[i, longest - n :] = row.prepared.input_ids
+            attention_mask[i, longest - n :] = 1
+        # Positions count real tokens only, so a left-padded row sees the positions it would see alone.
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
         inputs: dict[str, Any] = {
-            "input_ids": prepared.input_ids[None, :].to(self.device),
-            "attention_mask": torch.ones((1, prepared.prompt_tokens), dtype=torch.long, device=self.device),
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "position_ids": position_ids.to(self.device),
         }
-        for key, value in prepared.image_inputs.items():
-            value = value.to(self.device)
+        for key in rows[0].prepared.image_inputs:
+            value = torch.cat([r.prepared.image_inputs[key] for r in rows]).to(self.device)
             inputs[key] = value.to(self.loaded.dtype) if value.is_floating_point() else value
         out = self.model(**inputs, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
-        token = sample_batch(out.logits[:, -1, :], [row.params], [row.generator])[0]
-        return token, _cache_of(out)
+        tokens = sample_batch(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
+        batch = DecodeBatch.from_prefill_batch(
+            _cache_of(out), inputs["attention_mask"], tokens, rows, self.device, static=self.compiled
+        )
+        return tokens, batch
 
     def _fail(self, rows: list[RunningJob], exc: BaseException, where: str) -> list[JobUpdate]:
         """Fail `rows` with DeviceError, free their memory and decide whether the engine can go on."""
@@ -258,6 +290,17 @@ class Engine:
             torch.cuda.empty_cache()
         error = DeviceError(f"the device failed during {where} ({kind}): {str(exc)[:300]}")
         return [r.finish(FinishReason.error, error=error) for r in rows]
+
+
+def prefill_groups(rows: list[RunningJob]) -> list[list[RunningJob]]:
+    """`rows` split into groups that can share one prefill forward: same image tensor keys, dtypes and per-image
+    shapes (pixel tensors are concatenated along the image dim). Order is kept within and across groups."""
+    groups: dict[tuple, list[RunningJob]] = {}
+    for row in rows:
+        inputs = row.prepared.image_inputs
+        signature = tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in sorted(inputs.items()))
+        groups.setdefault(signature, []).append(row)
+    return list(groups.values())
 
 
 def _cache_of(out: Any) -> Any:

@@ -288,3 +288,99 @@ def test_compiled_static_cache_matches_eager(loaded):
     out = run_to_completion(engine, jobs)
     assert {j: out[j].token_ids for j in expected} == expected
     assert engine.compiled and not engine.has_work()
+
+
+def count_forwards(loaded, monkeypatch):
+    """Record the input_ids shape of every model forward."""
+    shapes = []
+    real_forward = loaded.model.forward
+
+    def counting(*args, **kwargs):
+        shapes.append(tuple(kwargs["input_ids"].shape))
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "forward", counting)
+    return shapes
+
+
+def test_pending_jobs_prefilled_in_one_forward_per_image_shape(loaded, monkeypatch):
+    jobs = [
+        chat_job("t1", "hello"),
+        chat_job("i1", "what is this", [RED]),
+        chat_job("t2", "a rather longer text only prompt"),
+        chat_job("i2", "and this one, with more words", [BLUE], greedy(5)),
+        chat_job("i3", "two", [RED, BLUE]),
+        chat_job("t3", "x", params=greedy(1)),
+    ]
+    alone = {j.job_id: run_to_completion(Engine(loaded, max_batch=1), [j])[j.job_id].token_ids for j in jobs}
+    engine = Engine(loaded, max_batch=8)
+    shapes = count_forwards(loaded, monkeypatch)
+    for job in jobs:
+        engine.add(engine.prepare(job))
+    tokens = {j.job_id: [] for j in jobs}
+    for update in engine.step():
+        tokens[update.job_id] += update.token_ids
+    # text-only jobs in one forward, image jobs (same processed image shape) in another
+    assert [s[0] for s in shapes] == [3, 3]
+    assert engine._batch.size == 5  # t3 finished at its first token
+    while engine.has_work():
+        for update in engine.step():
+            tokens[update.job_id] += update.token_ids
+    assert tokens == alone
+    assert all(s[0] <= 5 and s[1] == 1 for s in shapes[2:])  # decode steps only after the prefill
+
+
+def test_prefill_budget_bounds_work_per_step_and_decode_runs_every_step(loaded, monkeypatch):
+    engine = Engine(loaded, max_batch=16, prefill_tokens=60)
+    first = engine.prepare(chat_job("first", "a long running job", params=greedy(30)))
+    engine.add(first)
+    engine.step()
+    newcomers = [engine.prepare(chat_job(f"n{i}", f"newcomer {i}", params=greedy(4))) for i in range(6)]
+    per_job = newcomers[0].prompt_tokens
+    assert 60 // per_job >= 2  # the budget takes several but not all
+    shapes = count_forwards(loaded, monkeypatch)
+    for prepared in newcomers:
+        engine.add(prepared)
+    steps = 0
+    while engine._pending:
+        before = len(shapes)
+        engine.step()
+        steps += 1
+        step_shapes = shapes[before:]
+        assert step_shapes[0][1] == 1  # the running batch decoded first
+        prefilled = step_shapes[1:]
+        assert len(prefilled) == 1 and prefilled[0][0] * per_job <= 60
+    assert steps == -(-6 // (60 // per_job))
+
+
+def test_padding_trimmed_and_one_merge_per_step_under_churn(loaded, monkeypatch):
+    """Closed loop with jobs joining and leaving at different steps: no cache column is padding in every row
+    (so the cache never grows past the longest live row) and each step merges at most once."""
+    from workers.batch import DecodeBatch
+
+    merges = []
+    real_concatenate = DecodeBatch.concatenate
+
+    def counting(batches):
+        merges.append(len(batches))
+        return real_concatenate(batches)
+
+    monkeypatch.setattr(DecodeBatch, "concatenate", staticmethod(counting))
+    engine = Engine(loaded, max_batch=6, prefill_tokens=80)
+    lengths = [3, 9, 5, 12, 2, 7, 4, 10, 6, 8, 3, 11]
+    waiting = [engine.prepare(chat_job(f"j{i}", "go " * (i % 4 + 1), params=greedy(n))) for i, n in enumerate(lengths)]
+    finished = 0
+    for _ in range(200):
+        if waiting and engine.fits(waiting[0]):
+            engine.add(waiting.pop(0))  # one arrival per step at most: joins are staggered
+        before = len(merges)
+        finished += sum(u.finish_reason is not None for u in engine.step())
+        assert len(merges) - before <= 1
+        batch = engine._batch
+        if batch is not None:
+            assert bool(batch.attention_mask[:, 0].any())
+            longest = max(r.prepared.prompt_tokens + r.completion_tokens for r in batch.rows)
+            assert batch.cache_length == longest - 1  # every row's last token is fed, not cached
+        if not waiting and not engine.has_work():
+            break
+    assert finished == len(lengths)
