@@ -114,6 +114,19 @@ def _default_model_path() -> str:
     return str(ensure_tiny_model(default_cache_dir() / "models"))
 
 
+def _cpu_threads_per_worker(device: str, workers: int) -> int | None:
+    """Several workers on the CPU share its cores instead of each taking all of them (oversubscribed torch
+    threads wait on each other); None leaves torch's default."""
+    if workers < 2 or device.startswith("cuda"):
+        return None
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return None
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def _web_env(env: dict[str, str], api_keys_file: Path | None) -> dict[str, str]:
     """The UI's environment: with API keys required and no key of its own, it uses the first one."""
     from broker.auth import load_api_keys
@@ -149,12 +162,15 @@ def run_up(args: argparse.Namespace) -> int:
     if args.api_keys:
         controller_argv += ["--api-keys", str(args.api_keys)]
     children = [Child("controller", controller_argv, env)]
+    cpu_threads = _cpu_threads_per_worker(args.device, args.workers)
     for i in range(args.workers):
         device = args.device
         if device == "cuda" and args.workers > 1:
             device = f"cuda:{i}"
         argv = _cli("worker", "--model-path", model_path, "--device", device, "--dtype", args.dtype,
                     "--max-batch", str(args.max_batch))  # fmt: skip
+        if cpu_threads:
+            argv += ["--threads", str(cpu_threads)]
         if args.model_name:
             argv += ["--model-name", args.model_name]
         children.append(Child(f"worker-{i + 1}", argv, env))

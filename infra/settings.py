@@ -74,6 +74,8 @@ class WorkerSettings(BaseSettings):
     job_result_ttl: int = Field(default=600, ge=1)
     worker_id: str | None = None
     compile: bool = Field(default=False, description="static cache + compiled decode step")
+    threads: int | None = Field(default=None, ge=1, description="CPU threads for torch (default: torch's own)")
+    prefill_tokens: int = Field(default=4096, ge=1, description="prompt tokens prefilled per step, at most")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics here (default off)")
     metrics_host: str = Field(default="127.0.0.1", description="address the /metrics server binds")
 

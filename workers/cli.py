@@ -32,6 +32,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     )
     parser.add_argument("--metrics-host", help="address the metrics server binds (default 127.0.0.1)")
     parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: one per core; on a CPU shared with other processes, fewer is faster)",
+    )
+    parser.add_argument("--prefill-tokens", type=int, help="prompt tokens prefilled per decode step, at most (4096)")
+    parser.add_argument(
         "--compile",
         action="store_true",
         default=None,
@@ -49,7 +55,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 def worker_settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     """WorkerSettings from parsed flags; flags left unset keep the environment's or the default value."""
     fields = ("model_path", "model_name", "device", "dtype", "max_batch", "token_budget", "redis_url")
-    extra = ("drain_timeout", "worker_id", "metrics_port", "metrics_host", "compile")
+    extra = ("drain_timeout", "worker_id", "metrics_port", "metrics_host", "compile", "threads", "prefill_tokens")
     values: dict[str, Any] = {f: getattr(args, f, None) for f in (*fields, *extra)}
     return WorkerSettings(**{k: v for k, v in values.items() if v is not None})
 
@@ -65,12 +71,20 @@ def build_engine(settings: WorkerSettings, engine_kind: str, *, scripted_step_de
         return engine, "scripted"
     if engine_kind != "transformers":
         raise ValueError(f"engine must be one of {', '.join(ENGINE_KINDS)}, not {engine_kind!r}")
+    import torch
+
     from workers.engine import Engine
     from workers.model import load_model
 
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     loaded = load_model(settings.model_path, device=settings.device, dtype=settings.dtype)
     engine = Engine(
-        loaded, max_batch=settings.max_batch, token_budget=settings.token_budget, compile=settings.compile
+        loaded,
+        max_batch=settings.max_batch,
+        token_budget=settings.token_budget,
+        compile=settings.compile,
+        prefill_tokens=settings.prefill_tokens,
     )
     return engine, str(loaded.device)
 

@@ -34,3 +34,17 @@ def test_unset_flags_keep_defaults_and_the_scripted_engine_builds():
     assert isinstance(engine, ScriptedEngine) and engine.max_batch == 8 and device == "scripted"
     with pytest.raises(ValueError):
         build_engine(settings, "nope")
+
+
+def test_threads_and_prefill_tokens_flags():
+    import argparse
+
+    from workers.cli import add_worker_arguments, worker_settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_worker_arguments(parser)
+    settings = worker_settings_from_args(
+        parser.parse_args(["--model-path", "m", "--threads", "1", "--prefill-tokens", "64"])
+    )
+    assert (settings.threads, settings.prefill_tokens) == (1, 64)
+    assert worker_settings_from_args(parser.parse_args(["--model-path", "m"])).threads is None
