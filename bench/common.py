@@ -6,7 +6,11 @@ import base64
 import contextlib
 import io
 import os
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -45,6 +49,57 @@ def generate_request(model: str, i: int, max_new_tokens: int) -> GenerateRequest
         "model": model, "messages": [{"role": "user", "content": content}],
         "temperature": 0.0, "max_new_tokens": max_new_tokens,
     })  # fmt: skip
+
+
+@dataclass
+class StreamRun:
+    """What the clients of one closed-loop run saw."""
+
+    ttfts: list[float]  # seconds from sending a request to its first token event
+    gaps: list[float]  # seconds between consecutive token events of a stream
+    completion_tokens: int
+    wall_s: float
+
+
+def closed_loop_sse(url: str, model: str, streams: int, requests: int, max_new_tokens: int) -> StreamRun:
+    """`streams` clients stream `requests` requests back to back through the controller's SSE API."""
+    from frontend.client import ControllerClient
+
+    lock = threading.Lock()
+    counter = iter(range(requests))
+    run = StreamRun([], [], 0, 0.0)
+
+    def client_loop() -> None:
+        client = ControllerClient(url)
+        try:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                sent = time.perf_counter()
+                arrivals: list[float] = []
+                done = 0
+                for event in client.generate(generate_request(model, i, max_new_tokens)):
+                    if event.type == "token":
+                        arrivals.append(time.perf_counter())
+                    elif event.type == "done":
+                        done = event.data["usage"]["completion_tokens"]
+                    elif event.type == "error":
+                        raise RuntimeError(f"request {i} failed: {event.data}")
+                with lock:
+                    run.completion_tokens += done
+                    run.ttfts.append((arrivals[0] if arrivals else time.perf_counter()) - sent)
+                    run.gaps.extend(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
+        finally:
+            client.close()
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        for future in [pool.submit(client_loop) for _ in range(streams)]:
+            future.result()
+    run.wall_s = time.perf_counter() - start
+    return run
 
 
 def stream_once(url: str, body: GenerateRequest) -> None:

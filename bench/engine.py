@@ -23,13 +23,10 @@ import json
 import os
 import sys
 import tempfile
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.common import generate_request, percentile, served_system, stop_system, stream_once
+from bench.common import closed_loop_sse, generate_request, percentile, served_system, stop_system, stream_once
 from bench.models import SHAPES, build_model_dir
 
 
@@ -50,47 +47,8 @@ class Level:
 
 def run_level(url: str, model: str, worker: str, max_batch: int, streams: int, requests: int, new_tokens: int) -> Level:
     """`streams` clients, each streaming requests back to back until `requests` have been sent in all."""
-    from frontend.client import ControllerClient
-
-    lock = threading.Lock()
-    counter = iter(range(requests))
-    ttfts: list[float] = []
-    gaps: list[float] = []
-    tokens = 0
-
-    def client_loop() -> None:
-        nonlocal tokens
-        client = ControllerClient(url)
-        try:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                body = generate_request(model, i, new_tokens)
-                sent = time.perf_counter()
-                arrivals: list[float] = []
-                done = 0
-                for event in client.generate(body):
-                    if event.type == "token":
-                        arrivals.append(time.perf_counter())
-                    elif event.type == "done":
-                        done = event.data["usage"]["completion_tokens"]
-                    elif event.type == "error":
-                        raise RuntimeError(f"request {i} failed: {event.data}")
-                with lock:
-                    tokens += done
-                    if arrivals:
-                        ttfts.append(arrivals[0] - sent)
-                        gaps.extend(b - a for a, b in zip(arrivals, arrivals[1:], strict=False))
-        finally:
-            client.close()
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(streams) as pool:
-        for future in [pool.submit(client_loop) for _ in range(streams)]:
-            future.result()
-    wall = time.perf_counter() - start
+    run = closed_loop_sse(url, model, streams, requests, new_tokens)
+    ttfts, gaps, tokens, wall = run.ttfts, run.gaps, run.completion_tokens, run.wall_s
     return Level(
         worker=worker,
         max_batch=max_batch,

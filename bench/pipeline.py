@@ -1,6 +1,6 @@
 """What the distributed path costs: the bare engine in-process against the same model through the controller's SSE.
 
-    python -m bench.pipeline [--model-path DIR] [--streams 1 8] [--requests 16] [--max-new-tokens 32]
+    python -m bench.pipeline [--shape tiny|small | --model-path DIR] [--streams 1 8] [--max-new-tokens 32]
 
 Both sides run the same greedy requests (same prompts, same images, same lengths) in one run, closed loop at each
 concurrency: tokens/s is all completion tokens over the wall time, TTFT is from submitting a request to its first
@@ -14,17 +14,26 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from bench.common import generate_request, percentile, png_bytes, question, served_system, stop_system, stream_once
-from broker.messages import GenerateRequest, JobImage, JobMessage, JobText, SamplingParams
+from bench.common import (
+    closed_loop_sse,
+    generate_request,
+    percentile,
+    png_bytes,
+    question,
+    served_system,
+    stop_system,
+    stream_once,
+)
+from bench.models import SHAPES, build_model_dir
+from broker.messages import JobImage, JobMessage, JobText, SamplingParams
 
 
 @dataclass
@@ -100,71 +109,38 @@ def _drain(engine, prepared: list) -> None:
 
 def run_sse(url: str, model: str, streams: int, requests: int, max_new_tokens: int) -> Result:
     """Closed loop: `streams` clients, each streaming its share of the requests through the controller."""
-    from frontend.client import ControllerClient
-
-    def request(i: int) -> GenerateRequest:
-        return generate_request(model, i, max_new_tokens)
-
-    lock = threading.Lock()
-    counter = iter(range(requests))
-    ttfts: list[float] = []
-    tokens = 0
-
-    def client_loop() -> None:
-        nonlocal tokens
-        client = ControllerClient(url)
-        try:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                body = request(i)
-                sent = time.perf_counter()
-                first_at = None
-                for event in client.generate(body):
-                    if first_at is None and event.type in ("token", "done"):
-                        first_at = time.perf_counter()
-                    if event.type == "done":
-                        with lock:
-                            tokens += event.data["usage"]["completion_tokens"]
-                    elif event.type == "error":
-                        raise RuntimeError(f"request {i} failed: {event.data}")
-                with lock:
-                    ttfts.append((first_at or time.perf_counter()) - sent)
-        finally:
-            client.close()
-
-    stream_once(url, request(-1))  # warm-up
-    start = time.perf_counter()
-    with ThreadPoolExecutor(streams) as pool:
-        for future in [pool.submit(client_loop) for _ in range(streams)]:
-            future.result()
-    wall = time.perf_counter() - start
-    return summarise("controller SSE", streams, ttfts, tokens, wall)
+    stream_once(url, generate_request(model, -1, max_new_tokens))  # warm-up
+    run = closed_loop_sse(url, model, streams, requests, max_new_tokens)
+    return summarise("controller SSE", streams, run.ttfts, run.completion_tokens, run.wall_s)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", help="model dir (default: the tiny random-weight LLaVA, built in a temp dir)")
+    parser.add_argument("--model-path", help="a model directory (default: build --shape in a temp dir)")
+    parser.add_argument("--shape", choices=SHAPES, default="small",
+                        help="random-weight model to build: tiny (a ~1 ms decode step on a CPU, where the relay's "
+                        "per-token cost dominates), small (default; ~10 ms, nearer a real step)")  # fmt: skip
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads of the in-process engine and of the worker alike (default 1: the "
+                        "served worker shares the CPU with the controller and the clients)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results/pipeline.json"))
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="llava-bench-"))
-    model_path = args.model_path
-    if not model_path:
-        from workers.tiny_model import build_tiny_model
-
-        model_path = str(build_tiny_model(workdir / "tiny-llava"))
+    model_path = args.model_path or str(build_model_dir(args.shape, workdir / f"{args.shape}-llava"))
 
     results: list[Result] = []
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     for streams in args.streams:
         results.append(run_engine(model_path, streams, args.requests, args.max_new_tokens, args.max_batch))
-    redis, procs, url = served_system(model_path, args.max_batch, workdir)
+    redis, procs, url = served_system(model_path, args.max_batch, workdir, threads=args.threads)
     try:
         for streams in args.streams:
             results.append(run_sse(url, Path(model_path).name, streams, args.requests, args.max_new_tokens))
@@ -185,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         })  # fmt: skip
     header = ["streams", "engine tok/s", "SSE tok/s", "ratio", "engine TTFT p50", "SSE TTFT p50", "added p50",
               "engine TTFT p99", "SSE TTFT p99"]  # fmt: skip
-    print(f"\nmodel {model_path}, {args.requests} requests per level, {args.max_new_tokens} new tokens, greedy\n")
+    print(f"\nmodel {model_path}, {args.requests} requests per level, {args.max_new_tokens} new tokens, greedy, "
+          f"{args.threads} torch thread(s) each side, load average {os.getloadavg()[0]:.2f}\n")  # fmt: skip
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
     for r in rows:
@@ -193,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['engine_ttft_p50_ms']} ms | {r['sse_ttft_p50_ms']} ms | {r['ttft_p50_added_ms']} ms | "
               f"{r['engine_ttft_p99_ms']} ms | {r['sse_ttft_p99_ms']} ms")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": model_path, "rows": rows, "runs": [asdict(r) for r in results]}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {"model": model_path, "threads": args.threads, "rows": rows, "runs": [asdict(r) for r in results]}, indent=2
+        )
+    )
     print(f"\nwrote {args.out}")
     return 0
 
