@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from functools import partial
 from pathlib import Path
@@ -18,10 +19,8 @@ from infra.settings import WebSettings
 log = logging.getLogger("llava.web")
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
-EXAMPLES = [
-    ("house_and_car.png", "What do you see in this picture, and what colour is each thing?"),
-    ("coloured_shapes.png", "How many shapes are there, and what colour is each one?"),
-]
+# Drawn by the demo model's own drawing code (frontend/examples/make_examples.py), each with a question.
+EXAMPLES = [(e["file"], e["question"]) for e in json.loads((EXAMPLES_DIR / "examples.json").read_text())]
 
 TITLE = """# 🌋 LLaVA: Large Language and Vision Assistant
 Served by **llava-serve**. Upload one or more images, ask about them, and keep chatting."""

@@ -52,6 +52,12 @@ def _replay(args: argparse.Namespace) -> int:
     return run_replay_command(args)
 
 
+def _train_demo_model(args: argparse.Namespace) -> int:
+    from workers.demo.train import train_demo_model_command
+
+    return train_demo_model_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from broker.app import add_controller_arguments
     from frontend.app import add_web_arguments
@@ -90,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_replay_arguments(replay)
     replay.set_defaults(run=_replay)
+
+    train = sub.add_parser("train-demo-model", help="train the shapes demo LLaVA in DIR on images it draws, offline")
+    train.add_argument("dir", help="directory to write the model to")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-minutes", type=float, default=15.0, help="cut a slow run short (default 15)")
+    train.set_defaults(run=_train_demo_model)
 
     tiny = sub.add_parser("tiny-model", help="build a tiny random-weight LLaVA in DIR, offline, for tests")
     tiny.add_argument("dir", help="directory to write the model to")

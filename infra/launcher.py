@@ -35,7 +35,10 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-path",
         default=None,
-        help="model dir or HF id for the workers (default: the tiny demo model, built on first use)",
+        help="model dir or HF id for the workers (default: the shipped shapes demo model)",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="serve the tiny random-weight model instead (its answers are noise)"
     )
     parser.add_argument("--model-name", default=None)
     parser.add_argument("--workers", type=int, default=1, help="number of model workers (default 1)")
@@ -108,10 +111,15 @@ def _wait_ready(url: str, children: list[Child], timeout: float) -> bool:
     return False
 
 
-def _default_model_path() -> str:
-    from workers.tiny_model import ensure_tiny_model
+def _default_model(tiny: bool) -> tuple[str, str]:
+    """(path, name) of the model served when none is given: the trained shapes demo, or the tiny random one."""
+    if tiny:
+        from workers.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
-    return str(ensure_tiny_model(default_cache_dir() / "models"))
+        return str(ensure_tiny_model(default_cache_dir() / "models")), TINY_MODEL_NAME
+    from workers.demo.train import DEMO_MODEL_NAME, demo_model_path
+
+    return str(demo_model_path()), DEMO_MODEL_NAME
 
 
 def _cpu_threads_per_worker(device: str, workers: int) -> int | None:
@@ -155,7 +163,8 @@ def run_up(args: argparse.Namespace) -> int:
         redis_url = redis_server.url
         log.info("embedded redis-server on %s (data in %s)", redis_url, data_dir / "redis")
 
-    model_path = args.model_path or _default_model_path()
+    model_path, model_name = (args.model_path, args.model_name) if args.model_path else _default_model(args.tiny)
+    model_name = args.model_name or model_name
     env = {**os.environ, "LLAVA_REDIS_URL": redis_url}
     controller_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     controller_argv = _cli("controller", "--host", args.host, "--port", str(args.port))
@@ -171,8 +180,8 @@ def run_up(args: argparse.Namespace) -> int:
                     "--max-batch", str(args.max_batch))  # fmt: skip
         if cpu_threads:
             argv += ["--threads", str(cpu_threads)]
-        if args.model_name:
-            argv += ["--model-name", args.model_name]
+        if model_name:
+            argv += ["--model-name", model_name]
         children.append(Child(f"worker-{i + 1}", argv, env))
     if not args.no_web:
         web_argv = _cli("web", "--controller-url", controller_url, "--host", args.host, "--port", str(args.web_port))
@@ -188,7 +197,8 @@ def run_up(args: argparse.Namespace) -> int:
         print(f"\nllava-serve is up\n  controller  {controller_url}  (API: {controller_url}/docs)", flush=True)
         if not args.no_web:
             print(f"  web UI      http://{args.host}:{args.web_port}", flush=True)
-        print(f"  redis       {redis_url}\n  model       {model_path} ({args.workers} worker(s))", flush=True)
+        print(f"  redis       {redis_url}", flush=True)
+        print(f"  model       {model_name or model_path} ({args.workers} worker(s))", flush=True)
         print("Press Ctrl-C to stop.\n", flush=True)
         while not stopping:
             time.sleep(0.5)

@@ -55,7 +55,7 @@ def test_the_ui_starts_without_a_controller():
 def test_chat_vote_and_flag_through_gradio_client(web_url, redis_url):
     client = Client(web_url, verbose=False)
     chatbot, _ = client.predict(
-        {"text": "what colour are the shapes", "files": [handle_file(str(EXAMPLES_DIR / "coloured_shapes.png"))]},
+        {"text": "what colour are the shapes", "files": [handle_file(str(EXAMPLES_DIR / "demo_5_3_shapes.png"))]},
         "Pad",
         api_name="/add_message",
     )

@@ -55,9 +55,9 @@ def test_upload_ask_stream_vote_and_flag(slow_web_url, redis_url, tmp_path):
             page.goto(slow_web_url)
             page.wait_for_selector("#model input")
             wait_for(lambda: page.input_value("#model input").startswith(MODEL), what="the model list")
-            page.set_input_files("#textbox input[type=file]", str(EXAMPLES_DIR / "house_and_car.png"))
+            page.set_input_files("#textbox input[type=file]", str(EXAMPLES_DIR / "demo_0_red_circle.png"))
             page.wait_for_selector("#textbox img", timeout=15000)
-            page.fill("#textbox textarea", "What colour is the house?")
+            page.fill("#textbox textarea", "What colour is the shape?")
             page.click("#send")
             bot = page.locator("#chatbot .message.bot").last
             seen = []
@@ -72,11 +72,11 @@ def test_upload_ask_stream_vote_and_flag(slow_web_url, redis_url, tmp_path):
             wait_for(finished, what="the reply")
             finished()
             assert sum(t.endswith("▌") for t in seen) >= 3, seen  # partial replies were on screen before the last
-            assert seen[-1].startswith("What colour is the house? What colour")
+            assert seen[-1].startswith("What colour is the shape? What colour")
             assert page.locator("#chatbot img").count() >= 1
             page.click("#upvote")
             page.wait_for_selector("text=Thanks, your upvote was recorded.")
-            page.fill("#flag-reason textarea", "the house is red, not described")
+            page.fill("#flag-reason textarea", "the shape is red, not described")
             page.click("#flag")
             page.wait_for_selector("text=Flag recorded")
             wait_for(lambda: not page.locator("#flag").is_enabled(), 10, "the flag button to disable")
@@ -88,5 +88,5 @@ def test_upload_ask_stream_vote_and_flag(slow_web_url, redis_url, tmp_path):
     if SCREENSHOT:
         shutil.copyfile(shot, SCREENSHOT)
     entries = read_feedback(redis.Redis.from_url(redis_url))
-    assert [(e.type.value, e.reason) for e in entries] == [("upvote", ""), ("flag", "the house is red, not described")]
+    assert [(e.type.value, e.reason) for e in entries] == [("upvote", ""), ("flag", "the shape is red, not described")]
     assert entries[1].images and entries[1].messages[0].content[0].type == "image"

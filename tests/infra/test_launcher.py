@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import psutil
 import pytest
 
 from broker.messages import GenerateRequest
+from frontend.app import EXAMPLES_DIR
 from frontend.client import ControllerClient
 from infra.embedded_redis import free_port
 from tests.processes import ROOT, wait_until
@@ -21,7 +23,7 @@ from tests.processes import ROOT, wait_until
 pytestmark = pytest.mark.pipeline
 
 
-def test_up_serves_a_streamed_answer_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+def test_up_serves_the_demo_model_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
     port, web_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "LLAVA_REDIS_URL"}
     env.update(LLAVA_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
@@ -36,7 +38,7 @@ def test_up_serves_a_streamed_answer_and_ctrl_c_stops_everything(tmp_path: Path)
 
         def serving() -> bool:
             models = httpx.get(f"{url}/api/v1/models", timeout=2).json()["models"]
-            return any(m["name"] == "tiny-llava" and m["workers"] >= 1 for m in models)
+            return any(m["name"] == "llava-shapes-demo" and m["workers"] >= 1 for m in models)
 
         def output() -> str:
             return (tmp_path / "up.log").read_text(errors="replace")
@@ -48,13 +50,19 @@ def test_up_serves_a_streamed_answer_and_ctrl_c_stops_everything(tmp_path: Path)
         wait_until(serving, 90, "the worker to register")
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{web_port}/", timeout=2).status_code == 200, 60, "the UI")
 
+        # the default model is the shipped demo, which sees: ask about the UI's first example image
+        image = base64.b64encode((EXAMPLES_DIR / "demo_0_red_circle.png").read_bytes()).decode()
+        request = GenerateRequest.model_validate({
+            "model": "llava-shapes-demo", "temperature": 0, "max_new_tokens": 16,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+                {"type": "text", "text": "What colour is the shape?"}]}],
+        })  # fmt: skip
         client = ControllerClient(url)
-        request = GenerateRequest.model_validate(
-            {"model": "tiny-llava", "messages": [{"role": "user", "content": "Hello?"}], "max_new_tokens": 8}
-        )
         events = list(client.generate(request))
         client.close()
         assert events[-1].type == "done" and any(e.type == "token" for e in events), events
+        assert "red" in events[-1].data["text"].lower()
 
         # the embedded Redis keeps its data in the cache dir, append-only
         assert list((tmp_path / "cache" / "data" / "redis").rglob("*.aof*")), "no append-only file"
