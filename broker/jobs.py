@@ -188,6 +188,21 @@ def mark_started(redis: Redis, worker_id: str, job_id: str) -> Execution | None:
     return execution
 
 
+def start_claimed(redis: Redis, worker_id: str, request: JobRequest) -> bool:
+    """`mark_started` for a job this worker just claimed (its record is known to exist), in one round trip that
+    also reads the job's cancel flag; returns whether a cancel was requested."""
+    job = Job(request.job_id, connection=redis, serializer=JSONSerializer)
+    job.origin = keys.queue_name(request.model)
+    with redis.pipeline() as pipe:
+        pipe.exists(keys.cancel(request.job_id))
+        Execution.create(job, STARTED_TTL_S, pipeline=pipe, worker_name=worker_id)
+        job.prepare_for_execution(worker_id, pipeline=pipe)
+        pipe.persist(job.key)
+        pipe.hset(keys.worker_jobs(worker_id), request.job_id, ClaimState.started.value)
+        cancel_requested = pipe.execute()[0]
+    return bool(cancel_requested)
+
+
 def mark_streaming(pipe: Pipeline, worker_id: str, job_id: str) -> None:
     """Queue, on the caller's pipeline, the note that a job's first token went out (it can no longer be retried)."""
     pipe.hset(keys.worker_jobs(worker_id), job_id, ClaimState.streaming.value)

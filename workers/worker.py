@@ -212,14 +212,10 @@ class Worker:
             raise GenerationFailed(
                 f"job needs {getattr(prepared, 'kv_tokens', '?')} KV tokens, more than this worker's token budget"
             )
-        if jobs.is_cancel_requested(self.redis, request.job_id):
+        job.started_at = time.time()
+        if jobs.start_claimed(self.redis, self.worker_id, request):
             job.end(FinishReason.cancelled)
             self._end(job)
-            return True
-        job.started_at = time.time()
-        if jobs.mark_started(self.redis, self.worker_id, request.job_id) is None:
-            self.redis.hdel(keys.worker_jobs(self.worker_id), request.job_id)
-            log.info("job %s vanished before it started; skipped", request.job_id)
             return True
         self.engine.add(prepared)
         self.active[request.job_id] = job

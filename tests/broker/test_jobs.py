@@ -151,3 +151,14 @@ def test_failed_finish_keeps_the_error(redis_client):
     view = jobs.view(redis_client, "a")
     assert view.status == "failed"
     assert view.outcome.error.code == "invalid_request"
+
+
+def test_start_claimed_marks_started_and_reads_the_cancel_flag_in_one_go(redis_client):
+
+    for job_id in ("a", "b"):
+        jobs.enqueue(redis_client, JobRequest(job_id=job_id, model="m"), max_queue=10, result_ttl=60)
+    claimed = jobs.claim(redis_client, "w1", "m", 2)
+    redis_client.set(keys.cancel("b"), "1")
+    assert [jobs.start_claimed(redis_client, "w1", request) for request in claimed] == [False, True]
+    assert jobs.view(redis_client, "a").status == "started"
+    assert redis_client.hget(keys.worker_jobs("w1"), "a") == b"started"
