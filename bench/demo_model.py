@@ -1,7 +1,7 @@
 """Accuracy of the demo model per question kind on held-out drawn images (other seeds and sizes than training),
 answered greedily through the engine on the checkpoint as saved and reloaded.
 
-    python -m bench.demo_model [--model DIR] [--per-kind N] [--seed S] [--json PATH]
+    python -m bench.demo_model [--model-path DIR] [--per-kind N] [--seed S] [--json PATH]
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ TARGETS = {"colour": 0.95, "shape": 0.95, "count": 0.85, "position": 0.85}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(demo_model_path()), help="model directory (default: the shipped one)")
+    parser.add_argument(
+        "--model-path", "--model", dest="model", default=str(demo_model_path()),
+        help="model directory, e.g. a candidate from train-demo-model (default: the shipped one)",
+    )  # fmt: skip
     parser.add_argument("--per-kind", type=int, default=200)
     parser.add_argument("--seed", type=int, default=10_000)
     parser.add_argument("--threads", type=int, default=2)

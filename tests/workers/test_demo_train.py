@@ -60,3 +60,23 @@ def test_command_trains_into_dir(tmp_path, monkeypatch, capsys):
     assert train_demo_model_command(args) == 0
     assert (tmp_path / "m" / "model.safetensors").exists()
     assert "saved in" in capsys.readouterr().out
+
+
+def test_head_weights_scale_each_attribute_loss():
+    from workers.demo.train import AttributeHeads
+
+    torch.manual_seed(0)
+    features = torch.randn(6, 5, 16)
+    labels = torch.tensor([[0, 1, 2, 0], [1, 2, 0, 0], [-100, -100, -100, 2]] * 2)
+    plain = AttributeHeads(16)
+    loss, accs = plain.loss(features, labels)
+    weighted = AttributeHeads(16, (1.0, 0.0, 1.0, 1.0))
+    weighted.net.load_state_dict(plain.net.state_dict())
+    features.requires_grad_(True)
+    w_loss, _ = weighted.loss(features, labels)
+    assert len(accs) == 4 and loss.item() > 0 and w_loss.item() > 0
+    # With shape weighted 0, the shape logits get no gradient.
+    w_loss.backward()
+    shape_rows = slice(6, 9)  # colour (6 outputs) first, then shape (3)
+    assert weighted.cls[1].weight.grad[shape_rows].abs().sum() == 0
+    assert weighted.cls[1].weight.grad[:6].abs().sum() > 0

@@ -22,7 +22,9 @@ from workers.tiny_model import CHAT_TEMPLATE, IMAGE_TOKEN, SPECIAL_TOKENS
 log = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "llava-shapes-demo"
-IMAGE_SIZE, PATCH_SIZE = 56, 8
+# 64 px (8 x 8 patches): at 56 px a small circle in a 3:2 image (radius 0.1 of the shorter side) is ~4 px across
+# its squashed axis, and was often answered "square".
+IMAGE_SIZE, PATCH_SIZE = 64, 8
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2 + 1  # patches and the CLS token
 ANSWER_PREFIX = "ASSISTANT:"
 _HEADS = {"colour": len(COLOURS), "shape": len(KINDS), "position": len(POSITIONS), "count": MAX_SHAPES}
@@ -43,6 +45,7 @@ class Recipe:
     batch: int = 32
     lr: float = 2e-3
     aux_weight: float = 0.3
+    head_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)  # colour, shape, position, count
 
 
 # ---- model, tokenizer and processor -----------------------------------------------------------------------------
@@ -99,7 +102,7 @@ def build_processor(tokenizer: Any) -> Any:
 
 
 def build_model(tokenizer: Any, seed: int) -> Any:
-    """CLIP 56 px / patch 8 (49 patch tokens + CLS, 4 layers of 128) and a 3-layer Llama of 128 in LLaVA."""
+    """CLIP 64 px / patch 8 (64 patch tokens + CLS, 4 layers of 128) and a 3-layer Llama of 128 in LLaVA."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -215,9 +218,10 @@ class AttributeHeads:
     """Attribute heads on the tower's last layer: one on the CLS token, which the language model sees as the first
     image token (so it can read every attribute in one place), one on pooled patches (fast local features)."""
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)) -> None:
         import torch
 
+        self.weights = weights  # per attribute, in _HEADS order: the hardest (shape) can count more
         out = sum(_HEADS.values())
         self.cls = torch.nn.Sequential(torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, out))
         self.pooled = torch.nn.Sequential(torch.nn.LayerNorm(2 * hidden), torch.nn.Linear(2 * hidden, out))
@@ -234,7 +238,7 @@ class AttributeHeads:
         return list(self.cls(features[:, 0]).split(sizes, dim=-1)), list(self.pooled(pooled).split(sizes, dim=-1))
 
     def loss(self, features: Any, labels: Any) -> tuple[Any, Any]:
-        """Mean cross-entropy over both heads' four attributes, and the CLS head's accuracy per attribute."""
+        """Weighted mean cross-entropy over both heads' four attributes, and the CLS head's accuracy per attribute."""
         import torch.nn.functional as F
 
         cls_logits, pooled_logits = self.logits(features)
@@ -243,11 +247,10 @@ class AttributeHeads:
             target = labels[:, i]
             valid = target != -100
             for head_logits in (a, b):
-                losses.append(
-                    F.cross_entropy(head_logits, target, ignore_index=-100) if valid.any() else head_logits.sum() * 0
-                )
+                ce = F.cross_entropy(head_logits, target, ignore_index=-100) if valid.any() else head_logits.sum() * 0
+                losses.append(self.weights[i] * ce)
             accs.append((a.argmax(-1)[valid] == target[valid]).float().mean())
-        return sum(losses) / len(losses), accs
+        return sum(losses) / (2 * sum(self.weights)), accs
 
 
 def _schedule(step: int, total: int, warmup: int = 40) -> float:
@@ -276,7 +279,7 @@ def train(
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     model = build_model(tokenizer, seed)
-    heads = AttributeHeads(model.config.vision_config.hidden_size)
+    heads = AttributeHeads(model.config.vision_config.hidden_size, recipe.head_weights)
     scenes, pixels, head_labels = render_dataset(processor, recipe.images, seed, progress)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed + 1)
