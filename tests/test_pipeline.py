@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw
 from broker import keys
 from broker.messages import GenerateRequest
 from frontend.client import ControllerClient, ControllerError
+from infra.process import Proc, start_controller, start_worker, wait_for_workers
 from infra.redis import connect
-from tests.processes import Proc, start_controller, start_worker, wait_for_workers
 
 pytestmark = pytest.mark.pipeline
 MODEL = "tiny-llava"

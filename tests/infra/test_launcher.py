@@ -18,7 +18,7 @@ from broker.messages import GenerateRequest
 from frontend.app import EXAMPLES_DIR
 from frontend.client import ControllerClient
 from infra.embedded_redis import free_port
-from tests.processes import ROOT, wait_until
+from infra.process import ROOT, wait_until
 
 pytestmark = pytest.mark.pipeline
 

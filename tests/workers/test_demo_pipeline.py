@@ -10,8 +10,8 @@ import pytest
 
 from broker.messages import GenerateRequest
 from frontend.client import ControllerClient
+from infra.process import start_controller, start_worker, wait_for_workers
 from infra.redis import connect
-from tests.processes import start_controller, start_worker, wait_for_workers
 from workers.demo.shapes import draw_scene, single_shape_scene
 from workers.demo.train import DEMO_MODEL_NAME, demo_model_path
 
