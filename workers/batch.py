@@ -23,31 +23,20 @@ def _round_up(n: int, chunk: int = CHUNK) -> int:
 
 class SlabLayer(DynamicLayer):
     """One layer's keys and values in a buffer with spare columns; `keys`/`values` view the `length` filled ones.
+    `update` writes the new columns and returns the filled view, growing the buffer by chunks when full."""
 
-    Eager (`static=False`): update writes the new columns and returns the filled view, growing the buffer by
-    chunks when full. Static: update writes at the `position` tensor and returns the whole buffer (fixed shapes
-    and addresses for torch.compile / CUDA graphs); the engine masks unused columns and calls `advance` after.
-    """
-
-    is_compileable = True
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int, static: bool = False) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
         super().__init__()
         length = keys.shape[2]
         capacity = max(capacity, length + 1)
-        self.static = static
         self.kbuf = keys.new_zeros((*keys.shape[:2], capacity, keys.shape[3]))
         self.vbuf = values.new_zeros((*values.shape[:2], capacity, values.shape[3]))
         self.kbuf[:, :, :length] = keys
         self.vbuf[:, :, :length] = values
         self.length = length
-        self.position = torch.tensor([length], dtype=torch.long, device=keys.device)
         self.device = keys.device
         self.is_initialized = True
         self._view()
-        if static and not torch.compiler.is_compiling():
-            for t in (self.kbuf, self.vbuf, self.position):
-                torch._dynamo.mark_static_address(t)
 
     @property
     def capacity(self) -> int:
@@ -58,10 +47,6 @@ class SlabLayer(DynamicLayer):
         self.values = self.vbuf[:, :, : self.length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if self.static:
-            self.kbuf.index_copy_(2, self.position, key_states)
-            self.vbuf.index_copy_(2, self.position, value_states)
-            return self.kbuf, self.vbuf
         n = key_states.shape[2]
         if self.length + n > self.capacity:
             self._grow(_round_up(self.length + n + CHUNK))
@@ -70,12 +55,6 @@ class SlabLayer(DynamicLayer):
         self.length += n
         self._view()
         return self.keys, self.values
-
-    def advance(self, n: int = 1) -> None:
-        """Static mode: the step wrote `n` columns at `position`."""
-        self.length += n
-        self.position.add_(n)
-        self._view()
 
     def _grow(self, capacity: int) -> None:
         kbuf = self.kbuf.new_zeros((*self.kbuf.shape[:2], capacity, self.kbuf.shape[3]))
@@ -86,15 +65,13 @@ class SlabLayer(DynamicLayer):
         self._view()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.static:
-            return self.capacity, 0
         return self.length + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.length
 
     def get_max_length(self) -> int:
-        return self.capacity if self.static else -1
+        return -1
 
 
 def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -102,22 +79,10 @@ def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def cache_from_tensors(
-    tensors: Sequence[tuple[torch.Tensor, torch.Tensor]], capacity: int = 0, static: bool = False
-) -> Cache:
-    """A slab cache holding a copy of `tensors` with room for `capacity` columns (at least one more)."""
+def cache_from_tensors(tensors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Cache:
+    """A slab cache holding a copy of `tensors` with room for at least one more column."""
     length = tensors[0][0].shape[2] if tensors else 0
-    capacity = max(capacity, _round_up(length + 1))
-    return Cache(layers=[SlabLayer(k, v, capacity, static) for k, v in tensors])
-
-
-def _capacity(rows: Sequence[Any], length: int, static: bool) -> int:
-    """Cache columns for `rows` at `length`: static batches get room for every row's remaining tokens (so the
-    compiled step keeps its shape until the batch changes), rounded to limit the number of distinct shapes."""
-    if not static:
-        return _round_up(length + 1)
-    remaining = [r.prepared.max_new_tokens - r.completion_tokens for r in rows if hasattr(r, "prepared")]
-    return _round_up(length + max(remaining, default=CHUNK) + 1, 2 * CHUNK)
+    return Cache(layers=[SlabLayer(k, v, _round_up(length + 1)) for k, v in tensors])
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -136,7 +101,6 @@ class DecodeBatch:
     positions: torch.Tensor  # [batch] position id of last_tokens
     last_tokens: torch.Tensor  # [batch] long, not yet in the cache
     rows: list[Any] = field(default_factory=list)
-    static: bool = False  # fixed-shape cache and mask for a compiled decode step
 
     @property
     def size(self) -> int:
@@ -147,13 +111,10 @@ class DecodeBatch:
         return int(self.attention_mask.shape[1])
 
     @classmethod
-    def from_prefill(
-        cls, cache: Any, prompt_length: int, first_token: int, row: Any, device: str, static: bool = False
-    ) -> DecodeBatch:
+    def from_prefill(cls, cache: Any, prompt_length: int, first_token: int, row: Any, device: str) -> DecodeBatch:
         """A one-row batch from a batch-1 prefill of `prompt_length` tokens that sampled `first_token`."""
         return cls(
-            cache=cache_from_tensors(cache_tensors(cache), _capacity([row], prompt_length, static), static),
-            static=static,
+            cache=cache_from_tensors(cache_tensors(cache)),
             attention_mask=torch.ones((1, prompt_length), dtype=torch.long, device=device),
             positions=torch.tensor([prompt_length], dtype=torch.long, device=device),
             last_tokens=torch.tensor([first_token], dtype=torch.long, device=device),
@@ -162,21 +123,13 @@ class DecodeBatch:
 
     @classmethod
     def from_prefill_batch(
-        cls,
-        cache: Any,
-        attention_mask: torch.Tensor,
-        first_tokens: Sequence[int],
-        rows: Sequence[Any],
-        device: str,
-        static: bool = False,
+        cls, cache: Any, attention_mask: torch.Tensor, first_tokens: Sequence[int], rows: Sequence[Any], device: str
     ) -> DecodeBatch:
         """A batch from one left-padded prefill forward: `attention_mask` [rows, prompt_len] marks real tokens."""
         rows = list(rows)
         mask = attention_mask.to(device=device, dtype=torch.long)
-        capacity = _capacity(rows, mask.shape[1], static)
         return cls(
-            cache=cache_from_tensors(cache_tensors(cache), capacity, static),
-            static=static,
+            cache=cache_from_tensors(cache_tensors(cache)),
             attention_mask=mask,
             positions=mask.sum(dim=1),
             last_tokens=torch.tensor(list(first_tokens), dtype=torch.long, device=device),
@@ -186,13 +139,9 @@ class DecodeBatch:
     def decode_inputs(self) -> dict[str, Any]:
         """Model kwargs for one decode step of every row."""
         ones = self.attention_mask.new_ones((self.size, 1))
-        parts = [self.attention_mask, ones]
-        if self.static:  # columns past the one being written are masked, the shape stays the cache's capacity
-            capacity = self.cache.layers[0].capacity
-            parts.append(self.attention_mask.new_zeros((self.size, capacity - self.cache_length - 1)))
         return {
             "input_ids": self.last_tokens[:, None],
-            "attention_mask": torch.cat(parts, dim=1),
+            "attention_mask": torch.cat([self.attention_mask, ones], dim=1),
             "position_ids": self.positions[:, None],
             "cache": self.cache,
         }
@@ -200,12 +149,6 @@ class DecodeBatch:
     def advance(self, cache: Any, next_tokens: torch.Tensor) -> None:
         """After a decode step: the fed tokens are now cached; `next_tokens` are fed next."""
         self.cache = cache
-        if self.static:
-            for layer in cache.layers:
-                layer.advance(1)
-            if self.cache_length + 2 > cache.layers[0].capacity:  # the next step needs a free column
-                grown = _capacity(self.rows, self.cache_length + 1, True)
-                self.cache = cache_from_tensors(cache_tensors(cache), grown, True)
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((self.size, 1))], 1)
         self.positions = self.positions + 1
         self.last_tokens = next_tokens
@@ -225,14 +168,12 @@ class DecodeBatch:
             (k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
             for k, v in cache_tensors(self.cache)
         ]
-        rows = [self.rows[i] for i in keep]
         return DecodeBatch(
-            cache=cache_from_tensors(tensors, _capacity(rows, mask.shape[1] - start, self.static), self.static),
-            static=self.static,
+            cache=cache_from_tensors(tensors),
             attention_mask=mask[:, start:],
             positions=self.positions.index_select(0, index),
             last_tokens=self.last_tokens.index_select(0, index),
-            rows=rows,
+            rows=[self.rows[i] for i in keep],
         )
 
     @staticmethod
@@ -247,13 +188,64 @@ class DecodeBatch:
             keys = torch.cat([_left_pad(p[layer_idx][0], length, 2) for p in per_batch], dim=0)
             values = torch.cat([_left_pad(p[layer_idx][1], length, 2) for p in per_batch], dim=0)
             tensors.append((keys, values))
-        rows = [row for b in batches for row in b.rows]
-        static = batches[0].static
         return DecodeBatch(
-            cache=cache_from_tensors(tensors, _capacity(rows, length, static), static),
-            static=static,
+            cache=cache_from_tensors(tensors),
             attention_mask=torch.cat([_left_pad(b.attention_mask, length, 1) for b in batches], dim=0),
             positions=torch.cat([b.positions for b in batches]),
             last_tokens=torch.cat([b.last_tokens for b in batches]),
-            rows=rows,
+            rows=[row for b in batches for row in b.rows],
         )
+
+
+@dataclass
+class Prefilled:
+    """One left-padded prefill forward: its cache, which columns are real (`attention_mask` [rows, prompt]),
+    each row's first sampled token, and the rows (`keep`) that go on decoding."""
+
+    cache: Any
+    attention_mask: torch.Tensor
+    first_tokens: list[int]
+    rows: list[Any]
+    keep: list[int]
+
+
+class PaddedBatch:
+    """The running jobs of an eager engine: one DecodeBatch, rebuilt as jobs join and leave."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.batch: DecodeBatch | None = None
+        self._stepped_cache: Any = None
+
+    @property
+    def rows(self) -> list[Any]:
+        return self.batch.rows if self.batch is not None else []
+
+    def join(self, parts: Sequence[Prefilled]) -> None:
+        """Add the kept rows of `parts` in one merge."""
+        joined = []
+        for p in parts:
+            batch = DecodeBatch.from_prefill_batch(p.cache, p.attention_mask, p.first_tokens, p.rows, self.device)
+            kept = batch.filter(p.keep)
+            if kept is not None:
+                joined.append(kept)
+        if joined:
+            self.batch = DecodeBatch.concatenate([self.batch, *joined] if self.batch is not None else joined)
+
+    def keep(self, indices: Sequence[int]) -> None:
+        if self.batch is not None:
+            self.batch = self.batch.filter(indices)
+
+    def forward(self, model: Any) -> torch.Tensor:
+        """One decode step of every row: next-token logits [rows, vocab]."""
+        out = model(**self.batch.decode_inputs(), use_cache=True, logits_to_keep=1)
+        cache = getattr(out, "cache", None)
+        self._stepped_cache = cache if cache is not None else out.past_key_values
+        return out.logits[:, -1, :]
+
+    def advance(self, next_tokens: torch.Tensor) -> None:
+        self.batch.advance(self._stepped_cache, next_tokens)
+        self._stepped_cache = None
+
+    def clear(self) -> None:
+        self.batch, self._stepped_cache = None, None

@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 from infra.settings import WorkerSettings
@@ -41,7 +42,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--compile",
         action="store_true",
         default=None,
-        help="static KV cache + torch.compile'd decode step (GPU; compiles once per batch shape)",
+        help="one KV slot per job, allocated at start, and a torch.compile'd decode step (CUDA graphs on a GPU), "
+        "built for every batch-size bucket before the worker registers",
     )
     parser.add_argument(
         "--engine",
@@ -86,6 +88,10 @@ def build_engine(settings: WorkerSettings, engine_kind: str, *, scripted_step_de
         compile=settings.compile,
         prefill_tokens=settings.prefill_tokens,
     )
+    if settings.compile:
+        started = time.perf_counter()
+        shapes = engine.warmup()
+        log.info("compiled decode step warmed up for %d shapes in %.1f s", len(shapes), time.perf_counter() - started)
     return engine, str(loaded.device)
 
 

@@ -13,12 +13,13 @@ import torch
 
 from broker.errors import ContextTooLong, DeviceError, InvalidRequest, LlavaError
 from broker.messages import FinishReason, Usage
-from workers.batch import DecodeBatch
+from workers.batch import PaddedBatch, Prefilled
 from workers.engine_types import EngineImage, EngineJob, JobUpdate, PreparedJob
 from workers.model import LoadedModel
 from workers.preprocess import ImageCache, check_prompt, render_messages, stack_image_tensors
 from workers.running import RunningJob
 from workers.sampling import sample_batch
+from workers.slots import SlotBatch, decode_forward
 
 __all__ = ["Completion", "Engine", "EngineImage", "EngineJob", "JobUpdate", "PreparedJob", "run_to_completion"]
 
@@ -46,6 +47,7 @@ class Engine:
         token_budget: int | None = None,
         image_cache_size: int = 128,
         compile: bool = False,
+        compile_backend: str = "inductor",
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
     ) -> None:
         if max_batch < 1:
@@ -66,24 +68,55 @@ class Engine:
         self.prefill_tokens = prefill_tokens
         self.healthy = True
         self._pending: list[RunningJob] = []
-        self._batch: DecodeBatch | None = None
-        # compile: a fixed-shape cache per batch membership and a torch.compile'd decode forward (CUDA graphs on
-        # CUDA); one graph per (batch size, cache capacity), reused until the batch changes.
+        # compile: one slot per job in a cache allocated once, and a torch.compile'd decode step (CUDA graphs on
+        # CUDA) over a few bucketed shapes, so jobs joining and leaving never recompile it.
         self.compiled = compile
-        self._compiled_forward = None
+        self._running: PaddedBatch | SlotBatch
         if compile:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-            mode = "reduce-overhead" if self.device.startswith("cuda") else None
-            self._compiled_forward = torch.compile(self.model.forward, mode=mode, dynamic=False)
+            self._running = self._slot_batch(compile_backend)
+        else:
+            self._running = PaddedBatch(self.device)
+
+    def _slot_batch(self, backend: str) -> SlotBatch:
+        columns = min(self.context_length, self.token_budget // self.max_batch)
+        if columns < 2:
+            raise ValueError(
+                f"token_budget {self.token_budget} leaves {columns} cache columns per slot for {self.max_batch} slots"
+            )
+        mode = "reduce-overhead" if backend == "inductor" and self.device.startswith("cuda") else None
+        step = torch.compile(decode_forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
+        batch = SlotBatch(
+            self._kv_layout(), self.max_batch, columns, self.device, self.loaded.dtype, self.loaded.pad_token_id, step
+        )
+        shapes = len(batch.row_buckets) * len(batch.column_buckets)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
+        log.info(
+            "compiled decode: %d slots of %d columns (%.2f GiB), %d step shapes at most",
+            self.max_batch, columns, batch.cache.nbytes() / 2**30, shapes,
+        )  # fmt: skip
+        return batch
+
+    @torch.inference_mode()
+    def warmup(self) -> list[tuple[int, int]]:
+        """Compiled engines: build the decode step for its bucketed shapes now, before jobs come. The (rows,
+        columns) shapes run; none for an eager engine."""
+        if not isinstance(self._running, SlotBatch):
+            return []
+        return self._running.warm_up(self.model)
 
     # ---- capacity -------------------------------------------------------------------------------------------
 
-    def _kv_bytes_per_token(self) -> int:
+    def _kv_layout(self) -> list[tuple[int, int]]:
+        """(kv_heads, head_dim) of each layer's cache."""
         cfg = self.model.config.get_text_config()
         heads = getattr(cfg, "num_attention_heads", 1)
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.finfo(self.loaded.dtype).bits // 8
+        return [(kv_heads, head_dim)] * cfg.num_hidden_layers
+
+    def _kv_bytes_per_token(self) -> int:
+        values = sum(heads * dim for heads, dim in self._kv_layout())
+        return 2 * values * torch.finfo(self.loaded.dtype).bits // 8
 
     def _default_token_budget(self) -> int:
         budget = self.max_batch * self.context_length
@@ -95,7 +128,14 @@ class Engine:
 
     @property
     def _rows(self) -> list[RunningJob]:
-        return self._batch.rows if self._batch is not None else []
+        return self._running.rows
+
+    @property
+    def job_limit(self) -> int:
+        """Tokens (prompt + new) one job may hold: the context length, the budget, or a compiled slot's size."""
+        if isinstance(self._running, SlotBatch):
+            return self._running.max_columns
+        return min(self.context_length, self.token_budget)
 
     @property
     def active_count(self) -> int:
@@ -139,9 +179,9 @@ class Engine:
         if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
             ids = ids[1:]  # the template wrote BOS and the tokenizer added another
         prompt_tokens = len(ids)
-        limit = min(self.context_length, self.token_budget)
+        limit = self.job_limit
         if prompt_tokens >= limit:
-            what = "context length" if limit == self.context_length else "KV token budget"
+            what = "context length" if limit == self.context_length else "KV cache room per job"
             raise ContextTooLong(
                 f"prompt is {prompt_tokens} tokens (images included); the model's {what} is {limit}, "
                 "which leaves no room for new tokens"
@@ -172,8 +212,8 @@ class Engine:
     def step(self) -> list[JobUpdate]:
         """One iteration: drop cancelled jobs, one decode step for the running batch, prefill new jobs."""
         updates = self._drop_cancelled()
-        if self._batch is not None:
-            updates += self._decode(self._batch)
+        if self._rows:
+            updates += self._decode()
         if self._pending:
             updates += self._prefill_pending()
         return updates
@@ -181,31 +221,30 @@ class Engine:
     def _drop_cancelled(self) -> list[JobUpdate]:
         updates = [r.finish(FinishReason.cancelled) for r in self._pending if r.cancelled]
         self._pending = [r for r in self._pending if not r.cancelled]
-        if self._batch is not None:
-            rows = self._batch.rows
+        rows = self._rows
+        if any(r.cancelled for r in rows):
             updates += [r.finish(FinishReason.cancelled) for r in rows if r.cancelled]
-            self._batch = self._batch.filter([i for i, r in enumerate(rows) if not r.cancelled])
+            self._running.keep([i for i, r in enumerate(rows) if not r.cancelled])
         return updates
 
     @torch.inference_mode()
-    def _decode(self, batch: DecodeBatch) -> list[JobUpdate]:
+    def _decode(self) -> list[JobUpdate]:
+        rows = list(self._rows)
         try:
-            forward = self._compiled_forward or self.model
-            out = forward(**batch.decode_inputs(), use_cache=True, logits_to_keep=1)
-            rows = batch.rows
-            tokens = sample_batch(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
+            logits = self._running.forward(self.model)
+            tokens = sample_batch(logits, [r.params for r in rows], [r.generator for r in rows])
         except Exception as exc:
             if not _is_device_error(exc):
                 raise
-            self._batch = None
-            return self._fail(batch.rows, exc, "decode step")
-        batch.advance(_cache_of(out), torch.tensor(tokens, dtype=torch.long, device=self.device))
+            self._running.clear()
+            return self._fail(rows, exc, "decode step")
+        self._running.advance(torch.tensor(tokens, dtype=torch.long, device=self.device))
         updates = []
-        for row, token in zip(batch.rows, tokens, strict=True):
+        for row, token in zip(rows, tokens, strict=True):
             update = row.accept(token)
             if update is not None:
                 updates.append(update)
-        self._batch = batch.filter([i for i, r in enumerate(batch.rows) if r.finish_reason is None])
+        self._running.keep([i for i, r in enumerate(rows) if r.finish_reason is None])
         return updates
 
     def _take_prefill_work(self) -> list[RunningJob]:
@@ -223,36 +262,36 @@ class Engine:
     def _prefill_pending(self) -> list[JobUpdate]:
         """Prefill this step's share of the pending jobs, one forward per group of same-shaped images."""
         updates: list[JobUpdate] = []
-        joined: list[DecodeBatch] = []
+        parts: list[Prefilled] = []
         for group in prefill_groups(self._take_prefill_work()):
             try:
-                tokens, batch = self._prefill_group(group)
+                part = self._prefill_group(group)
             except Exception as exc:
                 if not _is_device_error(exc):
                     raise
                 updates += self._fail(group, exc, "prefill")
                 continue
-            for row, token in zip(group, tokens, strict=True):
+            for row, token in zip(group, part.first_tokens, strict=True):
                 update = row.accept(token)
                 if update is not None:
                     updates.append(update)
-            keep = [i for i, r in enumerate(group) if r.finish_reason is None]
-            kept = batch.filter(keep)
-            if kept is not None:
-                joined.append(kept)
-        if joined:
-            parts = [self._batch, *joined] if self._batch is not None else joined
+            part.keep = [i for i, r in enumerate(group) if r.finish_reason is None]
+            if part.keep:
+                parts.append(part)
+        if parts:
             try:
-                self._batch = DecodeBatch.concatenate(parts)
+                self._running.join(parts)
             except Exception as exc:
                 if not _is_device_error(exc):
                     raise
-                self._batch = None
-                updates += self._fail([r for b in parts for r in b.rows], exc, "batch merge")
+                joining = [p.rows[i] for p in parts for i in p.keep]
+                failed = [*self._rows, *(r for r in joining if r not in self._rows)]
+                self._running.clear()
+                updates += self._fail(failed, exc, "batch merge")
         return updates
 
-    def _prefill_group(self, rows: list[RunningJob]) -> tuple[list[int], DecodeBatch]:
-        """One forward over the left-padded prompts of `rows` (images included): first tokens and their batch."""
+    def _prefill_group(self, rows: list[RunningJob]) -> Prefilled:
+        """One forward over the left-padded prompts of `rows` (images included): their cache and first tokens."""
         from transformers import DynamicCache
 
         lengths = [r.prepared.prompt_tokens for r in rows]
@@ -274,10 +313,7 @@ class Engine:
             inputs[key] = value.to(self.loaded.dtype) if value.is_floating_point() else value
         out = self.model(**inputs, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
         tokens = sample_batch(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
-        batch = DecodeBatch.from_prefill_batch(
-            _cache_of(out), inputs["attention_mask"], tokens, rows, self.device, static=self.compiled
-        )
-        return tokens, batch
+        return Prefilled(_cache_of(out), inputs["attention_mask"], tokens, rows, keep=[])
 
     def _fail(self, rows: list[RunningJob], exc: BaseException, where: str) -> list[JobUpdate]:
         """Fail `rows` with DeviceError, free their memory and decide whether the engine can go on."""

@@ -54,14 +54,3 @@ def test_slab_cache_writes_in_place_and_grows():
     for _ in range(layer.capacity):  # past the capacity it grows and keeps what it held
         keys, _ = batch.cache.update(new, new, 0)
     assert layer.capacity > buffer.shape[2] and bool((keys[:, :, :3] == 1).all()) and bool((keys[:, :, 3:] == 9).all())
-
-
-def test_static_batch_masks_unused_columns():
-    keys = torch.ones((1, 2, 3, 4))
-    batch = DecodeBatch.from_prefill(cache_from_tensors([(keys, keys)]), 3, 5, "a", "cpu", static=True)
-    capacity = batch.cache.layers[0].capacity
-    mask = batch.decode_inputs()["attention_mask"]
-    assert mask.shape == (1, capacity) and mask[0, :4].tolist() == [1, 1, 1, 1] and int(mask[0, 4:].sum()) == 0
-    batch.advance(batch.cache, torch.tensor([6]))
-    assert batch.cache_length == 4 and batch.cache.get_seq_length() == 4
-    assert int(batch.decode_inputs()["attention_mask"].sum()) == 5

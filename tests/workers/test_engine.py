@@ -277,19 +277,6 @@ def test_prefill_device_error_fails_only_that_job(loaded, monkeypatch):
     assert engine.healthy
 
 
-def test_compiled_static_cache_matches_eager(loaded):
-    # Both jobs join at one step and leave at one step: a single compiled shape keeps the test to one compile.
-    jobs = [
-        chat_job("a", "hello", [RED], greedy(6)),
-        chat_job("b", "a longer prompt with more words", params=greedy(6)),
-    ]
-    expected = {j.job_id: run_to_completion(Engine(loaded, max_batch=1), [j])[j.job_id].token_ids for j in jobs}
-    engine = Engine(loaded, max_batch=2, compile=True)
-    out = run_to_completion(engine, jobs)
-    assert {j: out[j].token_ids for j in expected} == expected
-    assert engine.compiled and not engine.has_work()
-
-
 def count_forwards(loaded, monkeypatch):
     """Record the input_ids shape of every model forward."""
     shapes = []
@@ -322,7 +309,7 @@ def test_pending_jobs_prefilled_in_one_forward_per_image_shape(loaded, monkeypat
         tokens[update.job_id] += update.token_ids
     # text-only jobs in one forward, image jobs (same processed image shape) in another
     assert [s[0] for s in shapes] == [3, 3]
-    assert engine._batch.size == 5  # t3 finished at its first token
+    assert len(engine._rows) == 5  # t3 finished at its first token
     while engine.has_work():
         for update in engine.step():
             tokens[update.job_id] += update.token_ids
@@ -376,7 +363,7 @@ def test_padding_trimmed_and_one_merge_per_step_under_churn(loaded, monkeypatch)
         before = len(merges)
         finished += sum(u.finish_reason is not None for u in engine.step())
         assert len(merges) - before <= 1
-        batch = engine._batch
+        batch = engine._running.batch
         if batch is not None:
             assert bool(batch.attention_mask[:, 0].any())
             longest = max(r.prepared.prompt_tokens + r.completion_tokens for r in batch.rows)

@@ -1,0 +1,249 @@
+"""A fixed-shape KV cache for a compiled decode step: one slot (row) per running job, allocated once.
+
+Every layer keeps keys and values in one buffer [max_rows, kv_heads, max_columns, head_dim] for the engine's life,
+so a compiled step (CUDA graphs included) always reads and writes the same memory. A job's tokens sit at columns
+0..length-1 of its slot; a decode step writes each row's new token at its own column, `lengths[row]`, which is also
+its position id. Running jobs always fill slots 0..n-1: a leaving job's slot takes the last job's row.
+
+A step runs over a bucket of rows and columns (powers of two), never the exact counts, so the compiled step sees
+a handful of shapes however jobs come and go; the rows past the running jobs are free slots that write into
+themselves and are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from workers.batch import Prefilled, cache_tensors
+
+# Smallest column bucket: short conversations share one shape.
+MIN_COLUMNS = 256
+
+
+def buckets(limit: int, smallest: int = 1) -> list[int]:
+    """Powers of two from `smallest` below `limit`, then `limit` itself."""
+    sizes, size = [], smallest
+    while size < limit:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, limit]
+
+
+def bucket_for(n: int, sizes: Sequence[int]) -> int:
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} is over the largest bucket, {sizes[-1]}")
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's slots. `update` writes the step's token of every row at its length and returns the step's
+    bucket of rows and columns (a view: no copy)."""
+
+    is_compileable = True
+
+    def __init__(self, slots: SlotCache, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.slots = slots
+        self.kbuf, self.vbuf = keys, values
+        self.keys, self.values = keys, values
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        rows, columns = key_states.shape[0], self.slots.step_columns.shape[0]
+        index, at = self.slots.row_index[:rows], self.slots.lengths[:rows]
+        self.kbuf[index, :, at] = key_states[:, :, 0]
+        self.vbuf[index, :, at] = value_states[:, :, 0]
+        return self.kbuf[:rows, :, :columns], self.vbuf[:rows, :, :columns]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.slots.step_columns.shape[0], 0
+
+    def get_seq_length(self) -> int:
+        return self.slots.step_columns.shape[0]
+
+    def get_max_length(self) -> int:
+        return self.slots.max_columns
+
+
+class SlotCache(Cache):
+    """The slots of every layer plus the per-row step inputs (`tokens`, `lengths`), all at fixed addresses."""
+
+    def __init__(
+        self,
+        layer_shapes: Sequence[tuple[int, int]],
+        max_rows: int,
+        max_columns: int,
+        device: str,
+        dtype: torch.dtype,
+    ) -> None:
+        """`layer_shapes`: (kv_heads, head_dim) per layer."""
+        self.max_rows, self.max_columns = max_rows, max_columns
+        layers = []
+        for heads, dim in layer_shapes:
+            shape = (max_rows, heads, max_columns, dim)
+            keys = torch.zeros(shape, dtype=dtype, device=device)
+            values = torch.zeros(shape, dtype=dtype, device=device)
+            layers.append(SlotLayer(self, keys, values))
+        super().__init__(layers=layers)
+        # One spare element each: a step's views are then always strict prefixes, which dynamo does not
+        # specialise on (a view as long as its base gets a graph of its own).
+        self.tokens = torch.zeros(max_rows + 1, dtype=torch.long, device=device)  # fed at the next step
+        self.lengths = torch.zeros(max_rows + 1, dtype=torch.long, device=device)  # cached tokens = next column
+        self.row_index = torch.arange(max_rows + 1, device=device)
+        self.column_index = torch.arange(max_columns + 1, device=device)
+        # The step's column bucket as a view of column_index: its size, not a Python int, so one compiled graph
+        # serves every bucket (dynamic shapes) instead of one graph per bucket.
+        self.step_columns = self.column_index
+        for t in (self.tokens, self.lengths, self.row_index, self.column_index):
+            torch._dynamo.mark_static_address(t)
+        for layer in layers:
+            torch._dynamo.mark_static_address(layer.kbuf)
+            torch._dynamo.mark_static_address(layer.vbuf)
+
+    def nbytes(self) -> int:
+        return sum(layer.kbuf.nbytes + layer.vbuf.nbytes for layer in self.layers)
+
+
+def decode_forward(
+    model: Any, cache: SlotCache, tokens: torch.Tensor, lengths: torch.Tensor, columns: torch.Tensor
+) -> torch.Tensor:
+    """One decode step of the first len(tokens) slots over `columns` (the cache's `step_columns`): next-token
+    logits [rows, vocab]. Every argument is a view of the cache's fixed buffers."""
+    # A row sees its cached columns and the one its token is written to; a 4D mask is used by the model as is.
+    mask = (columns[None, :] <= lengths[:, None])[:, None, None, :]
+    out = model(
+        input_ids=tokens[:, None],
+        position_ids=lengths[:, None],
+        attention_mask=mask,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1, :]
+
+
+class SlotBatch:
+    """The running jobs of a compiled engine, one per slot, in slots 0..len(rows)-1."""
+
+    def __init__(
+        self,
+        layer_shapes: Sequence[tuple[int, int]],
+        max_rows: int,
+        max_columns: int,
+        device: str,
+        dtype: torch.dtype,
+        pad_token_id: int,
+        step: Callable[..., torch.Tensor] = decode_forward,
+    ) -> None:
+        self.cache = SlotCache(layer_shapes, max_rows, max_columns, device, dtype)
+        self.step = step
+        self.device = device
+        self.pad_token_id = pad_token_id
+        self.row_buckets = buckets(max_rows)
+        self.column_buckets = buckets(max_columns, min(MIN_COLUMNS, max_columns))
+        self.rows: list[Any] = []
+        self._lengths: list[int] = []  # host copy of cache.lengths[:n]: bucket choice without a device sync
+
+    @property
+    def max_columns(self) -> int:
+        return self.cache.max_columns
+
+    def free_slots(self) -> int:
+        return self.cache.max_rows - len(self.rows)
+
+    def join(self, parts: Sequence[Prefilled]) -> None:
+        """Copy the kept rows of each left-padded prefill into free slots; their first sampled tokens are fed next."""
+        for part in parts:
+            self._join(part)
+
+    def _join(self, part: Prefilled) -> None:
+        tensors, attention_mask, first_tokens, rows = (
+            cache_tensors(part.cache),
+            part.attention_mask,
+            part.first_tokens,
+            part.rows,
+        )
+        if len(part.keep) > self.free_slots():
+            raise ValueError(f"{len(part.keep)} jobs join but only {self.free_slots()} slots are free")
+        if len(tensors) != len(self.cache.layers):
+            raise ValueError(f"the prefill has {len(tensors)} cache layers, the slots {len(self.cache.layers)}")
+        prompt = attention_mask.shape[1]
+        real = attention_mask.sum(dim=1).tolist()
+        for i in part.keep:
+            slot, length = len(self.rows), int(real[i])
+            if length >= self.max_columns:
+                raise ValueError(f"a prompt of {length} tokens does not fit a slot of {self.max_columns} columns")
+            for layer, (keys, values) in zip(self.cache.layers, tensors, strict=True):
+                layer.kbuf[slot, :, :length] = keys[i, :, prompt - length :]
+                layer.vbuf[slot, :, :length] = values[i, :, prompt - length :]
+            self.cache.lengths[slot] = length
+            self.cache.tokens[slot] = int(first_tokens[i])
+            self.rows.append(rows[i])
+            self._lengths.append(length)
+
+    def keep(self, indices: Sequence[int]) -> None:
+        """Keep rows `indices`; each leaving row's slot takes the last running row, so slots stay packed."""
+        kept = set(indices)
+        for i in sorted(set(range(len(self.rows))) - kept, reverse=True):
+            last = len(self.rows) - 1
+            if i != last:
+                self._move(last, i)
+                self.rows[i], self._lengths[i] = self.rows[last], self._lengths[last]
+            self.rows.pop()
+            self._lengths.pop()
+
+    def _move(self, source: int, target: int) -> None:
+        length = self._lengths[source]
+        for layer in self.cache.layers:
+            layer.kbuf[target, :, :length] = layer.kbuf[source, :, :length]
+            layer.vbuf[target, :, :length] = layer.vbuf[source, :, :length]
+        self.cache.lengths[target] = self.cache.lengths[source]
+        self.cache.tokens[target] = self.cache.tokens[source]
+
+    def step_shape(self) -> tuple[int, int]:
+        """(rows, columns) buckets the next step runs over."""
+        rows = bucket_for(len(self.rows), self.row_buckets)
+        columns = bucket_for(max(self._lengths) + 1, self.column_buckets)
+        return rows, columns
+
+    def forward(self, model: Any) -> torch.Tensor:
+        """One decode step (`self.step`: decode_forward, compiled or not) over the bucket: the running rows'
+        next-token logits [rows, vocab]."""
+        n = len(self.rows)
+        rows, columns = self.step_shape()
+        return self._run(model, n, rows, columns)[:n]
+
+    def warm_up(self, model: Any) -> list[tuple[int, int]]:
+        """Run the step once at every row bucket, with the smallest and the largest column bucket, before any job
+        runs: compiling (and CUDA graph capture) happens here instead of in front of a waiting user."""
+        if self.rows:
+            raise RuntimeError("warm_up runs before any job joins")
+        shapes = [(r, c) for r in self.row_buckets for c in sorted({self.column_buckets[0], self.column_buckets[-1]})]
+        for rows, columns in shapes:
+            self._run(model, 0, rows, columns)
+        return shapes
+
+    def _run(self, model: Any, running: int, rows: int, columns: int) -> torch.Tensor:
+        cache = self.cache
+        if rows > running:  # free slots in the bucket: a pad token at column 0 of their own slot
+            cache.lengths[running:rows] = 0
+            cache.tokens[running:rows] = self.pad_token_id
+        cache.step_columns = cache.column_index[:columns]
+        if cache.column_index.is_cuda:  # a new step for CUDA graph trees: the last step's outputs are consumed
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.step(model, cache, cache.tokens[:rows], cache.lengths[:rows], cache.step_columns)
+
+    def advance(self, next_tokens: torch.Tensor) -> None:
+        """After a step: every running row cached its fed token; `next_tokens` [n] are fed next."""
+        n = len(self.rows)
+        self.cache.tokens[:n] = next_tokens
+        self.cache.lengths[:n] += 1
+        self._lengths = [length + 1 for length in self._lengths]
+
+    def clear(self) -> None:
+        self.rows, self._lengths = [], []
