@@ -19,10 +19,11 @@ class FeedbackType(str, Enum):
 
 
 class FeedbackRequest(BaseModel):
-    """Body of `POST /api/v1/feedback`: a vote or flag on the last reply, with the whole conversation.
+    """Body of `POST /api/v1/feedback`: a vote or flag on one reply, with the conversation up to it.
 
-    `messages` is the conversation as it was sent to `POST /api/v1/generate` plus the reply being judged, images as
-    data URLs. `job_ids` lists the job of each assistant message, in order (None where a reply has no job).
+    `messages` is the conversation as it was sent to `POST /api/v1/generate` for that reply, plus the reply being judged
+    (so the judged reply is the last message), images as data URLs. `job_ids` lists the job of each assistant message,
+    in order (None where a reply has no job).
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -13,6 +13,7 @@ import gradio as gr
 from broker.feedback_messages import FeedbackType
 from frontend.client import ControllerClient
 from frontend.conversation import Conversation, ImageMode, display_dir
+from frontend.feedback import FeedbackHandlers
 from frontend.handlers import ChatHandlers
 from infra.settings import WebSettings
 
@@ -40,6 +41,7 @@ def build_demo(settings: WebSettings, client: ControllerClient | None = None) ->
     """The page, wired to a controller client; call `.queue()` and `.launch()` on it (as `run_web` does)."""
     client = client or ControllerClient(settings.controller_url, api_key=settings.api_key)
     handlers = ChatHandlers(settings, client)
+    votes = FeedbackHandlers(client)
     # The controller may be down: the page then says so and each page load retries.
     initial = [m.name for m in handlers.fetch_models()[0]]
 
@@ -76,7 +78,7 @@ def build_demo(settings: WebSettings, client: ControllerClient | None = None) ->
                     height=560,
                     layout="panel",
                     render_markdown=True,
-                    feedback_options=None,
+                    feedback_options=("Like", "Dislike"),  # 👍 / 👎 on every reply: `vote_on_reply`
                     placeholder="Upload images and ask a question about them.",
                 )
                 with gr.Row():
@@ -132,11 +134,13 @@ def build_demo(settings: WebSettings, client: ControllerClient | None = None) ->
             (flag, FeedbackType.flag),
         ):
             button.click(
-                partial(handlers.feedback, kind),
+                partial(votes.feedback, kind),
                 [state, reason],
-                [status, upvote, downvote, flag, reason],
+                [status, upvote, downvote, flag, reason, chatbot],
                 api_name=kind.value,
             )
+        # The browser sends the message's index and text in gr.LikeData, which API clients cannot: UI only.
+        chatbot.like(votes.on_like, [state], [status, chatbot, upvote, downvote], api_visibility="private")
         demo.load(handlers.load, None, [state, model, status], queue=False)
     return demo
 

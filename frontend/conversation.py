@@ -13,11 +13,14 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from broker.feedback_messages import FeedbackType
 from broker.messages import ChatMessage, ImageUrl, ImageUrlPart, SamplingParams, TextPart
 
 # CLIP's mean pixel, the background LLaVA pads with.
 PAD_COLOUR = (122, 116, 104)
 CURSOR = "▌"
+# Shown under a failed or empty reply: the exchange is not sent to the model with the next message.
+LEFT_OUT = "_(left out of the conversation the model sees)_"
 
 
 class ImageMode(str, Enum):
@@ -108,14 +111,20 @@ class Turn:
     status: str = ""  # assistant: a queue position or error note shown instead of / after the text
     finished: bool = False
     failed: bool = False  # an error reply: shown, never sent back to the model
+    model: str | None = None  # assistant: the model asked and the params sent (seed included), so a vote on
+    params: SamplingParams | None = None  # this reply can be replayed
+    vote: FeedbackType | None = None  # assistant: the last up- or downvote recorded on it
+
+    @property
+    def answered(self) -> bool:
+        """An assistant turn the model sees as history: finished, not failed, and with text."""
+        return self.role == "assistant" and self.finished and not self.failed and bool(self.text)
 
 
 @dataclass
 class Conversation:
     turns: list[Turn] = field(default_factory=list)
     started_at: float | None = None
-    model: str | None = None
-    params: SamplingParams | None = None  # of the last request, seed included
 
     def add_user(self, text: str, images: list[ChatImage]) -> None:
         if self.started_at is None:
@@ -142,41 +151,68 @@ class Conversation:
             return self.turns[-1]
         return None
 
+    @property
+    def replying(self) -> bool:
+        """True while the last reply is still being generated."""
+        return self.last_reply is not None and not self.last_reply.finished
+
     def image_count(self) -> int:
         return sum(len(t.images) for t in self.turns)
 
-    def request_messages(self, *, include_last_reply: bool = False) -> list[ChatMessage]:
-        """The whole conversation in OpenAI format, images as PNG data URLs; failed replies left out."""
-        turns = self.turns
-        if not include_last_reply and turns and turns[-1].role == "assistant":
-            turns = turns[:-1]
-        messages = []
-        for turn in turns:
-            if turn.role == "assistant":
-                if not turn.text:  # a failed or stopped-before-any-token reply
-                    continue
-                messages.append(ChatMessage(role="assistant", content=turn.text))
+    def _exchanges(self, end: int) -> list[tuple[list[Turn], Turn | None]]:
+        """What the model sees of `turns[:end]`: each run of user turns with its answer (None for the question
+        at the end). A failed, empty or unfinished reply leaves its exchange out; it stays on screen."""
+        exchanges: list[tuple[list[Turn], Turn | None]] = []
+        asking: list[Turn] = []
+        for turn in self.turns[:end]:
+            if turn.role == "user":
+                asking.append(turn)
                 continue
-            parts: list[TextPart | ImageUrlPart] = [
-                ImageUrlPart(image_url=ImageUrl(url=png_data_url(img.png))) for img in turn.images
-            ]
-            if turn.text:
-                parts.append(TextPart(text=turn.text))
-            messages.append(ChatMessage(role="user", content=parts))
+            if turn.answered:
+                exchanges.append((asking, turn))
+            asking = []
+        if asking:
+            exchanges.append((asking, None))
+        return exchanges
+
+    def _messages(self, end: int) -> list[ChatMessage]:
+        messages = []
+        for asking, reply in self._exchanges(end):
+            if asking:
+                messages.append(_user_message(asking))
+            if reply is not None:
+                messages.append(ChatMessage(role="assistant", content=reply.text))
         return messages
 
-    def job_ids(self) -> list[str | None]:
-        return [t.job_id for t in self.turns if t.role == "assistant"]
+    def request_messages(self, *, include_last_reply: bool = False) -> list[ChatMessage]:
+        """The conversation in OpenAI format, images as PNG data URLs. Failed exchanges are left out; user turns
+        with no reply between them (a message sent before the previous one was answered) are sent as one."""
+        end = len(self.turns)
+        if not include_last_reply and self.last_reply is not None:
+            end -= 1
+        return self._messages(end)
 
-    def chatbot_messages(self) -> list[dict]:
-        """Gradio 6 Chatbot messages: one per image, then the text; a reply shows its status after the text."""
-        shown: list[dict] = []
-        for turn in self.turns:
+    def reply_messages(self, index: int) -> list[ChatMessage]:
+        """The request that produced the answered reply `turns[index]`, followed by that reply."""
+        turn = self.turns[index]
+        if not turn.answered:
+            raise ValueError(f"turns[{index}] is not an answered reply (role {turn.role}, failed {turn.failed})")
+        return self._messages(index + 1)
+
+    def job_ids(self, end: int | None = None) -> list[str | None]:
+        """The job of each assistant message `request_messages` sends for `turns[:end]`, in order."""
+        exchanges = self._exchanges(len(self.turns) if end is None else end)
+        return [reply.job_id for _, reply in exchanges if reply is not None]
+
+    def _shown(self) -> list[tuple[int, dict]]:
+        """Each Chatbot message with the index of the turn it shows."""
+        shown: list[tuple[int, dict]] = []
+        for index, turn in enumerate(self.turns):
             if turn.role == "user":
                 for img in turn.images:
-                    shown.append({"role": "user", "content": {"path": img.path, "alt_text": "uploaded image"}})
+                    shown.append((index, {"role": "user", "content": {"path": img.path, "alt_text": "uploaded image"}}))
                 if turn.text:
-                    shown.append({"role": "user", "content": turn.text})
+                    shown.append((index, {"role": "user", "content": turn.text}))
                 continue
             content = turn.text
             if turn.status and not (turn.finished and turn.status == CURSOR):
@@ -184,5 +220,40 @@ class Conversation:
                     content = content + turn.status
                 else:
                     content = f"{content}\n\n{turn.status}"
-            shown.append({"role": "assistant", "content": content})
+            if turn.finished and not turn.answered:
+                content = f"{content}\n\n{LEFT_OUT}" if content else LEFT_OUT
+            shown.append((index, {"role": "assistant", "content": content}))
         return shown
+
+    def chatbot_messages(self) -> list[dict]:
+        """Gradio 6 Chatbot messages: one per image, then the text; a reply shows its status after the text."""
+        return [message for _, message in self._shown()]
+
+    def shown_turn(self, position: int) -> tuple[int, str] | None:
+        """The turn index behind Chatbot message `position` and the text it shows; None when out of range."""
+        shown = self._shown()
+        if not 0 <= position < len(shown):
+            return None
+        index, message = shown[position]
+        content = message["content"]
+        return index, content if isinstance(content, str) else ""
+
+    def reply_number(self, index: int) -> int:
+        """Which reply `turns[index]` is, counting from 1 (as the user reads them)."""
+        return sum(t.role == "assistant" for t in self.turns[: index + 1])
+
+    def feedback_values(self) -> list[str | None]:
+        """The Chatbot's `feedback_value`: the recorded vote on each assistant message, in order."""
+        names = {FeedbackType.upvote: "Like", FeedbackType.downvote: "Dislike"}
+        return [names.get(t.vote) if t.vote else None for t in self.turns if t.role == "assistant"]
+
+
+def _user_message(turns: list[Turn]) -> ChatMessage:
+    """One user message for consecutive user turns: their images in order, then their texts."""
+    parts: list[TextPart | ImageUrlPart] = [
+        ImageUrlPart(image_url=ImageUrl(url=png_data_url(img.png))) for turn in turns for img in turn.images
+    ]
+    text = "\n\n".join(turn.text for turn in turns if turn.text)
+    if text:
+        parts.append(TextPart(text=text))
+    return ChatMessage(role="user", content=parts)

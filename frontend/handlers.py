@@ -1,4 +1,5 @@
-"""What the UI's buttons do: add a message, stream a reply, stop, regenerate, clear, vote and flag.
+"""What the UI's chat buttons do: add a message, stream a reply, stop, regenerate, clear (votes and flags are in
+`frontend.feedback`).
 
 Every handler is a plain method on `ChatHandlers` so tests can drive it without a browser; the Gradio layout in
 `frontend.app` only wires components to these.
@@ -9,15 +10,14 @@ from __future__ import annotations
 import logging
 import random
 import threading
-import time
 from dataclasses import dataclass, field
 
 import gradio as gr
 
-from broker.feedback_messages import FeedbackRequest, FeedbackType
 from broker.messages import GenerateRequest, SamplingParams
 from frontend.client import ControllerClient, ControllerError, ModelInfo
 from frontend.conversation import CURSOR, ChatImage, Conversation, ImageMode
+from frontend.feedback import why_not_votable
 from infra.settings import WebSettings
 
 log = logging.getLogger("llava.web")
@@ -119,8 +119,7 @@ class ChatHandlers:
     # ---- chat -----------------------------------------------------------------------------------------------
 
     def button_updates(self, conversation: Conversation, *, generating: bool = False) -> list:
-        reply = conversation.last_reply
-        votable = not generating and reply is not None and reply.finished and not reply.failed
+        votable = not generating and why_not_votable(conversation.last_reply) is None
         has_user = any(t.role == "user" for t in conversation.turns)
         return [
             gr.update(interactive=votable),
@@ -131,8 +130,21 @@ class ChatHandlers:
             gr.update(interactive=generating),
         ]
 
+    def chatbot_update(self, conversation: Conversation) -> dict:
+        """The Chatbot's messages with the thumbs showing the votes recorded on each reply."""
+        return gr.update(value=conversation.chatbot_messages(), feedback_value=conversation.feedback_values())
+
     def add_message(self, conversation: Conversation, message: dict | None, mode: str) -> tuple:
-        """Append the user's text and images; the textbox is cleared and the buttons wait for the reply."""
+        """Append the user's text and images; the textbox is cleared and the buttons wait for the reply.
+        Refused, with the message kept in the textbox, while a reply is still being written."""
+        if conversation.replying:
+            gr.Warning("A reply is still being written: wait for it or press ⏹️ Stop, then send your message.")
+            return (
+                conversation,
+                conversation.chatbot_messages(),
+                gr.update(),
+                *self.button_updates(conversation, generating=True),
+            )
         message = message or {}
         text = (message.get("text") or "").strip()
         files = list(message.get("files") or [])
@@ -155,13 +167,13 @@ class ChatHandlers:
 
     def regenerate(self, conversation: Conversation) -> tuple:
         conversation.drop_last_reply()
-        return (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=True))
+        return (conversation, self.chatbot_update(conversation), *self.button_updates(conversation, generating=True))
 
     def clear(self) -> tuple:
         conversation = Conversation()
         return (
             conversation,
-            [],
+            self.chatbot_update(conversation),
             gr.update(value=None),
             gr.update(value="", visible=False),
             *self.button_updates(conversation),
@@ -170,27 +182,33 @@ class ChatHandlers:
     def generate(self, conversation, model, temperature, top_p, max_new_tokens, request: gr.Request | None = None):
         """Stream a reply to the last user turn; yields (state, chatbot, *buttons) as the reply grows."""
         if not conversation.turns or conversation.turns[-1].role != "user":
-            yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
+            # Nothing to answer (e.g. the message was refused): leave the buttons as a running reply needs them.
+            generating = conversation.replying
+            yield (
+                conversation,
+                conversation.chatbot_messages(),
+                *self.button_updates(conversation, generating=generating),
+            )
             return
         reply = conversation.start_reply()
         if not model:
             reply.status, reply.failed, reply.finished = "⚠️ No model is selected (none is being served).", True, True
             yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
             return
-        params = SamplingParams(
+        reply.model = model
+        reply.params = SamplingParams(
             temperature=float(temperature),
             top_p=max(0.01, float(top_p)),
             max_new_tokens=int(max_new_tokens),
-            seed=random.randrange(2**31),  # recorded, so a flagged reply can be replayed
+            seed=random.randrange(2**31),  # recorded, so a voted or flagged reply can be replayed
         )
-        conversation.model, conversation.params = model, params
-        body = GenerateRequest(model=model, messages=conversation.request_messages(), **params.model_dump())
+        body = GenerateRequest(model=model, messages=conversation.request_messages(), **reply.params.model_dump())
         session = request.session_hash if request is not None and request.session_hash else f"anon-{id(reply)}"
         active = ActiveReply()
         with self._lock:
             self._active[session] = active
-        yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=True))
         try:
+            yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=True))
             for event in self.client.generate(body):
                 if event.job_id and not reply.job_id:
                     reply.job_id = active.job_id = event.job_id
@@ -225,13 +243,16 @@ class ChatHandlers:
                     reply.status = _note_for_finish("cancelled")
         except ControllerError as exc:
             reply.status, reply.failed = describe_error(exc, model), True
+        except Exception as exc:  # the reply's one catch point: shown in the chat rather than left spinning
+            log.exception("generate for %s", model)
+            reply.status, reply.failed = f"⚠️ The web UI failed to get this reply ({type(exc).__name__}: {exc}).", True
         finally:
+            reply.finished = True  # also when Gradio closes the stream, so the next message is not refused
             with self._lock:
                 if self._active.get(session) is active:
                     del self._active[session]
         if active.stop.is_set() and reply.job_id:
             self._cancel_quietly(reply.job_id)
-        reply.finished = True
         yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
 
     def _cancel_quietly(self, job_id: str) -> None:
@@ -250,32 +271,3 @@ class ChatHandlers:
         active.stop.set()
         if active.job_id:
             self._cancel_quietly(active.job_id)
-
-    # ---- feedback --------------------------------------------------------------------------------------------
-
-    def feedback(self, kind: FeedbackType, conversation: Conversation, reason: str | None) -> tuple:
-        """Send a vote or flag on the last reply; returns (status, upvote, downvote, flag, reason box)."""
-        unchanged = (gr.update(),) * 3
-        reply = conversation.last_reply
-        if reply is None or not reply.finished or conversation.model is None:
-            return (gr.update(value="There is no reply to vote on yet.", visible=True), *unchanged, gr.update())
-        request = FeedbackRequest(
-            type=kind,
-            model=conversation.model,
-            messages=conversation.request_messages(include_last_reply=True),
-            reason=(reason or "").strip() if kind is FeedbackType.flag else "",
-            params=conversation.params or SamplingParams(),
-            job_ids=conversation.job_ids(),
-            conversation_started_at=conversation.started_at,
-            client_sent_at=time.time(),
-        )
-        try:
-            self.client.send_feedback(request)
-        except ControllerError as exc:
-            return (gr.update(value=f"⚠️ Feedback not recorded: {exc.message}", visible=True), *unchanged, gr.update())
-        done = gr.update(interactive=False)
-        if kind is FeedbackType.flag:
-            note = "Flag recorded. Thank you for reporting this reply."
-            return (gr.update(value=note, visible=True), gr.update(), gr.update(), done, gr.update(value=""))
-        note = f"Thanks, your {kind.value} was recorded."
-        return (gr.update(value=note, visible=True), done, done, gr.update(), gr.update())

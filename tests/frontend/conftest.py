@@ -10,22 +10,63 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import httpx
 import pytest
 import redis
 import uvicorn
+from PIL import Image
 
 from broker import keys
 from broker.app import create_app
 from broker.context import StreamTimings
-from broker.messages import WorkerInfo
+from broker.messages import ChatMessage, GenerateRequest, TextPart, WorkerInfo
+from frontend.client import ControllerClient
 from infra.embedded_redis import free_port
 from infra.settings import ControllerSettings, WorkerSettings
 from workers.scripted import ScriptedEngine
 from workers.worker import Worker
 
 MODEL = "scripted-model"
+
+
+class RecordingClient(ControllerClient):
+    """The real client, keeping every generate request it sent."""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.sent: list[GenerateRequest] = []
+
+    def generate(self, request):
+        self.sent.append(request)
+        return super().generate(request)
+
+
+def session(name: str = "s1"):
+    """What the handlers read of a `gr.Request`."""
+    return SimpleNamespace(session_hash=name, query_params={})
+
+
+def chat(handlers, conv, text: str, files=(), model=MODEL, max_tokens=6, name="s1") -> list[tuple]:
+    """Send a message as the page does; returns every (state, chatbot, *buttons) the reply yielded."""
+    out = handlers.add_message(conv, {"text": text, "files": list(files)}, "Pad")
+    return list(handlers.generate(out[0], model, 0.2, 0.7, max_tokens, session(name)))
+
+
+def picture(tmp_path, name="p.png", colour=(10, 200, 10)) -> str:
+    path = tmp_path / name
+    Image.new("RGB", (64, 32), colour).save(path)
+    return str(path)
+
+
+def as_parts(request: GenerateRequest) -> GenerateRequest:
+    """`request` with plain-string contents as one text part, as the controller reads them (and replay builds)."""
+    messages = [
+        ChatMessage(role=m.role, content=[TextPart(text=m.content)]) if isinstance(m.content, str) else m
+        for m in request.messages
+    ]
+    return request.model_copy(update={"messages": messages})
 
 
 class ServerThread:

@@ -1,4 +1,5 @@
-"""The page in headless Chromium: upload an image, ask, watch the reply stream in, upvote and flag."""
+"""The page in headless Chromium: upload an image, ask, watch the reply stream in, upvote and flag, then ask again
+and vote on the first reply with its 👎."""
 
 from __future__ import annotations
 
@@ -76,6 +77,10 @@ def test_upload_ask_stream_vote_and_flag(slow_web_url, redis_url, tmp_path):
             assert page.locator("#chatbot img").count() >= 1
             page.click("#upvote")
             page.wait_for_selector("text=Thanks, your upvote was recorded.")
+            thumbs = page.locator("#chatbot button[aria-label^='Like'], #chatbot button[aria-label^='Dislike']")
+            wait_for(
+                lambda: thumbs.nth(1).get_attribute("aria-label") == "Liked", 10, "the reply's 👍 to show the vote"
+            )
             page.fill("#flag-reason textarea", "the shape is red, not described")
             page.click("#flag")
             page.wait_for_selector("text=Flag recorded")
@@ -83,10 +88,28 @@ def test_upload_ask_stream_vote_and_flag(slow_web_url, redis_url, tmp_path):
             assert not page.locator("#upvote").is_enabled() and page.locator("#regenerate").is_enabled()
             shot = tmp_path / "screenshot.png"
             page.screenshot(path=str(shot), full_page=True)
+            page.fill("#textbox textarea", "[[tokens=3]] And its size?")
+            page.click("#send")
+            # The vote buttons were disabled by the vote: enabled again once the second reply is done.
+            wait_for(lambda: bot.count() and page.locator("#upvote").is_enabled(), what="the second reply")
+            assert page.locator("#chatbot .message.bot").count() == 2
+            thumbs.nth(0).click()  # 👎 on the first reply
+            page.wait_for_selector("text=Thanks, your downvote on reply 1 was recorded.")
+            assert thumbs.nth(0).get_attribute("aria-label") == "Disliked"
         finally:
             browser.close()
     if SCREENSHOT:
         shutil.copyfile(shot, SCREENSHOT)
     entries = read_feedback(redis.Redis.from_url(redis_url))
-    assert [(e.type.value, e.reason) for e in entries] == [("upvote", ""), ("flag", "the shape is red, not described")]
+    assert [(e.type.value, e.reason) for e in entries] == [
+        ("upvote", ""),
+        ("flag", "the shape is red, not described"),
+        ("downvote", ""),
+    ]
     assert entries[1].images and entries[1].messages[0].content[0].type == "image"
+    # The 👎 came after a second turn but records the first, as the upvote did.
+    assert (entries[2].messages, entries[2].job_ids, entries[2].params) == (
+        entries[0].messages,
+        entries[0].job_ids,
+        entries[0].params,
+    )

@@ -8,7 +8,8 @@ import io
 import pytest
 from PIL import Image
 
-from frontend.conversation import PAD_COLOUR, ChatImage, Conversation, ImageMode, preprocess_image
+from broker.feedback_messages import FeedbackType
+from frontend.conversation import LEFT_OUT, PAD_COLOUR, ChatImage, Conversation, ImageMode, preprocess_image
 
 
 def wide(w: int = 300, h: int = 100, colour=(200, 10, 10), mode: str = "RGB") -> Image.Image:
@@ -80,13 +81,81 @@ def test_every_turn_resends_the_whole_conversation_with_its_images(tmp_path):
     assert shown[2] == {"role": "assistant", "content": "a red box"}
 
 
+def answer(conv: Conversation, text: str, *, failed: bool = False, job_id: str | None = None) -> None:
+    reply = conv.start_reply()
+    reply.text, reply.failed, reply.finished, reply.job_id = text, failed, True, job_id
+    reply.status = "⚠️ no worker" if failed else ""
+
+
+def sent(messages) -> list[tuple[str, object]]:
+    """(role, content) of each message, a user's parts as texts and "<image>"."""
+    return [
+        (m.role, m.content if isinstance(m.content, str) else [getattr(p, "text", "<image>") for p in m.content])
+        for m in messages
+    ]
+
+
 def test_failed_replies_are_not_sent_back_to_the_model():
+    image = ChatImage.from_image(wide(), ImageMode.default, 1344)
     conv = Conversation()
     conv.add_user("hi", [])
-    reply = conv.start_reply()
-    reply.failed, reply.status, reply.finished = True, "⚠️ no worker", True
-    assert conv.drop_last_reply()
+    answer(conv, "hello", job_id="j1")
+    conv.add_user("what is this?", [image])
+    answer(conv, "", failed=True, job_id="j2")
+    assert conv.drop_last_reply()  # Regenerate asks the failed question again
     conv.start_reply()
-    assert [m.role for m in conv.request_messages()] == ["user"]
+    assert sent(conv.request_messages()) == [
+        ("user", ["hi"]),
+        ("assistant", "hello"),
+        ("user", ["<image>", "what is this?"]),
+    ]
+    answer(conv, "half a repl", failed=True, job_id="j3")  # failed mid-stream: the partial text goes too
     conv.add_user("again", [])
-    assert [m.role for m in conv.request_messages()] == ["user", "user"]
+    assert sent(conv.request_messages()) == [("user", ["hi"]), ("assistant", "hello"), ("user", ["again"])]
+    assert conv.job_ids() == ["j1"]
+    shown = conv.chatbot_messages()  # the failed exchange stays on screen with its error
+    assert shown[3]["content"] == "what is this?" and shown[4]["content"] == f"half a repl\n\n⚠️ no worker\n\n{LEFT_OUT}"
+
+
+def test_a_reply_stopped_before_any_text_is_left_out_and_a_partial_one_kept():
+    conv = Conversation()
+    conv.add_user("one", [])
+    answer(conv, "")  # stopped before the first token
+    conv.add_user("two", [])
+    answer(conv, "partial")  # stopped after some text
+    conv.add_user("three", [])
+    assert sent(conv.request_messages()) == [("user", ["two"]), ("assistant", "partial"), ("user", ["three"])]
+    assert conv.chatbot_messages()[1]["content"] == LEFT_OUT
+
+
+def test_messages_sent_before_a_reply_are_asked_together():
+    first = ChatImage.from_image(wide(), ImageMode.default, 1344)
+    second = ChatImage.from_image(wide(colour=(0, 0, 200)), ImageMode.default, 1344)
+    conv = Conversation()
+    conv.add_user("describe this", [first])
+    conv.add_user("and compare it with this", [second])  # its reply had not started yet
+    conv.start_reply()
+    assert sent(conv.request_messages()) == [
+        ("user", ["<image>", "<image>", "describe this\n\nand compare it with this"])
+    ]
+
+
+def test_an_earlier_reply_is_judged_with_the_conversation_up_to_it():
+    image = ChatImage.from_image(wide(), ImageMode.default, 1344)
+    conv = Conversation()
+    conv.add_user("what is this?", [image])
+    answer(conv, "a red box", job_id="j1")
+    conv.add_user("are you sure", [])
+    answer(conv, "", failed=True, job_id="j2")
+    conv.add_user("its colour?", [])
+    answer(conv, "red", job_id="j3")
+    assert sent(conv.reply_messages(1)) == [("user", ["<image>", "what is this?"]), ("assistant", "a red box")]
+    assert conv.job_ids(2) == ["j1"] and conv.job_ids() == ["j1", "j3"]
+    assert sent(conv.reply_messages(5))[-2:] == [("user", ["its colour?"]), ("assistant", "red")]
+    with pytest.raises(ValueError, match=r"turns\[3\] is not an answered reply"):
+        conv.reply_messages(3)
+    # Chatbot positions: the image and the text of turn 0, then one message per turn.
+    assert [conv.shown_turn(i)[0] for i in range(7)] == [0, 0, 1, 2, 3, 4, 5]
+    assert conv.shown_turn(2) == (1, "a red box") and conv.shown_turn(7) is None and conv.shown_turn(-1) is None
+    conv.turns[5].vote = FeedbackType.downvote
+    assert conv.feedback_values() == [None, None, "Dislike"]

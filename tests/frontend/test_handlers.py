@@ -3,50 +3,19 @@
 from __future__ import annotations
 
 import threading
-import time
 from types import SimpleNamespace
 
-import redis
-from PIL import Image
+import gradio as gr
+import pytest
 
-from broker import jobs, keys
-from broker.feedback import feedback_generate_request, feedback_images, read_feedback
-from broker.feedback_messages import FeedbackType
+from broker import jobs
 from broker.messages import JobRequest
-from frontend.client import ControllerClient, ControllerError
-from frontend.conversation import Conversation
+from frontend.client import ControllerClient, ControllerError, StreamEvent
+from frontend.conversation import LEFT_OUT, Conversation
 from frontend.handlers import ChatHandlers, describe_error
 from infra.embedded_redis import free_port
 from infra.settings import WebSettings
-from tests.frontend.conftest import MODEL
-
-
-class RecordingClient(ControllerClient):
-    """The real client, keeping every generate request it sent."""
-
-    def __init__(self, url: str):
-        super().__init__(url)
-        self.sent = []
-
-    def generate(self, request):
-        self.sent.append(request)
-        return super().generate(request)
-
-
-def session(name: str = "s1"):
-    return SimpleNamespace(session_hash=name, query_params={})
-
-
-def chat(handlers: ChatHandlers, conv: Conversation, text: str, files=(), model=MODEL, max_tokens=6, name="s1"):
-    """Send a message as the page does; returns every (state, chatbot, *buttons) the reply yielded."""
-    out = handlers.add_message(conv, {"text": text, "files": list(files)}, "Pad")
-    return list(handlers.generate(out[0], model, 0.2, 0.7, max_tokens, session(name)))
-
-
-def picture(tmp_path, name="p.png", colour=(10, 200, 10)):
-    path = tmp_path / name
-    Image.new("RGB", (64, 32), colour).save(path)
-    return str(path)
+from tests.frontend.conftest import MODEL, RecordingClient, chat, picture, session
 
 
 def test_multi_turn_chat_keeps_its_images(controller_url, scripted_worker, tmp_path):
@@ -94,7 +63,7 @@ def test_queue_position_is_shown_and_stop_cancels_the_job(controller_url, idle_w
     assert shown[-1] == "Waiting in queue: position 2"
     threading.Thread(target=handlers.stop, args=(session("waiting"),)).start()
     final = list(stream)[-1]
-    assert final[1][-1]["content"] == "_(stopped)_"
+    assert final[1][-1]["content"] == f"_(stopped)_\n\n{LEFT_OUT}"  # nothing to send back to the model
     job_id = conv.last_reply.job_id
     assert jobs.queue_position(redis_client, idle_worker, job_id) is None
     assert jobs.view(redis_client, job_id).status == "canceled"
@@ -136,27 +105,69 @@ def test_model_from_the_url_is_selected(controller_url, scripted_worker, idle_wo
     assert "`nope`" in handlers.load(request)[2]["value"]
 
 
-def test_votes_and_flags_reach_the_feedback_stream(controller_url, scripted_worker, tmp_path, redis_url):
-    handlers = ChatHandlers(WebSettings(controller_url=controller_url), RecordingClient(controller_url))
+def test_a_failed_exchange_stays_on_screen_but_is_not_sent_again(controller_url, scripted_worker, tmp_path):
+    client = RecordingClient(controller_url)
+    handlers = ChatHandlers(WebSettings(controller_url=controller_url), client)
     conv = Conversation()
-    chat(handlers, conv, "what shape is it", [picture(tmp_path)])
-    status, up, down, flag, _ = handlers.feedback(FeedbackType.upvote, conv, "ignored for votes")
-    assert status["value"] == "Thanks, your upvote was recorded." and up["interactive"] is False
-    status, *_ = handlers.feedback(FeedbackType.flag, conv, "  made up an answer ")
-    assert status["value"].startswith("Flag recorded")
-    client = redis.Redis.from_url(redis_url)
-    upvote, flagged = read_feedback(client)
-    assert (upvote.type, upvote.reason, flagged.type, flagged.reason) == (
-        FeedbackType.upvote,
-        "",
-        FeedbackType.flag,
-        "made up an answer",
-    )
-    assert flagged.model == MODEL and flagged.job_ids == [conv.last_reply.job_id]
-    assert flagged.params.seed == handlers.client.sent[-1].seed
-    (digest,) = flagged.images
-    assert client.ttl(keys.image(digest)) == -1  # kept for as long as the entry
-    assert feedback_images(client, flagged)[digest] == conv.turns[0].images[0].png
-    replayed = feedback_generate_request(client, flagged)
-    assert replayed == handlers.client.sent[-1]
-    assert time.time() - flagged.received_at < 60
+    chat(handlers, conv, "what is this", [picture(tmp_path)])
+    answer = conv.last_reply.text
+    # The scripted worker (a stand-in, not a model) fails this job after two tokens, as a worker error would.
+    failed = chat(handlers, conv, "[[device-error]] and this", [picture(tmp_path, "q.png", (200, 0, 0))])[-1]
+    shown = failed[1][-1]["content"]
+    assert "The worker's accelerator failed" in shown and shown.endswith(LEFT_OUT)
+    assert conv.last_reply.failed and not failed[2]["interactive"] and failed[5]["interactive"]  # no vote; Regenerate
+    final = chat(handlers, conv, "what colour is it")[-1]
+    sent = client.sent[-1]
+    # Had the failed exchange been sent, its marker would have failed this reply too.
+    assert [m.role for m in sent.messages] == ["user", "assistant", "user"]
+    assert [[p.type for p in m.content] if m.role == "user" else m.content for m in sent.messages] == [
+        ["image_url", "text"],
+        answer,
+        ["text"],
+    ]
+    assert sent.messages[-1].content[0].text == "what colour is it"
+    assert not conv.last_reply.failed and final[1][-1]["content"].startswith("what is this")
+    assert [m["role"] for m in final[1]] == [
+        "user",
+        "user",
+        "assistant",
+        "user",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
+
+
+def test_a_message_sent_while_a_reply_is_written_is_refused(controller_url, idle_worker):
+    handlers = ChatHandlers(WebSettings(controller_url=controller_url), ControllerClient(controller_url))
+    conv = handlers.add_message(Conversation(), {"text": "hello", "files": []}, "Default")[0]
+    stream = handlers.generate(conv, idle_worker, 0.2, 0.7, 16, session("busy"))
+    next(stream)  # the reply has started; the idle worker never answers it
+    with pytest.warns(UserWarning, match="A reply is still being written: wait for it or press ⏹️ Stop"):
+        refused = handlers.add_message(conv, {"text": "and more", "files": []}, "Default")
+    assert refused[2] == gr.update()  # the textbox keeps the message
+    assert [t.role for t in conv.turns] == ["user", "assistant"]
+    # The Send chain still runs generate: it finds nothing to answer and leaves Stop enabled for the running reply.
+    (follow,) = handlers.generate(conv, idle_worker, 0.2, 0.7, 16, session("busy"))
+    assert follow[-1]["interactive"] and not follow[-2]["interactive"]
+    stream.close()  # the page went away: the reply is finished, so the next message is taken
+    assert not conv.replying
+    handlers.add_message(conv, {"text": "and more", "files": []}, "Default")
+    assert [t.role for t in conv.turns] == ["user", "assistant", "user"]
+
+
+class GarbledClient(ControllerClient):
+    """A client whose stream carries a malformed event (a controller bug), without any controller."""
+
+    def generate(self, request):
+        yield StreamEvent("queued", {"job_id": "j1", "position": "soon"})
+
+
+def test_an_unexpected_failure_ends_the_reply_with_its_cause():
+    url = f"http://127.0.0.1:{free_port()}"
+    handlers = ChatHandlers(WebSettings(controller_url=url), GarbledClient(url))
+    conv = Conversation()
+    final = chat(handlers, conv, "hi", model="m")[-1]
+    assert final[1][-1]["content"].startswith("⚠️ The web UI failed to get this reply (ValueError: invalid literal")
+    assert conv.last_reply.failed and not conv.replying and final[5]["interactive"]  # Regenerate is offered
