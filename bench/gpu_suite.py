@@ -4,11 +4,14 @@ in-process, eager and compiled, at batch 1, 8 and 32. No Redis, no downloads.
     python -m bench.engine --gpu-suite [--shape 7b] [--new-tokens 64] [--batches 1 8 32] [--no-compile]
     bench/gpu.sh
 
-Each run is bounded: `batch` jobs of one image + a short question (the reference's 40 + 576 token prompt), all
-admitted at once, `--new-tokens` each, EOS ignored; tokens/s = completion tokens over decode wall time, TTFT = time
-to the first token (prefill included). The whole suite stays within --max-seconds by construction: it checks the
-projected time before each run and skips what would not fit. Targets (H100): batch 1 >= 120 tok/s, batch 32 >= 1,500.
---allow-cpu runs the same logic on the CPU (for a dry run with --shape small); otherwise no CUDA fails at once.
+Each run is bounded: `batch` jobs of one image + a short question (the reference's 40 + 576 token prompt), all admitted
+at once, `--new-tokens` each, EOS ignored; tokens/s = completion tokens over the run's wall time (prefill included),
+decode tok/s = the decode steps' tokens over their time, TTFT = time to the first token (the batch's prefill). Each mode
+is one engine with --batches' largest as its slot count, as one worker would run; the compiled one is warmed up first
+(its time is reported) and its greedy tokens are compared with the eager engine's. The whole suite stays within
+--max-seconds by construction: it checks the projected time before each run and skips what would not fit. Targets
+(H100): batch 1 >= 120 tok/s, batch 32 >= 1,500. --allow-cpu runs the same logic on the CPU (for a dry run with
+--shape small); otherwise no CUDA fails at once.
 """
 
 from __future__ import annotations
@@ -34,17 +37,22 @@ def run_once(engine, jobs, new_tokens: int) -> dict:
     sync()
     ttft = time.perf_counter() - start
     decode_start = time.perf_counter()
-    run_to_completion(engine, [])
+    results = run_to_completion(engine, [])
     sync()
     decode = time.perf_counter() - decode_start
     decoded = len(jobs) * (new_tokens - 1)
-    if any(u.finish_reason is not None and u.error is not None for u in first_step):
-        raise RuntimeError(f"a job failed at prefill: {first_step}")
+    failed = [u for u in first_step if u.error is not None] + [r for r in results.values() if r.error is not None]
+    if failed:
+        raise RuntimeError(f"a job failed: {failed[0]}")
+    tokens = {u.job_id: list(u.token_ids) for u in first_step}
+    for job_id, result in results.items():
+        tokens[job_id] = tokens.get(job_id, []) + result.token_ids
     return {
         "ttft_ms": round(ttft * 1000, 1),
         "decode_s": round(decode, 3),
         "tokens_per_s": round(len(jobs) * new_tokens / (ttft + decode), 1),
         "decode_tokens_per_s": round(decoded / decode, 1) if decode > 0 else None,
+        "tokens": tokens,
     }
 
 
@@ -79,42 +87,63 @@ def main(argv: list[str] | None = None) -> int:
     print(f"built {args.shape} on {name} ({dtype}) in {build_s:.1f} s", flush=True)
 
     modes = [False] if args.no_compile else [False, True]
-    rows = []
+    rows: list[dict] = []
+    eager_tokens: dict[int, dict[str, list[int]]] = {}
+    largest = max(args.batches)
     for compiled in modes:
+        # One engine per mode, as one worker: every batch size runs through the same slots and compiled step.
+        engine = Engine(
+            loaded, max_batch=largest, token_budget=largest * 1024, compile=compiled, prefill_tokens=largest * 1024
+        )  # the whole batch prefills in the first step
+        if compiled:
+            started = time.perf_counter()
+            shapes = engine.warmup()
+            warmup_s = round(time.perf_counter() - started, 1)
+            print(f"compiled step warmed up for {len(shapes)} shapes in {warmup_s} s", flush=True)
         for batch in args.batches:
             elapsed = time.perf_counter() - suite_start
-            # A run costs a warm-up (compile, CUDA graph capture) and a measured pass; project from the last one.
-            projected = rows[-1]["wall_s"] * (1.5 if compiled and not rows[-1]["compiled"] else 1.2) if rows else 0
+            # A run costs a warm-up pass and a measured pass; project from the last one.
+            projected = rows[-1]["wall_s"] * 1.2 if rows else 0
             if elapsed + projected > args.max_seconds:
                 print(f"skip {'compiled' if compiled else 'eager'} batch {batch}: {elapsed:.0f} s used, "
                       f"{projected:.0f} s projected, budget {args.max_seconds:.0f} s", flush=True)  # fmt: skip
                 continue
             run_start = time.perf_counter()
-            engine = Engine(
-                loaded, max_batch=batch, token_budget=batch * 1024, compile=compiled, prefill_tokens=batch * 1024
-            )  # the whole batch prefills in the first step
             jobs = make_jobs(batch, args.new_tokens)
             warm = make_jobs(batch, args.new_tokens)
             for job in warm:
                 job.job_id = "warm-" + job.job_id
-            run_once(engine, warm, args.new_tokens)  # compile / capture / allocator warm-up, same shapes
+            run_once(engine, warm, args.new_tokens)  # new column buckets, allocator warm-up, same shapes
             row = {"compiled": compiled, "batch": batch, **run_once(engine, jobs, args.new_tokens)}
             row["wall_s"] = round(time.perf_counter() - run_start, 1)
+            if compiled:
+                row["warmup_s"] = warmup_s
+            tokens = row.pop("tokens")
+            if compiled and batch in eager_tokens:  # greedy: the compiled step should pick the eager step's tokens
+                same = sum(tokens[j] == eager_tokens[batch][j] for j in tokens)
+                row["same_tokens_as_eager"] = f"{same}/{len(tokens)} jobs"
+            elif not compiled:
+                eager_tokens[batch] = tokens
             rows.append(row)
             print(f"{'compiled' if compiled else 'eager':>8} batch {batch:>2}: {row['tokens_per_s']:>8} tok/s "
                   f"(decode {row['decode_tokens_per_s']} tok/s), TTFT {row['ttft_ms']} ms, {row['wall_s']} s",
                   flush=True)  # fmt: skip
             write_report(args, name, dtype, build_s, suite_start, rows)  # after every run: a timeout keeps them
-            del engine
-            if device == "cuda":
-                torch.cuda.empty_cache()
+        del engine
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
     print(f"\n{args.shape} model, {name}, {dtype}, {args.new_tokens} new tokens per job, EOS ignored\n")
-    print("| mode | batch | tok/s (aggregate) | decode tok/s | TTFT (prefill of the batch) |")
-    print("|---|---|---|---|---|")
+    print("| mode | batch | tok/s (aggregate) | decode tok/s | TTFT (prefill of the batch) | compiled/eager "
+          "| greedy tokens as eager |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    eager = {r["batch"]: r for r in rows if not r["compiled"]}
     for r in rows:
+        base = eager.get(r["batch"]) if r["compiled"] else None
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
+        same = r.get("same_tokens_as_eager", "")
         print(f"| {'compiled' if r['compiled'] else 'eager'} | {r['batch']} | {r['tokens_per_s']} | "
-              f"{r['decode_tokens_per_s']} | {r['ttft_ms']} ms |")  # fmt: skip
+              f"{r['decode_tokens_per_s']} | {r['ttft_ms']} ms | {ratio} | {same} |")  # fmt: skip
     total = write_report(args, name, dtype, build_s, suite_start, rows)
     print(f"\ntotal {total:.0f} s; wrote {args.out}")
     return 0

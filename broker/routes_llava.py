@@ -32,8 +32,6 @@ ERROR_CODE_NO_WORKER = 2  # LLaVA's controller: no worker for the model
 ERROR_CODE_NETWORK = 3  # LLaVA's controller: the worker could not be reached
 
 
-
-
 class LlavaGenerateBody(BaseModel):
     """LLaVA's `/worker_generate_stream` body; LLaVA's defaults, our range checks."""
 

@@ -46,8 +46,9 @@ def system(redis_url: str, tiny_model_path: Path, tmp_path_factory: pytest.TempP
     logs = tmp_path_factory.mktemp("logs")
     controller, url = start_controller(redis_url, logs)
     workers = [
-        start_worker(redis_url, logs, f"worker-{i}", "--model-path", str(tiny_model_path), "--device", "cpu",
-                     "--max-batch", "4")  # fmt: skip
+        start_worker(
+            redis_url, logs, f"worker-{i}", "--model-path", str(tiny_model_path), "--device", "cpu", "--max-batch", "4"
+        )  # fmt: skip
         for i in range(2)
     ]
     procs: list[Proc] = [controller, *workers]
