@@ -85,13 +85,13 @@ class SlotCache(Cache):
         self.max_rows, self.max_columns = max_rows, max_columns
         layers = []
         for heads, dim in layer_shapes:
-            shape = (max_rows, heads, max_columns, dim)
+            shape = (max_rows, heads, max_columns + 1, dim)  # a spare column, for the reason below
             keys = torch.zeros(shape, dtype=dtype, device=device)
             values = torch.zeros(shape, dtype=dtype, device=device)
             layers.append(SlotLayer(self, keys, values))
         super().__init__(layers=layers)
-        # One spare element each: a step's views are then always strict prefixes, which dynamo does not
-        # specialise on (a view as long as its base gets a graph of its own).
+        # One spare element (and cache column) each: a step's views are then always strict prefixes, which dynamo
+        # does not specialise on (a view as long as its base, or as the cache, gets a graph of its own).
         self.tokens = torch.zeros(max_rows + 1, dtype=torch.long, device=device)  # fed at the next step
         self.lengths = torch.zeros(max_rows + 1, dtype=torch.long, device=device)  # cached tokens = next column
         self.row_index = torch.arange(max_rows + 1, device=device)

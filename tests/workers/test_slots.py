@@ -76,12 +76,12 @@ def test_join_refuses_more_rows_than_free_slots():
         batch.join([prefill([1, 2, 3], [1.0, 2.0, 3.0])])
 
 
-def compiled_engine(loaded, **kw) -> Engine:
-    """The compiled decode step traced by dynamo and run by its `eager` backend: the same graphs, guards and
-    recompiles as inductor, without the code generation time."""
+def compiled_engine(loaded, backend="eager", **kw) -> Engine:
+    """The compiled decode step without inductor's code generation time: `eager` runs dynamo's graphs as traced;
+    `aot_eager` adds AOTAutograd, whose guards and recompiles are those inductor gets."""
     torch._dynamo.reset()
     counters.clear()
-    return Engine(loaded, compile=True, compile_backend="eager", **kw)
+    return Engine(loaded, compile=True, compile_backend=backend, **kw)
 
 
 def test_compiled_slots_match_eager_under_churn_with_few_graphs(loaded):
@@ -92,7 +92,7 @@ def test_compiled_slots_match_eager_under_churn_with_few_graphs(loaded):
         chat_job(f"j{i}", "go " * (i % 4 + 1), [RED] if i % 3 == 0 else [], greedy(n)) for i, n in enumerate(lengths)
     ]
     expected = run_to_completion(Engine(loaded, max_batch=8), jobs)
-    engine = compiled_engine(loaded, max_batch=8)
+    engine = compiled_engine(loaded, "aot_eager", max_batch=8)
     waiting = [engine.prepare(job) for job in jobs]
     out: dict[str, list[int]] = {}
     shapes = set()
@@ -151,7 +151,7 @@ def test_compiled_with_inductor_matches_eager(loaded):
 
 
 def test_warmup_builds_every_graph_before_jobs_come(loaded):
-    engine = compiled_engine(loaded, max_batch=4)
+    engine = compiled_engine(loaded, "aot_eager", max_batch=4)
     assert engine.warmup() == [(r, c) for r in (1, 2, 4) for c in (256, 512)]
     built = counters["stats"]["unique_graphs"]
     assert built <= 2
