@@ -74,6 +74,9 @@ class WorkerSettings(BaseSettings):
     job_result_ttl: int = Field(default=600, ge=1)
     worker_id: str | None = None
     compile: bool = Field(default=False, description="a KV slot per job and a compiled decode step, warmed up at start")
+    compile_backend: Literal["inductor", "cudagraphs", "aot_eager", "eager"] = Field(
+        default="inductor", description="torch.compile backend of --compile (cudagraphs: CUDA graphs, no codegen)"
+    )
     threads: int | None = Field(default=None, ge=1, description="CPU threads for torch (default: torch's own)")
     prefill_tokens: int = Field(default=4096, ge=1, description="prompt tokens prefilled per step, at most")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics here (default off)")

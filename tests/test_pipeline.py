@@ -155,3 +155,23 @@ def test_no_keys_left_behind_by_a_finished_job(system: dict) -> None:
     for worker_id in redis.smembers(keys.workers()):
         assert not redis.hexists(keys.worker_jobs(worker_id.decode()), job_id)
     assert redis.llen(f"rq:queue:{keys.queue_name(MODEL)}") == 0
+
+
+def test_compiled_worker_answers_as_the_eager_one(system: dict, tiny_model_path: Path, tmp_path: Path) -> None:
+    # The --compile path through the CLI: slots, warm-up before registering, the compiled step serving requests.
+    # The `eager` backend keeps inductor's code generation out of the test; the engine tests cover the rest.
+    name = "tiny-compiled"
+    worker = start_worker(system["redis_url"], tmp_path, "compiled", "--model-path", str(tiny_model_path),
+                          "--model-name", name, "--device", "cpu", "--max-batch", "4", "--compile",
+                          "--compile-backend", "eager")  # fmt: skip
+    try:
+        wait_for_workers(system["url"], name, 1, [worker])
+        assert "compiled decode step warmed up" in worker.log()
+        for text in ("What is in this picture?", "Name the colour."):
+            eager = collect(system["url"], ask(text))[-1]
+            compiled = collect(system["url"], ask(text, model=name))[-1]
+            assert eager.type == compiled.type == "done", (eager, compiled)
+            assert compiled.data["text"] == eager.data["text"]
+            assert compiled.data["usage"] == eager.data["usage"]
+    finally:
+        worker.stop()

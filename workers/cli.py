@@ -46,6 +46,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "built for every batch-size bucket before the worker registers",
     )
     parser.add_argument(
+        "--compile-backend",
+        choices=["inductor", "cudagraphs", "aot_eager", "eager"],
+        help="torch.compile backend for --compile: inductor (default; generated kernels, CUDA graphs on a GPU), "
+        "cudagraphs (CUDA graphs of the eager kernels: a much shorter warm-up), aot_eager or eager (no speed-up; "
+        "for checking the compiled path)",
+    )
+    parser.add_argument(
         "--engine",
         choices=ENGINE_KINDS,
         default="transformers",
@@ -57,7 +64,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 def worker_settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     """WorkerSettings from parsed flags; flags left unset keep the environment's or the default value."""
     fields = ("model_path", "model_name", "device", "dtype", "max_batch", "token_budget", "redis_url")
-    extra = ("drain_timeout", "worker_id", "metrics_port", "metrics_host", "compile", "threads", "prefill_tokens")
+    extra = ("drain_timeout", "worker_id", "metrics_port", "metrics_host", "compile", "compile_backend", "threads",
+             "prefill_tokens")  # fmt: skip
     values: dict[str, Any] = {f: getattr(args, f, None) for f in (*fields, *extra)}
     return WorkerSettings(**{k: v for k, v in values.items() if v is not None})
 
@@ -86,6 +94,7 @@ def build_engine(settings: WorkerSettings, engine_kind: str, *, scripted_step_de
         max_batch=settings.max_batch,
         token_budget=settings.token_budget,
         compile=settings.compile,
+        compile_backend=settings.compile_backend,
         prefill_tokens=settings.prefill_tokens,
     )
     if settings.compile:

@@ -83,6 +83,8 @@ class Engine:
             raise ValueError(
                 f"token_budget {self.token_budget} leaves {columns} cache columns per slot for {self.max_batch} slots"
             )
+        if backend == "cudagraphs" and not self.device.startswith("cuda"):
+            raise ValueError(f"compile backend 'cudagraphs' needs a CUDA device, not {self.device}")
         mode = "reduce-overhead" if backend == "inductor" and self.device.startswith("cuda") else None
         step = torch.compile(decode_forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
         batch = SlotBatch(

@@ -161,3 +161,8 @@ def test_warmup_builds_every_graph_before_jobs_come(loaded):
     assert {j: out[j].token_ids for j in out} == {j: expected[j].token_ids for j in expected}
     assert counters["stats"]["unique_graphs"] == built
     assert Engine(loaded, max_batch=2).warmup() == []
+
+
+def test_cudagraphs_backend_needs_cuda(loaded):
+    with pytest.raises(ValueError, match="'cudagraphs' needs a CUDA device, not cpu"):
+        Engine(loaded, compile=True, compile_backend="cudagraphs")
