@@ -1,5 +1,5 @@
 """One prepared GPU run: a LLaVA-1.5-7B-shaped model (random bf16 weights, built on the GPU) through the engine
-in-process, eager and compiled, at batch 1, 8 and 32. No Redis, no downloads.
+in-process, eager and compiled (CUDA graphs alone, then inductor), at batch 1, 8 and 32. No Redis, no downloads.
 
     python -m bench.engine --gpu-suite [--shape 7b] [--new-tokens 64] [--batches 1 8 32] [--no-compile]
     bench/gpu.sh
@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--no-compile", action="store_true", help="eager runs only")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["cudagraphs", "inductor", "aot_eager", "eager"],
+        help="compile backends to run after the eager engine (default: cudagraphs then inductor on CUDA, "
+        "inductor on the CPU); each is one engine with --compile",
+    )
     parser.add_argument("--max-seconds", type=float, default=270, help="stop starting runs past this budget")
     parser.add_argument("--allow-cpu", action="store_true", help="dry run on the CPU (use --shape small)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu_suite.json"))
@@ -86,27 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"built {args.shape} on {name} ({dtype}) in {build_s:.1f} s", flush=True)
 
-    modes = [False] if args.no_compile else [False, True]
+    backends = args.backends or (["cudagraphs", "inductor"] if device == "cuda" else ["inductor"])
+    modes = ["eager"] + ([] if args.no_compile else [f"compiled {b}" for b in backends])
     rows: list[dict] = []
     eager_tokens: dict[int, dict[str, list[int]]] = {}
     largest = max(args.batches)
-    for compiled in modes:
+    for mode in modes:
+        compiled = mode != "eager"
         # One engine per mode, as one worker: every batch size runs through the same slots and compiled step.
+        torch._dynamo.reset()
         engine = Engine(
-            loaded, max_batch=largest, token_budget=largest * 1024, compile=compiled, prefill_tokens=largest * 1024
-        )  # the whole batch prefills in the first step
+            loaded, max_batch=largest, token_budget=largest * 1024, prefill_tokens=largest * 1024, compile=compiled,
+            compile_backend=mode.split()[-1] if compiled else "inductor",
+        )  # fmt: skip  # the whole batch prefills in the first step
+        warmup_s = None
         if compiled:
             started = time.perf_counter()
             shapes = engine.warmup()
             warmup_s = round(time.perf_counter() - started, 1)
-            print(f"compiled step warmed up for {len(shapes)} shapes in {warmup_s} s", flush=True)
+            print(f"{mode}: step warmed up for {len(shapes)} shapes in {warmup_s} s", flush=True)
         for batch in args.batches:
             elapsed = time.perf_counter() - suite_start
             # A run costs a warm-up pass and a measured pass; project from the last one.
             projected = rows[-1]["wall_s"] * 1.2 if rows else 0
             if elapsed + projected > args.max_seconds:
-                print(f"skip {'compiled' if compiled else 'eager'} batch {batch}: {elapsed:.0f} s used, "
-                      f"{projected:.0f} s projected, budget {args.max_seconds:.0f} s", flush=True)  # fmt: skip
+                print(f"skip {mode} batch {batch}: {elapsed:.0f} s used, {projected:.0f} s projected, "
+                      f"budget {args.max_seconds:.0f} s", flush=True)  # fmt: skip
                 continue
             run_start = time.perf_counter()
             jobs = make_jobs(batch, args.new_tokens)
@@ -114,10 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             for job in warm:
                 job.job_id = "warm-" + job.job_id
             run_once(engine, warm, args.new_tokens)  # new column buckets, allocator warm-up, same shapes
-            row = {"compiled": compiled, "batch": batch, **run_once(engine, jobs, args.new_tokens)}
+            row = {"mode": mode, "batch": batch, **run_once(engine, jobs, args.new_tokens), "warmup_s": warmup_s}
             row["wall_s"] = round(time.perf_counter() - run_start, 1)
-            if compiled:
-                row["warmup_s"] = warmup_s
             tokens = row.pop("tokens")
             if compiled and batch in eager_tokens:  # greedy: the compiled step should pick the eager step's tokens
                 same = sum(tokens[j] == eager_tokens[batch][j] for j in tokens)
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             elif not compiled:
                 eager_tokens[batch] = tokens
             rows.append(row)
-            print(f"{'compiled' if compiled else 'eager':>8} batch {batch:>2}: {row['tokens_per_s']:>8} tok/s "
+            print(f"{mode:>20} batch {batch:>2}: {row['tokens_per_s']:>8} tok/s "
                   f"(decode {row['decode_tokens_per_s']} tok/s), TTFT {row['ttft_ms']} ms, {row['wall_s']} s",
                   flush=True)  # fmt: skip
             write_report(args, name, dtype, build_s, suite_start, rows)  # after every run: a timeout keeps them
@@ -134,16 +144,17 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
 
     print(f"\n{args.shape} model, {name}, {dtype}, {args.new_tokens} new tokens per job, EOS ignored\n")
-    print("| mode | batch | tok/s (aggregate) | decode tok/s | TTFT (prefill of the batch) | compiled/eager "
-          "| greedy tokens as eager |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    eager = {r["batch"]: r for r in rows if not r["compiled"]}
+    print("| mode | batch | tok/s (aggregate) | decode tok/s | TTFT (prefill of the batch) | vs eager "
+          "| greedy tokens as eager | warm-up |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    eager = {r["batch"]: r for r in rows if r["mode"] == "eager"}
     for r in rows:
-        base = eager.get(r["batch"]) if r["compiled"] else None
+        base = eager.get(r["batch"]) if r["mode"] != "eager" else None
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
         same = r.get("same_tokens_as_eager", "")
-        print(f"| {'compiled' if r['compiled'] else 'eager'} | {r['batch']} | {r['tokens_per_s']} | "
-              f"{r['decode_tokens_per_s']} | {r['ttft_ms']} ms | {ratio} | {same} |")  # fmt: skip
+        warm = f"{r['warmup_s']} s" if r["warmup_s"] is not None else ""
+        print(f"| {r['mode']} | {r['batch']} | {r['tokens_per_s']} | {r['decode_tokens_per_s']} | {r['ttft_ms']} ms "
+              f"| {ratio} | {same} | {warm} |")  # fmt: skip
     total = write_report(args, name, dtype, build_s, suite_start, rows)
     print(f"\ntotal {total:.0f} s; wrote {args.out}")
     return 0
