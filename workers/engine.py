@@ -19,7 +19,7 @@ from workers.model import LoadedModel
 from workers.preprocess import ImageCache, check_prompt, render_messages, stack_image_tensors
 from workers.running import RunningJob
 from workers.sampling import sample_batch
-from workers.slots import SlotBatch, decode_forward
+from workers.slots import SlotBatch, SlotCache, decode_forward
 
 __all__ = ["Completion", "Engine", "EngineImage", "EngineJob", "JobUpdate", "PreparedJob", "run_to_completion"]
 
@@ -87,9 +87,8 @@ class Engine:
             raise ValueError(f"compile backend 'cudagraphs' needs a CUDA device, not {self.device}")
         mode = "reduce-overhead" if backend == "inductor" and self.device.startswith("cuda") else None
         step = torch.compile(decode_forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
-        batch = SlotBatch(
-            self._kv_layout(), self.max_batch, columns, self.device, self.loaded.dtype, self.loaded.pad_token_id, step
-        )
+        cache = SlotCache(self._kv_layout(), self.max_batch, columns, self.device, self.loaded.dtype)
+        batch = SlotBatch(cache, self.loaded.pad_token_id, step)
         shapes = len(batch.row_buckets) * len(batch.column_buckets)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
         log.info(

@@ -130,22 +130,12 @@ def decode_forward(
 class SlotBatch:
     """The running jobs of a compiled engine, one per slot, in slots 0..len(rows)-1."""
 
-    def __init__(
-        self,
-        layer_shapes: Sequence[tuple[int, int]],
-        max_rows: int,
-        max_columns: int,
-        device: str,
-        dtype: torch.dtype,
-        pad_token_id: int,
-        step: Callable[..., torch.Tensor] = decode_forward,
-    ) -> None:
-        self.cache = SlotCache(layer_shapes, max_rows, max_columns, device, dtype)
+    def __init__(self, cache: SlotCache, pad_token_id: int, step: Callable[..., torch.Tensor] = decode_forward) -> None:
+        self.cache = cache
         self.step = step
-        self.device = device
         self.pad_token_id = pad_token_id
-        self.row_buckets = buckets(max_rows)
-        self.column_buckets = buckets(max_columns, min(MIN_COLUMNS, max_columns))
+        self.row_buckets = buckets(cache.max_rows)
+        self.column_buckets = buckets(cache.max_columns, min(MIN_COLUMNS, cache.max_columns))
         self.rows: list[Any] = []
         self._lengths: list[int] = []  # host copy of cache.lengths[:n]: bucket choice without a device sync
 

@@ -9,7 +9,7 @@ from tests.workers.test_engine import BLUE, RED, chat_job, greedy
 from tests.workers.tiny_llava import tiny_loaded
 from workers.batch import Prefilled, cache_from_tensors
 from workers.engine import Engine, run_to_completion
-from workers.slots import SlotBatch, bucket_for, buckets
+from workers.slots import SlotBatch, SlotCache, bucket_for, buckets
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def prefill(lengths: list[int], fills: list[float]) -> Prefilled:
 
 
 def slots(max_rows=4, max_columns=16) -> SlotBatch:
-    return SlotBatch([(2, 4), (2, 4)], max_rows, max_columns, "cpu", torch.float32, pad_token_id=0)
+    return SlotBatch(SlotCache([(2, 4), (2, 4)], max_rows, max_columns, "cpu", torch.float32), pad_token_id=0)
 
 
 def test_buckets():
