@@ -29,11 +29,16 @@ def async_connect(url: str | None):
     from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
 
-    return aioredis.Redis.from_url(
+    # redis-py (8.1 here) caps a pool at 100 connections and raises MaxConnectionsError past that; a controller with
+    # hundreds of streams waits for a free connection instead (bounded: Redis never sees more than this).
+    pool = aioredis.BlockingConnectionPool.from_url(
         url or DEFAULT_REDIS_URL,
+        max_connections=128,
+        timeout=10,
         socket_connect_timeout=2,
         socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+    return aioredis.Redis.from_pool(pool)
