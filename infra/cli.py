@@ -17,7 +17,9 @@ def _controller(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from workers.cli import run_worker, worker_settings_from_args
 
-    return run_worker(worker_settings_from_args(args), engine_kind=args.engine)
+    return run_worker(
+        worker_settings_from_args(args), engine_kind=args.engine, scripted_step_delay=args.scripted_step_delay
+    )
 
 
 def _web(args: argparse.Namespace) -> int:

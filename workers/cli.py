@@ -13,6 +13,8 @@ from infra.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+SCRIPTED_STEP_DELAY_S = 0.05
+
 SWEEP_INTERVAL_S = 2.0
 ENGINE_KINDS = ("transformers", "scripted")
 
@@ -58,6 +60,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         default="transformers",
         help="'scripted' is a fake engine for load and fault tests of the broker, not a model",
     )
+    parser.add_argument(
+        "--scripted-step-delay",
+        type=float,
+        default=SCRIPTED_STEP_DELAY_S,
+        help=f"--engine scripted: seconds per decode step (default {SCRIPTED_STEP_DELAY_S})",
+    )
     return parser
 
 
@@ -70,7 +78,9 @@ def worker_settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     return WorkerSettings(**{k: v for k, v in values.items() if v is not None})
 
 
-def build_engine(settings: WorkerSettings, engine_kind: str, *, scripted_step_delay: float = 0.05) -> tuple[Any, str]:
+def build_engine(
+    settings: WorkerSettings, engine_kind: str, *, scripted_step_delay: float = SCRIPTED_STEP_DELAY_S
+) -> tuple[Any, str]:
     """The engine and the device name it runs on."""
     if engine_kind == "scripted":
         from workers.scripted import ScriptedEngine
@@ -108,7 +118,7 @@ def run_worker(
     settings: WorkerSettings,
     *,
     engine_kind: str = "transformers",
-    scripted_step_delay: float = 0.05,
+    scripted_step_delay: float = SCRIPTED_STEP_DELAY_S,
     sweep_interval: float = SWEEP_INTERVAL_S,
 ) -> int:
     """Serve `settings.model_path` until SIGTERM/SIGINT (exit 0) or an unrecoverable device error (non-zero).
