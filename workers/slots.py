@@ -1,7 +1,7 @@
 """A fixed-shape KV cache for a compiled decode step: one slot (row) per running job, allocated once.
 
-Every layer keeps keys and values in one buffer [max_rows, kv_heads, max_columns, head_dim] for the engine's life,
-so a compiled step (CUDA graphs included) always reads and writes the same memory. A job's tokens sit at columns
+Every layer keeps keys and values in one buffer [max_rows, kv_heads, max_columns + 1, head_dim] for the engine's
+life, so a compiled step (CUDA graphs included) always reads and writes the same memory. A job's tokens sit at columns
 0..length-1 of its slot; a decode step writes each row's new token at its own column, `lengths[row]`, which is also
 its position id. Running jobs always fill slots 0..n-1: a leaving job's slot takes the last job's row.
 
