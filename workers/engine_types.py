@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
 from broker.errors import LlavaError
 from broker.messages import FinishReason, JobMessage, SamplingParams, Usage
+
+if TYPE_CHECKING:  # torch only for annotations: the scripted engine runs without importing it
+    import torch
 
 
 @dataclass

@@ -31,7 +31,7 @@ def error_from_event(event: ErrorEvent) -> LlavaError:
 
 def failure_update(job_id: str, usage: Usage, error: LlavaError):
     """A final engine update failing `job_id` with `error`."""
-    from workers.engine import JobUpdate
+    from workers.engine_types import JobUpdate
 
     return JobUpdate(job_id, "", FinishReason.error, usage, error)
 
@@ -42,7 +42,7 @@ def load_images(redis: Redis, digests: list[str]) -> list:
         return []
     from PIL import Image
 
-    from workers.engine import EngineImage
+    from workers.engine_types import EngineImage
 
     images = []
     for digest, raw in zip(digests, redis.mget([keys.image(d) for d in digests]), strict=True):
@@ -86,7 +86,7 @@ class ActiveJob:
         return self.request.job_id
 
     def engine_job(self, images: list):
-        from workers.engine import EngineJob
+        from workers.engine_types import EngineJob
 
         r = self.request
         return EngineJob(job_id=r.job_id, params=r.params, messages=r.messages, prompt=r.prompt, images=images)

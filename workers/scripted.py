@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from broker.errors import ContextTooLong, DeviceError, InvalidRequest
 from broker.messages import FinishReason, JobText, Usage
-from workers.engine import EngineJob, JobUpdate
+from workers.engine_types import EngineJob, JobUpdate
 
 INVALID_MARKER = "[[invalid]]"
 CRASH_MARKER = "[[crash]]"
