@@ -136,14 +136,14 @@ class DecodeBatch:
             rows=rows,
         )
 
-    def decode_inputs(self) -> dict[str, Any]:
-        """Model kwargs for one decode step of every row."""
+    def decode_inputs(self, cache_kwarg: str = "cache") -> dict[str, Any]:
+        """Model kwargs for one decode step of every row (the cache under `cache_kwarg`)."""
         ones = self.attention_mask.new_ones((self.size, 1))
         return {
             "input_ids": self.last_tokens[:, None],
             "attention_mask": torch.cat([self.attention_mask, ones], dim=1),
             "position_ids": self.positions[:, None],
-            "cache": self.cache,
+            cache_kwarg: self.cache,
         }
 
     def advance(self, cache: Any, next_tokens: torch.Tensor) -> None:
@@ -212,8 +212,9 @@ class Prefilled:
 class PaddedBatch:
     """The running jobs of an eager engine: one DecodeBatch, rebuilt as jobs join and leave."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, cache_kwarg: str = "cache") -> None:
         self.device = device
+        self.cache_kwarg = cache_kwarg
         self.batch: DecodeBatch | None = None
         self._stepped_cache: Any = None
 
@@ -238,7 +239,7 @@ class PaddedBatch:
 
     def forward(self, model: Any) -> torch.Tensor:
         """One decode step of every row: next-token logits [rows, vocab]."""
-        out = model(**self.batch.decode_inputs(), use_cache=True, logits_to_keep=1)
+        out = model(**self.batch.decode_inputs(self.cache_kwarg), use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None)
         self._stepped_cache = cache if cache is not None else out.past_key_values
         return out.logits[:, -1, :]

@@ -75,7 +75,7 @@ class Engine:
         if compile:
             self._running = self._slot_batch(compile_backend)
         else:
-            self._running = PaddedBatch(self.device)
+            self._running = PaddedBatch(self.device, loaded.cache_kwarg)
 
     def _slot_batch(self, backend: str) -> SlotBatch:
         columns = min(self.context_length, self.token_budget // self.max_batch)
@@ -88,7 +88,7 @@ class Engine:
         mode = "reduce-overhead" if backend == "inductor" and self.device.startswith("cuda") else None
         step = torch.compile(decode_forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
         cache = SlotCache(self._kv_layout(), self.max_batch, columns, self.device, self.loaded.dtype)
-        batch = SlotBatch(cache, self.loaded.pad_token_id, step)
+        batch = SlotBatch(cache, self.loaded.pad_token_id, step, self.loaded.cache_kwarg)
         shapes = len(batch.row_buckets) * len(batch.column_buckets)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
         log.info(
@@ -312,7 +312,8 @@ class Engine:
         for key in rows[0].prepared.image_inputs:
             value = torch.cat([r.prepared.image_inputs[key] for r in rows]).to(self.device)
             inputs[key] = value.to(self.loaded.dtype) if value.is_floating_point() else value
-        out = self.model(**inputs, cache=DynamicCache(), use_cache=True, logits_to_keep=1)
+        inputs[self.loaded.cache_kwarg] = DynamicCache()
+        out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         tokens = sample_batch(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
         return Prefilled(_cache_of(out), inputs["attention_mask"], tokens, rows, keep=[])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class LoadedModel:
     name: str = ""
     pad_token_id: int = 0
     chat_template: str | None = None
+    cache_kwarg: str = "cache"  # the forward's KV cache argument: `cache`, or `past_key_values` before 5.2x
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,6 +114,13 @@ def load_model(model_path: str, *, device: str = "auto", dtype: str = "auto") ->
     return wrap_model(model, processor, device=resolved_device, dtype=torch_dtype, name=path.resolve().name)
 
 
+def cache_kwarg(model: Any) -> str:
+    """The name `model.forward` takes its KV cache by: `cache` in recent transformers 5 releases (which still accept
+    `past_key_values` with a deprecation warning), `past_key_values` in earlier ones."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def wrap_model(model: Any, processor: Any, *, device: str, dtype: torch.dtype, name: str) -> LoadedModel:
     """A LoadedModel around a model already on `device` in `dtype` and its processor (also for in-process builds)."""
     model.eval()
@@ -140,6 +149,7 @@ def wrap_model(model: Any, processor: Any, *, device: str, dtype: torch.dtype, n
         name=name,
         pad_token_id=int(pad_token_id),
         chat_template=chat_template,
+        cache_kwarg=cache_kwarg(model),
     )
     log.info("loaded %s on %s (%s), context %d", loaded.name, loaded.device, str(dtype), loaded.context_length)
     return loaded

@@ -110,19 +110,25 @@ class SlotCache(Cache):
 
 
 def decode_forward(
-    model: Any, cache: SlotCache, tokens: torch.Tensor, lengths: torch.Tensor, columns: torch.Tensor
+    model: Any,
+    cache: SlotCache,
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    columns: torch.Tensor,
+    cache_kwarg: str = "cache",
 ) -> torch.Tensor:
     """One decode step of the first len(tokens) slots over `columns` (the cache's `step_columns`): next-token
-    logits [rows, vocab]. Every argument is a view of the cache's fixed buffers."""
+    logits [rows, vocab]. The tensors are views of the cache's fixed buffers; `cache_kwarg` names the forward's
+    cache argument."""
     # A row sees its cached columns and the one its token is written to; a 4D mask is used by the model as is.
     mask = (columns[None, :] <= lengths[:, None])[:, None, None, :]
     out = model(
         input_ids=tokens[:, None],
         position_ids=lengths[:, None],
         attention_mask=mask,
-        cache=cache,
         use_cache=True,
         logits_to_keep=1,
+        **{cache_kwarg: cache},
     )
     return out.logits[:, -1, :]
 
@@ -130,9 +136,16 @@ def decode_forward(
 class SlotBatch:
     """The running jobs of a compiled engine, one per slot, in slots 0..len(rows)-1."""
 
-    def __init__(self, cache: SlotCache, pad_token_id: int, step: Callable[..., torch.Tensor] = decode_forward) -> None:
+    def __init__(
+        self,
+        cache: SlotCache,
+        pad_token_id: int,
+        step: Callable[..., torch.Tensor] = decode_forward,
+        cache_kwarg: str = "cache",
+    ) -> None:
         self.cache = cache
         self.step = step
+        self.cache_kwarg = cache_kwarg
         self.pad_token_id = pad_token_id
         self.row_buckets = buckets(cache.max_rows)
         self.column_buckets = buckets(cache.max_columns, min(MIN_COLUMNS, cache.max_columns))
@@ -152,12 +165,7 @@ class SlotBatch:
             self._join(part)
 
     def _join(self, part: Prefilled) -> None:
-        tensors, attention_mask, first_tokens, rows = (
-            cache_tensors(part.cache),
-            part.attention_mask,
-            part.first_tokens,
-            part.rows,
-        )
+        tensors, attention_mask = cache_tensors(part.cache), part.attention_mask
         if len(part.keep) > self.free_slots():
             raise ValueError(f"{len(part.keep)} jobs join but only {self.free_slots()} slots are free")
         if len(tensors) != len(self.cache.layers):
@@ -172,8 +180,8 @@ class SlotBatch:
                 layer.kbuf[slot, :, :length] = keys[i, :, prompt - length :]
                 layer.vbuf[slot, :, :length] = values[i, :, prompt - length :]
             self.cache.lengths[slot] = length
-            self.cache.tokens[slot] = int(first_tokens[i])
-            self.rows.append(rows[i])
+            self.cache.tokens[slot] = int(part.first_tokens[i])
+            self.rows.append(part.rows[i])
             self._lengths.append(length)
 
     def keep(self, indices: Sequence[int]) -> None:
@@ -226,7 +234,7 @@ class SlotBatch:
         cache.step_columns = cache.column_index[:columns]
         if cache.column_index.is_cuda:  # a new step for CUDA graph trees: the last step's outputs are consumed
             torch.compiler.cudagraph_mark_step_begin()
-        return self.step(model, cache, cache.tokens[:rows], cache.lengths[:rows], cache.step_columns)
+        return self.step(model, cache, cache.tokens[:rows], cache.lengths[:rows], cache.step_columns, self.cache_kwarg)
 
     def advance(self, next_tokens: torch.Tensor) -> None:
         """After a step: every running row cached its fed token; `next_tokens` [n] are fed next."""

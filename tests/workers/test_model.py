@@ -57,3 +57,16 @@ def test_dtype_and_device_resolution():
 def test_load_bfloat16_on_cpu():
     loaded = load_model(str(tiny_model_path()), device="cpu", dtype="bfloat16")
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
+
+
+def test_cache_kwarg_follows_the_forward_signature():
+    from workers.model import cache_kwarg
+
+    class Recent:
+        def forward(self, input_ids=None, cache=None, past_key_values=None): ...
+
+    class Earlier:
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    assert cache_kwarg(Recent()) == "cache"
+    assert cache_kwarg(Earlier()) == "past_key_values"
