@@ -109,7 +109,14 @@ def build_engine(
     )
     if settings.compile:
         started = time.perf_counter()
-        shapes = engine.warmup()
+        try:
+            shapes = engine.warmup()
+        except Exception as exc:
+            raise RuntimeError(
+                f"--compile: building the compiled decode step with {settings.compile_backend} failed "
+                f"({type(exc).__name__}: {exc}); start the worker without --compile, or with another "
+                "--compile-backend"
+            ) from exc
         log.info("compiled decode step warmed up for %d shapes in %.1f s", len(shapes), time.perf_counter() - started)
     return engine, str(loaded.device)
 
