@@ -51,7 +51,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "--compile-backend",
         choices=["inductor", "cudagraphs", "aot_eager", "eager"],
         help="torch.compile backend for --compile: inductor (default; generated kernels, CUDA graphs on a GPU), "
-        "cudagraphs (CUDA graphs of the eager kernels: a much shorter warm-up), aot_eager or eager (no speed-up; "
+        "cudagraphs (CUDA graphs of the eager kernels, no code generation), aot_eager or eager (no speed-up; "
         "for checking the compiled path)",
     )
     parser.add_argument(
