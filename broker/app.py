@@ -21,7 +21,7 @@ from broker.context import ControllerContext, StreamTimings, redis_unavailable
 from broker.errors import LlavaError
 from broker.messages import GenerateRequest
 from broker.metrics import ControllerMetrics, StatsWriter
-from broker.openai_messages import ChatCompletionRequest, openai_error, openai_status
+from broker.openai_messages import ChatCompletionRequest, CompletionRequest, openai_error, openai_status
 from broker.relay import ChunkRelay
 from broker.validation import RequestInvalid
 from infra.redis import async_connect, connect
@@ -38,7 +38,7 @@ def error_body(error: LlavaError) -> dict:
     return body
 
 
-GENERATE_PATHS = frozenset({"/api/v1/generate", "/v1/chat/completions", "/worker_generate_stream"})
+GENERATE_PATHS = frozenset({"/api/v1/generate", "/v1/chat/completions", "/v1/completions", "/worker_generate_stream"})
 
 
 def error_body_for(path: str, error: LlavaError) -> dict:
@@ -147,7 +147,7 @@ def create_app(
     metrics.watch_redis(lambda: app.state.ctx.redis_sync)
     if api_keys:
         app.add_middleware(ApiKeyMiddleware, check=ApiKeyCheck(api_keys), render_error=error_body_for)
-    _document_bodies(app, [GenerateRequest, LlavaGenerateBody, ChatCompletionRequest])
+    _document_bodies(app, [GenerateRequest, LlavaGenerateBody, ChatCompletionRequest, CompletionRequest])
     return app
 
 

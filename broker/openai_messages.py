@@ -1,14 +1,16 @@
-"""OpenAI-compatible wire messages (`/v1/chat/completions`, `/v1/models`) and OpenAI-shaped error bodies.
+"""OpenAI-compatible wire messages (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) and OpenAI-shaped
+error bodies.
 
 Requests are validated here with the same limits as `GenerateRequest`, so errors name the OpenAI field
-(`max_tokens`, not `max_new_tokens`); `to_generate_request` then maps them onto the controller's own request.
+(`max_tokens`, not `max_new_tokens`); `to_generate_request` and `sampling_params` then map them onto the
+controller's own request and job parameters.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
 from broker.errors import InvalidRequest, LlavaError, ModelNotFound
 from broker.messages import (
@@ -19,10 +21,12 @@ from broker.messages import (
     ContentPart,
     FinishReason,
     GenerateRequest,
+    SamplingParams,
     Usage,
 )
 
 DEFAULT_MAX_TOKENS = 512
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for legacy completions
 
 
 class OpenAIMessage(BaseModel):
@@ -36,17 +40,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """Body of `POST /v1/chat/completions`; fields this server has no use for are ignored, unsupported values of
-    the ones it knows are refused."""
+class OpenAIRequest(BaseModel):
+    """Fields that chat and legacy completions requests share; fields this server has no use for are ignored,
+    unsupported values of the ones it knows are refused."""
 
     model_config = ConfigDict(extra="ignore")
+    default_max_tokens: ClassVar[int] = DEFAULT_MAX_TOKENS
     model: str = Field(min_length=1)
-    messages: list[OpenAIMessage] = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     stop: list[str] | None = Field(default=None, max_length=MAX_STOP_STRINGS)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stream: bool = False
@@ -66,6 +69,31 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop strings must not be empty")
         return value
 
+    @field_validator("n", mode="before")
+    @classmethod
+    def _one_choice(cls, value: object) -> object:
+        if isinstance(value, int) and not isinstance(value, bool) and value != 1:
+            raise ValueError("only n=1 is supported (one choice per request)")
+        return value
+
+    def sampling_params(self, max_new_tokens: int | None = None) -> SamplingParams:
+        """The job's sampling parameters: `max_new_tokens`, else `max_tokens`, else the endpoint's default; OpenAI's
+        defaults for the rest (temperature 1, top_p 1)."""
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            max_new_tokens=max_new_tokens or self.max_tokens or self.default_max_tokens,
+            stop=self.stop or [],
+            seed=self.seed,
+        )
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    """Body of `POST /v1/chat/completions`."""
+
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+
     def to_generate_request(self) -> GenerateRequest:
         """The same request as `POST /api/v1/generate` takes; OpenAI's defaults (temperature 1, top_p 1)."""
         messages = []
@@ -74,15 +102,47 @@ class ChatCompletionRequest(BaseModel):
                 raise InvalidRequest(f"invalid request: messages[{i}].content: must not be empty")
             role = "system" if message.role == "developer" else message.role
             messages.append(ChatMessage(role=role, content=message.content))
-        return GenerateRequest(
-            model=self.model,
-            messages=messages,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            max_new_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
-            stop=self.stop or [],
-            seed=self.seed,
-        )
+        sampling = self.sampling_params(self.max_completion_tokens)
+        return GenerateRequest(model=self.model, messages=messages, **sampling.model_dump())
+
+
+# Legacy completions fields whose other values this server cannot honour: the values it accepts, and why not.
+_HONOURED_ONLY: dict[str, tuple[tuple[object, ...], str]] = {
+    "echo": ((None, False), "only false is supported (the reply never repeats the prompt)"),
+    "logprobs": ((None,), "log probabilities are not returned by this server; leave logprobs unset"),
+    "best_of": ((None, 1), "only 1 is supported (one sampled completion per request)"),
+    "suffix": ((None, ""), "insertion after a suffix is not supported; leave suffix unset"),
+}
+
+
+class CompletionRequest(OpenAIRequest):
+    """Body of `POST /v1/completions` (OpenAI's legacy completions): one text prompt, sent to the model as is."""
+
+    default_max_tokens: ClassVar[int] = DEFAULT_COMPLETION_MAX_TOKENS
+    prompt: str = Field(description="the prompt, already templated (a string, or a list of exactly one string)")
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_text_prompt(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        if len(value) == 1 and isinstance(value[0], str):
+            return value[0]
+        if value and all(isinstance(v, (int, list)) for v in value):
+            raise ValueError("token arrays are not supported; send the prompt as text")
+        raise ValueError(f"one prompt per request: a string or a list of exactly one string, not {len(value)}")
+
+    @field_validator("echo", "logprobs", "best_of", "suffix", mode="before")
+    @classmethod
+    def _only_honoured_values(cls, value: object, info: ValidationInfo) -> object:
+        accepted, why = _HONOURED_ONLY[str(info.field_name)]
+        if not any(value is a or (type(value) is type(a) and value == a) for a in accepted):
+            raise ValueError(why)
+        return value
 
 
 # ---- Responses ----------------------------------------------------------------------------------------------
@@ -153,6 +213,25 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChunkChoice]
+    usage: CompletionUsage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class TextCompletion(BaseModel):
+    """A legacy completion, and also each chunk of its stream (OpenAI uses the same object for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
     usage: CompletionUsage | None = None
     system_fingerprint: str | None = None
 

@@ -28,7 +28,7 @@ from broker.messages import (
     WorkerInfo,
 )
 from broker.streams import StreamEvent, follow_job, submit_job
-from broker.validation import read_model
+from broker.validation import documented_body, read_model
 
 router = APIRouter()
 
@@ -108,6 +108,14 @@ async def checked_images(ctx: ControllerContext, sources: list[tuple[str, str]])
     return checked
 
 
+async def require_live_model(ctx: ControllerContext, model: str) -> None:
+    """ModelNotFound (404, naming the live models) when no worker serves `model`; 503 when Redis does not answer."""
+    try:
+        await ctx.require_model(model)
+    except REDIS_ERRORS as exc:
+        raise redis_unavailable(exc) from exc
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
@@ -117,10 +125,7 @@ async def prepare_job(ctx: ControllerContext, body: GenerateRequest) -> JobReque
     `POST /api/v1/generate` and `POST /v1/chat/completions`."""
     sources = image_sources(body)
     images.check_image_count(len(sources), image_limits(ctx))
-    try:
-        await ctx.require_model(body.model)
-    except REDIS_ERRORS as exc:
-        raise redis_unavailable(exc) from exc
+    await require_live_model(ctx, body.model)
     checked = await checked_images(ctx, sources)
     return JobRequest(
         job_id=new_job_id(),
@@ -144,12 +149,7 @@ async def sse_events(events: AsyncIterator[StreamEvent]) -> AsyncIterator[Server
 @router.post(
     "/api/v1/generate",
     response_class=EventSourceResponse,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
-        }
-    },
+    openapi_extra=documented_body(GenerateRequest),
     summary="Generate a reply as a stream of server-sent events: queued, token, then done or error",
 )
 async def generate(request: Request) -> EventSourceResponse:

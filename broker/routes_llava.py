@@ -20,9 +20,9 @@ from starlette.types import Receive, Scope, Send
 from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
 from broker.errors import EndpointGone, InvalidRequest, LlavaError, ModelNotFound, NoWorker, RedisUnavailable
 from broker.messages import MAX_NEW_TOKENS, MAX_TEMPERATURE, DoneEvent, ErrorEvent, JobRequest, TokenEvent
-from broker.routes_api import checked_images, context, new_job_id
+from broker.routes_api import checked_images, context, new_job_id, require_live_model
 from broker.streams import StreamEvent, follow_job, submit_job
-from broker.validation import read_model
+from broker.validation import documented_body, read_model
 
 router = APIRouter(tags=["LLaVA compatibility"])
 
@@ -111,10 +111,7 @@ async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[Ll
             f"prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(sent)} image(s) were sent; "
             f"each image needs exactly one {IMAGE_PLACEHOLDER} in the prompt"
         )
-    try:
-        await ctx.require_model(body.model)
-    except REDIS_ERRORS as exc:
-        raise redis_unavailable(exc) from exc
+    await require_live_model(ctx, body.model)
     checked = await checked_images(ctx, [(f"images[{i}]", value) for i, value in enumerate(sent)])
     job = JobRequest(
         job_id=new_job_id(),
@@ -134,12 +131,7 @@ async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[Ll
 @router.post(
     "/worker_generate_stream",
     summary="LLaVA: stream NUL-delimited JSON chunks of prompt + text",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LlavaGenerateBody"}}},
-        }
-    },
+    openapi_extra=documented_body(LlavaGenerateBody),
 )
 async def worker_generate_stream(request: Request) -> Response:
     ctx = context(request)

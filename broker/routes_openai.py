@@ -1,23 +1,26 @@
-"""OpenAI-compatible endpoints: `POST /v1/chat/completions` (streaming and not) and `GET /v1/models`.
+"""OpenAI-compatible endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (streaming and not) and
+`GET /v1/models`.
 
 A chat completion becomes the same `GenerateRequest` as `POST /api/v1/generate` and takes the same path
 (`prepare_job`, `submit_job`, `follow_job`); only the wire format differs. http(s) `image_url`s are fetched
-(into data: URLs) only with `--allow-remote-images`, under `broker.remote_images`' limits.
+(into data: URLs) only with `--allow-remote-images`, under `broker.remote_images`' limits. A legacy completion
+is a text-only job whose `prompt` goes to the model as is, like LLaVA's `/worker_generate_stream`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
 from broker.errors import error_from_code
-from broker.messages import DoneEvent, ErrorEvent, GenerateRequest, ImageUrlPart, TokenEvent
+from broker.messages import DoneEvent, ErrorEvent, GenerateRequest, ImageUrlPart, JobRequest, TokenEvent
 from broker.openai_messages import (
     AssistantMessage,
     ChatCompletion,
@@ -25,17 +28,22 @@ from broker.openai_messages import (
     ChatCompletionRequest,
     Choice,
     ChunkChoice,
+    CompletionChoice,
+    CompletionRequest,
     CompletionUsage,
     Delta,
     ModelCard,
     ModelCardList,
+    OpenAIRequest,
+    TextCompletion,
     openai_error_from_event,
     openai_finish_reason,
 )
 from broker.remote_images import RemoteImagePolicy, inline_remote_images
-from broker.routes_api import context, image_sources, prepare_job
+from broker.routes_api import context, image_sources, new_job_id, prepare_job, require_live_model
+from broker.routes_llava import IMAGE_PLACEHOLDER
 from broker.streams import StreamEvent, follow_job, submit_job
-from broker.validation import read_model
+from broker.validation import RequestInvalid, documented_body, read_model
 
 router = APIRouter(tags=["OpenAI compatibility"])
 
@@ -78,6 +86,29 @@ def _sse(payload: str) -> ServerSentEvent:
     return ServerSentEvent(data=payload)
 
 
+async def text_pieces(events: AsyncIterator[StreamEvent]) -> AsyncIterator[str | DoneEvent | ErrorEvent]:
+    """Each token's text as it comes, then the final `done` or `error` event; text the tokens missed (lost in a
+    Redis blip) comes as one more piece before `done`. Closing it early closes `events`, which cancels the job."""
+    generated = ""
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, TokenEvent):
+                generated += event.text
+                yield event.text
+            elif isinstance(event, DoneEvent):
+                if event.text.startswith(generated) and len(event.text) > len(generated):
+                    yield event.text[len(generated) :]
+                yield event
+                return
+            elif isinstance(event, ErrorEvent):
+                yield event
+                return
+
+
+def _error_chunk(event: ErrorEvent) -> ServerSentEvent:
+    return _sse(openai_error_from_event(event.code, event.message, event.status_code).model_dump_json())
+
+
 async def completion_chunks(
     events: AsyncIterator[StreamEvent], *, completion_id: str, created: int, model: str, include_usage: bool
 ) -> AsyncIterator[ServerSentEvent]:
@@ -93,48 +124,55 @@ async def completion_chunks(
         )
         return _sse(body.model_dump_json())
 
-    generated = ""
-    async with contextlib.aclosing(events):  # closing early cancels the job
+    pieces = text_pieces(events)
+    async with contextlib.aclosing(pieces):  # closing early cancels the job
         yield chunk(Delta(role="assistant", content=""))
-        async for event in events:
-            if isinstance(event, TokenEvent):
-                generated += event.text
-                yield chunk(Delta(content=event.text))
-            elif isinstance(event, DoneEvent):
-                if event.text.startswith(generated) and len(event.text) > len(generated):
-                    yield chunk(Delta(content=event.text[len(generated) :]))  # tokens lost in a Redis blip
-                yield chunk(Delta(), openai_finish_reason(event.finish_reason))
+        async for piece in pieces:
+            if isinstance(piece, str):
+                yield chunk(Delta(content=piece))
+            elif isinstance(piece, DoneEvent):
+                yield chunk(Delta(), openai_finish_reason(piece.finish_reason))
                 if include_usage:
-                    usage = CompletionUsage.of(event.usage)
+                    usage = CompletionUsage.of(piece.usage)
                     tail = ChatCompletionChunk(id=completion_id, created=created, model=model, choices=[], usage=usage)
                     yield _sse(tail.model_dump_json())
                 yield _sse("[DONE]")
-                return
-            elif isinstance(event, ErrorEvent):
-                yield _sse(openai_error_from_event(event.code, event.message, event.status_code).model_dump_json())
+            else:
+                yield _error_chunk(piece)
                 yield _sse("[DONE]")
-                return
 
 
-async def final_completion(
-    events: AsyncIterator[StreamEvent], *, completion_id: str, created: int, model: str
-) -> ChatCompletion:
-    """The whole reply of a non-streaming request; an error event raises its error class."""
+async def text_completion_chunks(
+    events: AsyncIterator[StreamEvent], *, completion_id: str, created: int, model: str, include_usage: bool
+) -> AsyncIterator[ServerSentEvent]:
+    """OpenAI's legacy stream: `text_completion` chunks of text, one with the finish reason, optionally a usage
+    chunk, then `[DONE]`; an error after the start is a `{"error": ...}` chunk."""
+
+    def chunk(choices: list[CompletionChoice], usage: CompletionUsage | None = None) -> ServerSentEvent:
+        body = TextCompletion(id=completion_id, created=created, model=model, choices=choices, usage=usage)
+        return _sse(body.model_dump_json())
+
+    pieces = text_pieces(events)
+    async with contextlib.aclosing(pieces):  # closing early cancels the job
+        async for piece in pieces:
+            if isinstance(piece, str):
+                yield chunk([CompletionChoice(text=piece)])
+            elif isinstance(piece, DoneEvent):
+                yield chunk([CompletionChoice(text="", finish_reason=openai_finish_reason(piece.finish_reason))])
+                if include_usage:
+                    yield chunk([], CompletionUsage.of(piece.usage))
+                yield _sse("[DONE]")
+            else:
+                yield _error_chunk(piece)
+                yield _sse("[DONE]")
+
+
+async def final_event(events: AsyncIterator[StreamEvent]) -> DoneEvent:
+    """The `done` event of a non-streaming request; an error event raises its error class."""
     async with contextlib.aclosing(events):
         async for event in events:
             if isinstance(event, DoneEvent):
-                return ChatCompletion(
-                    id=completion_id,
-                    created=created,
-                    model=model,
-                    choices=[
-                        Choice(
-                            message=AssistantMessage(content=event.text),
-                            finish_reason=openai_finish_reason(event.finish_reason),
-                        )
-                    ],
-                    usage=CompletionUsage.of(event.usage),
-                )
+                return event
             if isinstance(event, ErrorEvent):
                 error = error_from_code(event.code, event.message)
                 error.status_code = event.status_code
@@ -142,33 +180,100 @@ async def final_completion(
     raise error_from_code("generation_failed", "the job's stream ended without a result")
 
 
+async def final_completion(
+    events: AsyncIterator[StreamEvent], *, completion_id: str, created: int, model: str
+) -> ChatCompletion:
+    """The whole reply of a non-streaming chat request; an error event raises its error class."""
+    done = await final_event(events)
+    return ChatCompletion(
+        id=completion_id,
+        created=created,
+        model=model,
+        choices=[
+            Choice(
+                message=AssistantMessage(content=done.text),
+                finish_reason=openai_finish_reason(done.finish_reason),
+            )
+        ],
+        usage=CompletionUsage.of(done.usage),
+    )
+
+
+async def final_text_completion(
+    events: AsyncIterator[StreamEvent], *, completion_id: str, created: int, model: str
+) -> TextCompletion:
+    """The whole reply of a non-streaming legacy completion; an error event raises its error class."""
+    done = await final_event(events)
+    return TextCompletion(
+        id=completion_id,
+        created=created,
+        model=model,
+        choices=[CompletionChoice(text=done.text, finish_reason=openai_finish_reason(done.finish_reason))],
+        usage=CompletionUsage.of(done.usage),
+    )
+
+
 @router.post(
     "/v1/chat/completions",
     summary="OpenAI chat completions (text and image_url parts), streaming or not",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
-        }
-    },
+    openapi_extra=documented_body(ChatCompletionRequest),
 )
 async def chat_completions(request: Request):
     ctx = context(request)
     body = await read_model(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
     generate = await with_remote_images(request, ctx, body.to_generate_request())
     job = await prepare_job(ctx, generate)
+    return await respond(ctx, job, body, "chatcmpl", completion_chunks, final_completion)
+
+
+async def respond(
+    ctx: ControllerContext,
+    job: JobRequest,
+    body: OpenAIRequest,
+    id_prefix: str,
+    stream: Callable[..., AsyncIterator[ServerSentEvent]],
+    whole: Callable[..., Awaitable[BaseModel]],
+):
+    """Submit `job` and answer in OpenAI's format: `stream`'s chunks as SSE when the body asks to stream, else
+    `whole`'s object as JSON; the job id goes in `X-Job-Id`."""
     sub = await submit_job(ctx, job)
     events = follow_job(ctx, sub, job.model)
-    completion_id, created = f"chatcmpl-{job.job_id}", int(time.time())
+    ids = {"completion_id": f"{id_prefix}-{job.job_id}", "created": int(time.time()), "model": body.model}
     headers = {"X-Job-Id": job.job_id}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = completion_chunks(
-            events, completion_id=completion_id, created=created, model=body.model, include_usage=include_usage
-        )
+        chunks = stream(events, include_usage=include_usage, **ids)
         return EventSourceResponse(chunks, ping=ctx.settings.ping_interval, headers=headers)
-    completion = await final_completion(events, completion_id=completion_id, created=created, model=body.model)
+    completion = await whole(events, **ids)
     return JSONResponse(completion.model_dump(mode="json"), headers=headers)
+
+
+async def prepare_prompt_job(ctx: ControllerContext, body: CompletionRequest) -> JobRequest:
+    """The job of a legacy completion: the prompt as is, no images; 404/503 for a model without workers."""
+    if IMAGE_PLACEHOLDER in body.prompt:
+        raise RequestInvalid(
+            [
+                {
+                    "loc": ("prompt",),
+                    "msg": f"contains {IMAGE_PLACEHOLDER}, but /v1/completions takes no images; "
+                    "send images to /v1/chat/completions as image_url parts",
+                }
+            ]
+        )
+    await require_live_model(ctx, body.model)
+    return JobRequest(job_id=new_job_id(), model=body.model, prompt=body.prompt, params=body.sampling_params())
+
+
+@router.post(
+    "/v1/completions",
+    summary="OpenAI legacy completions of a text prompt, streaming or not",
+    openapi_extra=documented_body(CompletionRequest),
+)
+async def completions(request: Request):
+    ctx = context(request)
+    body = await read_model(request, CompletionRequest, ctx.settings.max_body_bytes)
+    job = await prepare_prompt_job(ctx, body)
+    return await respond(ctx, job, body, "cmpl", text_completion_chunks, final_text_completion)
 
 
 @router.get("/v1/models", response_model=ModelCardList, summary="OpenAI: models served by live workers")

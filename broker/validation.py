@@ -126,3 +126,10 @@ async def read_model(request: Request, model: type[M], max_bytes: int) -> M:
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise RequestInvalid(exc.errors(include_url=False)) from None
+
+
+def documented_body(model: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that reads its JSON body with `read_model(request, model, ...)`: OpenAPI shows
+    `model` as the required body (the app adds the schema itself, see `app._document_bodies`)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}

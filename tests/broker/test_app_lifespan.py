@@ -35,7 +35,12 @@ def test_flags_override_settings_and_unset_flags_keep_defaults() -> None:
 
 def test_openapi_documents_the_generate_body(redis_url: str) -> None:
     schema = create_app(settings_for(redis_url)).openapi()
-    for path, model in (("/api/v1/generate", "GenerateRequest"), ("/worker_generate_stream", "LlavaGenerateBody")):
+    for path, model in (
+        ("/api/v1/generate", "GenerateRequest"),
+        ("/worker_generate_stream", "LlavaGenerateBody"),
+        ("/v1/chat/completions", "ChatCompletionRequest"),
+        ("/v1/completions", "CompletionRequest"),
+    ):
         body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": f"#/components/schemas/{model}"}
         assert "properties" in schema["components"]["schemas"][model]

@@ -1,9 +1,10 @@
-"""`/v1/chat/completions` and `/v1/models` through the official `openai` client, against real Redis and a
-scripted stand-in worker."""
+"""`/v1/chat/completions`, `/v1/completions` and `/v1/models` through the official `openai` client, against real
+Redis and a scripted stand-in worker."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 
 import openai
@@ -11,8 +12,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from broker import keys
+from broker import jobs, keys
 from broker.app import create_app
+from broker.context import rq_queue_key
 from broker.messages import FinishReason
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
 from tests.broker.test_remote_images import IMAGE, policy, server  # noqa: F401 - `server` is a fixture
@@ -181,7 +183,6 @@ def test_allowed_remote_images_still_refuse_private_hosts(redis_url, redis_clien
 def test_queue_full_is_429(redis_url: str, redis_client: redis.Redis) -> None:
     ScriptedWorker(redis_client, model=MODEL).register()
     with make_client(redis_url, max_queue=1) as small:
-        from broker import jobs
         from broker.messages import JobRequest
 
         jobs.enqueue(redis_client, JobRequest(job_id="waiting", model=MODEL), max_queue=1, result_ttl=60)
@@ -202,3 +203,149 @@ def test_allowed_remote_image_is_fetched_and_stored(redis_url, redis_client, ser
     assert reply.choices[0].message.content == "a cat"
     assert job.images == [hashlib.sha256(IMAGE).hexdigest()]
     assert redis_client.get(keys.image(job.images[0])) == IMAGE
+
+
+# ---- /v1/completions ----------------------------------------------------------------------------------------
+
+
+def test_text_completion(client: TestClient, worker: ScriptedWorker) -> None:
+    script = worker.in_thread(lambda w: w.serve_one(["Paris", "."]))
+    reply = oai(client).completions.create(
+        model=MODEL, prompt="USER: The capital of France?\nASSISTANT:", max_tokens=8, temperature=0, seed=3, user="u"
+    )
+    job = script.result()
+    assert reply.object == "text_completion" and reply.id == f"cmpl-{job.job_id}" and reply.model == MODEL
+    assert [(c.index, c.text, c.finish_reason) for c in reply.choices] == [(0, "Paris.", "stop")]
+    assert reply.usage.completion_tokens == len("Paris.")
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    # The prompt goes to the worker as is, like LLaVA's /worker_generate_stream, with no chat template around it.
+    assert job.prompt == "USER: The capital of France?\nASSISTANT:" and job.messages is None and job.images == []
+    assert (job.params.max_new_tokens, job.params.temperature, job.params.seed) == (8, 0, 3)
+
+
+def test_text_completion_defaults_and_a_one_string_list(client: TestClient, worker: ScriptedWorker) -> None:
+    script = worker.in_thread(lambda w: w.serve_one(["a b c"], FinishReason.length))
+    reply = oai(client).completions.create(model=MODEL, prompt=["Once upon a time"])
+    job = script.result()
+    assert reply.choices[0].finish_reason == "length"
+    assert job.prompt == "Once upon a time"
+    assert (job.params.temperature, job.params.top_p, job.params.max_new_tokens) == (1.0, 1.0, 16)
+
+
+@pytest.mark.parametrize(("stop", "sent"), [("###", ["###"]), (["\n\n", "Q:"], ["\n\n", "Q:"])])
+def test_text_completion_stop_strings(client: TestClient, worker: ScriptedWorker, stop, sent) -> None:
+    script = worker.in_thread(lambda w: w.serve_one(["4"], FinishReason.stop))
+    reply = oai(client).completions.create(model=MODEL, prompt="Q: 2+2?\nA:", stop=stop)
+    job = script.result()
+    assert job.params.stop == sent
+    assert reply.choices[0].text == "4" and reply.choices[0].finish_reason == "stop"
+
+
+def test_streamed_text_completion_with_usage(client: TestClient, worker: ScriptedWorker) -> None:
+    pieces = ["Once", " there", " was", " a cat."]
+    script = worker.in_thread(lambda w: w.serve_one(pieces))
+    stream = oai(client).completions.create(
+        model=MODEL, prompt="Tell a story:", stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    job = script.result()
+    assert all(c.id == f"cmpl-{job.job_id}" and c.object == "text_completion" for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Once there was a cat."
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == len("Once there was a cat.")
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_streamed_text_completion_ends_with_done(client: TestClient, worker: ScriptedWorker) -> None:
+    script = worker.in_thread(lambda w: w.serve_one(["x", "y"]))
+    body = {"model": MODEL, "prompt": "p", "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        data = [line[len("data:") :].strip() for line in response.iter_lines() if line.startswith("data:")]
+    script.result()
+    assert data[-1] == "[DONE]"
+    assert [json.loads(d)["choices"][0]["text"] for d in data[:-1]] == ["x", "y", ""]  # no usage chunk unasked
+
+
+def test_streamed_text_completion_error_raises_in_the_client(client: TestClient, worker: ScriptedWorker) -> None:
+    def script(w: ScriptedWorker) -> None:
+        job = w.claim()
+        w.start(job)
+        w.tokens(job, ["partial"])
+        w.fail(job, "device_error", "the GPU fell over", status_code=500)
+
+    thread = worker.in_thread(script)
+    with pytest.raises(openai.APIError, match="the GPU fell over"):
+        list(oai(client).completions.create(model=MODEL, prompt="p", stream=True))
+    thread.result()
+
+
+def test_text_completion_disconnect_cancels_the_job(client: TestClient, worker: ScriptedWorker, redis_client) -> None:
+    def script(w: ScriptedWorker):
+        job = w.claim()
+        w.start(job)
+        w.tokens(job, ["first"])
+        return job
+
+    running = worker.in_thread(script)
+    with client.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "p", "stream": True}) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        job = running.result()
+        assert not jobs.is_cancel_requested(redis_client, job.job_id)
+    assert jobs.is_cancel_requested(redis_client, job.job_id)
+
+
+def test_text_completion_unknown_model_is_404_listing_models(client: TestClient, worker: ScriptedWorker) -> None:
+    with pytest.raises(openai.NotFoundError, match=f"models served: '{MODEL}'") as raised:
+        oai(client).completions.create(model="gpt-3.5-turbo-instruct", prompt="hi")
+    assert raised.value.body["code"] == "model_not_found" and raised.value.body["param"] == "model"
+    assert raised.value.body["type"] == "not_found_error"
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "says"),
+    [
+        ({"prompt": [1, 2, 3]}, "prompt", "token arrays are not supported"),
+        ({"prompt": [[1, 2], [3]]}, "prompt", "token arrays are not supported"),
+        ({"prompt": ["a", "b"]}, "prompt", "exactly one string"),
+        ({"prompt": 7}, "prompt", "valid string"),
+        ({"prompt": "<image> what is this?"}, "prompt", "/v1/chat/completions"),
+        ({"n": 2}, "n", "only n=1"),
+        ({"echo": True}, "echo", "only false"),
+        ({"logprobs": 1}, "logprobs", "not returned"),
+        ({"best_of": 3}, "best_of", "only 1"),
+        ({"suffix": "end"}, "suffix", "not supported"),
+        ({"max_tokens": 5000}, "max_tokens", "4096"),
+    ],
+)
+def test_text_completion_bad_field_is_400_naming_it(client: TestClient, worker: ScriptedWorker, extra, param, says):
+    body = {"model": MODEL, "prompt": "hi", **extra}
+    with pytest.raises(openai.BadRequestError) as raised:
+        oai(client).completions.create(**body)
+    error = raised.value.body
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_request"
+    assert error["param"] == param and param in error["message"] and says in error["message"]
+    assert worker.redis.llen(rq_queue_key(MODEL)) == 0
+
+
+def test_text_completion_accepts_the_neutral_values(client: TestClient, worker: ScriptedWorker) -> None:
+    script = worker.in_thread(lambda w: w.serve_one(["ok"]))
+    reply = oai(client).completions.create(
+        model=MODEL, prompt="hi", n=1, echo=False, best_of=1, suffix="", logprobs=None, presence_penalty=0.5
+    )
+    script.result()
+    assert reply.choices[0].text == "ok"
+
+
+def test_text_completion_needs_an_api_key(redis_url: str, redis_client: redis.Redis) -> None:
+    worker = ScriptedWorker(redis_client, model=MODEL).register()
+    with make_client(redis_url, api_keys="key-one") as keyed:
+        with pytest.raises(openai.AuthenticationError, match="invalid API key") as raised:
+            oai(keyed, api_key="wrong").completions.create(model=MODEL, prompt="hi")
+        assert raised.value.body["type"] == "authentication_error"
+        assert redis_client.llen(rq_queue_key(MODEL)) == 0
+        script = worker.in_thread(lambda w: w.serve_one(["ok"]))
+        reply = oai(keyed, api_key="key-one").completions.create(model=MODEL, prompt="hi")
+        script.result()
+    assert reply.choices[0].text == "ok"
