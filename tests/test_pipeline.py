@@ -175,3 +175,15 @@ def test_compiled_worker_answers_as_the_eager_one(system: dict, tiny_model_path:
             assert compiled.data["usage"] == eager.data["usage"]
     finally:
         worker.stop()
+
+
+def test_legacy_completion_of_a_raw_prompt_by_the_real_model(system: dict) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{system['url']}/v1", api_key="unused", max_retries=0)
+    prompt = "USER: Say something about circles. ASSISTANT:"
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].finish_reason in {"length", "stop"}
+    assert 0 < whole.usage.completion_tokens <= 6 and whole.usage.prompt_tokens > 0
+    streamed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == whole.choices[0].text
