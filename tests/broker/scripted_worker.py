@@ -96,6 +96,19 @@ class ScriptedWorker:
         self.finish(job, "".join(pieces), reason)
         return job
 
+    def stream_then_hold(self, pieces: list[str]) -> JobRequest:
+        """Claim one job, stream `pieces` and leave it running (for cancel and disconnect tests)."""
+        job = self.claim()
+        self.start(job)
+        self.tokens(job, pieces)
+        return job
+
+    def stream_then_fail(self, pieces: list[str], code: str, message: str, status_code: int = 500) -> JobRequest:
+        """Claim one job, stream `pieces`, then fail it with an error event (an error after the stream began)."""
+        job = self.stream_then_hold(pieces)
+        self.fail(job, code, message, status_code)
+        return job
+
     def in_thread(self, script: Callable[[ScriptedWorker], object]) -> ScriptThread:
         return ScriptThread(self, script)
 

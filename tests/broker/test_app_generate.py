@@ -137,13 +137,7 @@ def test_disconnect_while_queued_removes_the_job(client: TestClient, worker: Scr
 def test_disconnect_while_running_sets_the_cancel_flag(
     client: TestClient, worker: ScriptedWorker, redis_client
 ) -> None:
-    def script(w: ScriptedWorker):
-        job = w.claim()
-        w.start(job)
-        w.tokens(job, ["first"])
-        return job
-
-    running = worker.in_thread(script)
+    running = worker.in_thread(lambda w: w.stream_then_hold(["first"]))
     with client.stream("POST", "/api/v1/generate", json=chat_body()) as response:
         events = read_sse(response.iter_lines())
         for name, _ in events:

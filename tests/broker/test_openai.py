@@ -110,13 +110,7 @@ def test_streaming_without_usage_has_no_usage_chunk(client: TestClient, worker: 
 
 
 def test_error_after_the_stream_started_raises_in_the_client(client: TestClient, worker: ScriptedWorker) -> None:
-    def script(w: ScriptedWorker) -> None:
-        job = w.claim()
-        w.start(job)
-        w.tokens(job, ["partial"])
-        w.fail(job, "device_error", "the GPU fell over", status_code=500)
-
-    thread = worker.in_thread(script)
+    thread = worker.in_thread(lambda w: w.stream_then_fail(["partial"], "device_error", "the GPU fell over"))
     stream = oai(client).chat.completions.create(model=MODEL, messages=user_turn(), stream=True)
     with pytest.raises(openai.APIError, match="the GPU fell over") as raised:
         list(stream)
@@ -268,26 +262,14 @@ def test_streamed_text_completion_ends_with_done(client: TestClient, worker: Scr
 
 
 def test_streamed_text_completion_error_raises_in_the_client(client: TestClient, worker: ScriptedWorker) -> None:
-    def script(w: ScriptedWorker) -> None:
-        job = w.claim()
-        w.start(job)
-        w.tokens(job, ["partial"])
-        w.fail(job, "device_error", "the GPU fell over", status_code=500)
-
-    thread = worker.in_thread(script)
+    thread = worker.in_thread(lambda w: w.stream_then_fail(["partial"], "device_error", "the GPU fell over"))
     with pytest.raises(openai.APIError, match="the GPU fell over"):
         list(oai(client).completions.create(model=MODEL, prompt="p", stream=True))
     thread.result()
 
 
 def test_text_completion_disconnect_cancels_the_job(client: TestClient, worker: ScriptedWorker, redis_client) -> None:
-    def script(w: ScriptedWorker):
-        job = w.claim()
-        w.start(job)
-        w.tokens(job, ["first"])
-        return job
-
-    running = worker.in_thread(script)
+    running = worker.in_thread(lambda w: w.stream_then_hold(["first"]))
     with client.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "p", "stream": True}) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
