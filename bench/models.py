@@ -56,11 +56,11 @@ def _configs(shape: str, tokenizer: Any) -> tuple[Any, int, int]:
 
 def build_in_memory(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> tuple[Any, Any]:
     """(model, processor) with random weights, created directly on `device` in `dtype`."""
-    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
 
-    from workers.tiny_model import CHAT_TEMPLATE, IMAGE_TOKEN, _build_tokenizer
+    from workers.tiny_model import build_tokenizer, copy_special_token_ids, llava_processor
 
-    tokenizer = _build_tokenizer(vocab_size=400)
+    tokenizer = build_tokenizer()
     config, image_size, patch = _configs(shape, tokenizer)
     torch.manual_seed(seed)
     with torch.device(device):
@@ -69,14 +69,10 @@ def build_in_memory(shape: str, device: str, dtype: torch.dtype, seed: int = 0) 
         # Wider logits than the 0.02 init so greedy choices are well separated (as the tiny model does).
         model.lm_head.weight.normal_(0.0, 1.0)
     model.eval()
-    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, getattr(tokenizer, key))
+    copy_special_token_ids(model, tokenizer)
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})  # fmt: skip
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-                               image_token=IMAGE_TOKEN, num_additional_image_tokens=1)  # fmt: skip
-    return model, processor
+    return model, llava_processor(tokenizer, image_processor, patch, "default")
 
 
 def build_model_dir(shape: str, path: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Path:

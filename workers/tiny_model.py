@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 TINY_MODEL_NAME = "tiny-llava"
 IMAGE_TOKEN = "<image>"
@@ -45,7 +46,8 @@ _CORPUS = [
 ]
 
 
-def _build_tokenizer(vocab_size: int):  # -> TokenizersBackend (PreTrainedTokenizerFast)
+def build_bpe_tokenizer(corpus: list[str], vocab_size: int):  # -> TokenizersBackend (PreTrainedTokenizerFast)
+    """A byte-level BPE trained on `corpus`, with LLaVA-1.5's special tokens and chat template, padding left."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -59,7 +61,7 @@ def _build_tokenizer(vocab_size: int):  # -> TokenizersBackend (PreTrainedTokeni
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    raw.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    raw.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=raw,
         bos_token="<s>",
@@ -72,6 +74,32 @@ def _build_tokenizer(vocab_size: int):  # -> TokenizersBackend (PreTrainedTokeni
     )
 
 
+def build_tokenizer(vocab_size: int = 400):  # -> TokenizersBackend (PreTrainedTokenizerFast)
+    """The tiny model's tokenizer (also used by the benchmark models)."""
+    return build_bpe_tokenizer(_CORPUS * 4, vocab_size)
+
+
+def llava_processor(tokenizer: Any, image_processor: Any, patch_size: int, feature_strategy: str) -> Any:
+    """A LlavaProcessor with the chat template, `<image>` and the CLS token counted as one more image token."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=feature_strategy,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+
+
+def copy_special_token_ids(model: Any, tokenizer: Any) -> None:
+    """The tokenizer's BOS, EOS and pad ids into the model's generation config (what `generate` and EOS use)."""
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+
+
 def build_tiny_model(path: Path, seed: int = 0) -> Path:
     """Build a tiny random-weight LLaVA (CLIP 32 px / patch 8 -> 16 image tokens, 2-layer Llama) at `path`."""
     import torch
@@ -81,11 +109,10 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaProcessor,
     )
 
     path = Path(path)
-    tokenizer = _build_tokenizer(vocab_size=400)
+    tokenizer = build_tokenizer()
     vocab_size = len(tokenizer)
     image_size, patch_size = 32, 8
 
@@ -124,23 +151,13 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     # Random init is tiny (std 0.02); larger logits make greedy choices well separated so batch == alone exactly.
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed + 1))
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    copy_special_token_ids(model, tokenizer)
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
     )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,
-    )
+    processor = llava_processor(tokenizer, image_processor, patch_size, "default")
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     processor.save_pretrained(path)

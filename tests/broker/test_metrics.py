@@ -4,10 +4,7 @@ the per-minute counters each finished job adds to in Redis."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-import pytest
-import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,17 +16,6 @@ from infra.embedded_redis import free_port
 from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, read_sse, settings_for
 
 MODEL = "tiny-llava"
-
-
-@pytest.fixture
-def client(redis_url: str, redis_client: redis.Redis) -> Iterator[TestClient]:
-    with TestClient(create_app(settings_for(redis_url), timings=FAST, run_sweeper=False)) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def worker(redis_client: redis.Redis) -> ScriptedWorker:
-    return ScriptedWorker(redis_client, model=MODEL).register()
 
 
 def scrape(client: TestClient) -> dict[tuple[str, tuple], float]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from workers.demo.data import messages, random_sample, random_scene
 from workers.demo.shapes import COLOURS, KINDS, MAX_SHAPES, POSITIONS, Scene, render
-from workers.tiny_model import CHAT_TEMPLATE, IMAGE_TOKEN, SPECIAL_TOKENS
+from workers.tiny_model import IMAGE_TOKEN, build_bpe_tokenizer, copy_special_token_ids, llava_processor
 
 log = logging.getLogger(__name__)
 
@@ -53,52 +53,21 @@ class Recipe:
 
 def build_tokenizer() -> Any:
     """A byte-level BPE trained on the demo's questions and answers, with the LLaVA chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from workers.demo.data import corpus
 
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    raw.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    raw.train_from_iterator(corpus() * 4 + ["USER: ASSISTANT:"] * 8, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=raw,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        chat_template=CHAT_TEMPLATE,
-        add_bos_token=False,
-        padding_side="left",
-    )
+    return build_bpe_tokenizer(corpus() * 4 + ["USER: ASSISTANT:"] * 8, vocab_size=512)
 
 
 def build_processor(tokenizer: Any) -> Any:
     """Every image is resized to IMAGE_SIZE square (no centre crop, so nothing near an edge is cut off)."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import CLIPImageProcessor
 
     image_processor = CLIPImageProcessor(
         size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         do_center_crop=False,
         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
     )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,
-    )
+    return llava_processor(tokenizer, image_processor, PATCH_SIZE, "full")
 
 
 def build_model(tokenizer: Any, seed: int) -> Any:
@@ -140,8 +109,7 @@ def build_model(tokenizer: Any, seed: int) -> Any:
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, getattr(tokenizer, key))
+    copy_special_token_ids(model, tokenizer)
     return model
 
 
