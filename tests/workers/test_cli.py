@@ -62,3 +62,23 @@ def test_a_compile_that_fails_names_the_backend_and_the_way_out(tiny_model_path,
     args = _parse("--model-path", str(tiny_model_path), "--device", "cpu", "--compile")
     with pytest.raises(RuntimeError, match="compiled decode step with inductor failed .*no C\\+\\+ compiler.*without"):
         build_engine(worker_settings_from_args(args), "transformers")
+
+
+def test_scripted_step_delay_reaches_the_scripted_engine(monkeypatch):
+    import workers.cli
+    from infra.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["worker", "--engine", "scripted", "--model-path", "m", "--scripted-step-delay", "0.01"]
+    )
+    seen = {}
+
+    def run_worker(settings, *, engine_kind, scripted_step_delay):
+        engine, _ = build_engine(settings, engine_kind, scripted_step_delay=scripted_step_delay)
+        seen["delay"] = engine.step_delay
+        return 0
+
+    monkeypatch.setattr(workers.cli, "run_worker", run_worker)
+    assert args.run(args) == 0 and seen["delay"] == 0.01
+    default = build_parser().parse_args(["worker", "--engine", "scripted", "--model-path", "m"])
+    assert default.scripted_step_delay == workers.cli.SCRIPTED_STEP_DELAY_S
