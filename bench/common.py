@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from broker.messages import GenerateRequest
+from contract.messages import GenerateRequest
 
 COLORS = ["red", "green", "blue", "orange", "purple", "yellow", "black", "cyan"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from broker.messages import JobImage, JobMessage, JobText, SamplingParams
+from contract.messages import JobImage, JobMessage, JobText, SamplingParams
 from workers.engine import Engine, EngineImage, EngineJob, run_to_completion
 from workers.model import load_model
 from workers.tiny_model import ensure_tiny_model

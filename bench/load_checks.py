@@ -11,8 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from bench.common import png_bytes, question
-from broker import jobs, keys
-from broker.messages import DoneEvent, ErrorEvent, GenerateRequest, QueuedEvent, TokenEvent
+from broker import jobs
+from contract import keys
+from contract.messages import DoneEvent, ErrorEvent, GenerateRequest, QueuedEvent, TokenEvent
 
 MODEL = "scripted-load"
 ENGINE_NOTE = "scripted (workers/scripted.py): a deterministic fake engine for load tests of the broker, not a model"

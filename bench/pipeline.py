@@ -33,7 +33,7 @@ from bench.common import (
     stream_once,
 )
 from bench.models import SHAPES, build_model_dir
-from broker.messages import JobImage, JobMessage, JobText, SamplingParams
+from contract.messages import JobImage, JobMessage, JobText, SamplingParams
 
 
 @dataclass

@@ -18,12 +18,12 @@ from pydantic import BaseModel
 from broker import images
 from broker.auth import ApiKeyCheck, ApiKeyMiddleware, load_api_keys
 from broker.context import ControllerContext, StreamTimings, redis_unavailable
-from broker.errors import LlavaError
-from broker.messages import GenerateRequest
 from broker.metrics import ControllerMetrics, StatsWriter
-from broker.openai_messages import ChatCompletionRequest, CompletionRequest, openai_error, openai_status
 from broker.relay import ChunkRelay
 from broker.validation import RequestInvalid
+from contract.errors import LlavaError
+from contract.messages import GenerateRequest
+from contract.openai_messages import ChatCompletionRequest, CompletionRequest, openai_error, openai_status
 from infra.redis import async_connect, connect
 from infra.settings import ControllerSettings
 

@@ -17,7 +17,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from broker.errors import LlavaError, Unauthorized
+from contract.errors import LlavaError, Unauthorized
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 

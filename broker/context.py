@@ -12,10 +12,10 @@ import anyio.to_thread
 import redis as sync_redis
 from rq import Queue
 
-from broker import keys
-from broker.errors import ModelNotFound, NoWorker, RedisUnavailable
-from broker.messages import WorkerInfo
 from broker.relay import ChunkRelay
+from contract import keys
+from contract.errors import ModelNotFound, NoWorker, RedisUnavailable
+from contract.messages import WorkerInfo
 from infra.settings import ControllerSettings
 
 T = TypeVar("T")

@@ -14,11 +14,11 @@ import redis as redis_errors
 from fastapi import APIRouter, Request
 from redis import Redis
 
-from broker import keys
-from broker.errors import ImageInvalid, RedisUnavailable
-from broker.feedback_messages import FeedbackAccepted, FeedbackEntry, FeedbackRequest, FeedbackType
 from broker.images import ImageLimits, check_images
-from broker.messages import (
+from contract import keys
+from contract.errors import ImageInvalid, RedisUnavailable
+from contract.feedback_messages import FeedbackAccepted, FeedbackEntry, FeedbackRequest, FeedbackType
+from contract.messages import (
     ChatMessage,
     GenerateRequest,
     ImageUrl,

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from broker import keys
-from broker.errors import ImageInvalid, ImageTooLarge, InvalidRequest
+from contract import keys
+from contract.errors import ImageInvalid, ImageTooLarge, InvalidRequest
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[\w.+-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(rb"\s+")

@@ -18,9 +18,9 @@ from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
-from broker import keys
-from broker.errors import QueueFull
-from broker.messages import ClaimState, JobOutcome, JobRequest, JobView, WorkerInfo
+from contract import keys
+from contract.errors import QueueFull
+from contract.messages import ClaimState, JobOutcome, JobRequest, JobView, WorkerInfo
 
 # A started job's registry entry; liveness is judged by our worker keys, so rq's own expiry must never fire first.
 STARTED_TTL_S = 24 * 3600

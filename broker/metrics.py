@@ -23,8 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from broker.messages import DoneEvent, ErrorEvent, TokenEvent
 from broker.stats import queue_job_counts
+from contract.messages import DoneEvent, ErrorEvent, TokenEvent
 
 log = logging.getLogger(__name__)
 

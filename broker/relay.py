@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from broker import keys
+from contract import keys
 
 log = logging.getLogger(__name__)
 

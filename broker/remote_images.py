@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import anyio
 import httpx
 
-from broker.errors import ImageInvalid, ImageTooLarge
+from contract.errors import ImageInvalid, ImageTooLarge
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]

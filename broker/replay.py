@@ -23,11 +23,11 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, Field
 
-from broker import keys
-from broker.errors import LlavaError
 from broker.feedback import feedback_generate_request, read_feedback
-from broker.feedback_messages import FeedbackEntry, FeedbackType
-from broker.messages import GenerateRequest, JobText
+from contract import keys
+from contract.errors import LlavaError
+from contract.feedback_messages import FeedbackEntry, FeedbackType
+from contract.messages import GenerateRequest, JobText
 
 ROW_FIELD = "row"
 REPORT_NAME = "replay"

@@ -14,8 +14,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from broker import images, jobs
 from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
-from broker.errors import JobNotFound, RedisUnavailable
-from broker.messages import (
+from broker.streams import StreamEvent, follow_job, submit_job
+from broker.validation import documented_body, read_model
+from contract.errors import JobNotFound, RedisUnavailable
+from contract.messages import (
     GenerateRequest,
     ImageUrlPart,
     JobImage,
@@ -27,8 +29,6 @@ from broker.messages import (
     TextPart,
     WorkerInfo,
 )
-from broker.streams import StreamEvent, follow_job, submit_job
-from broker.validation import documented_body, read_model
 
 router = APIRouter()
 

@@ -18,11 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
-from broker.errors import EndpointGone, InvalidRequest, LlavaError, ModelNotFound, NoWorker, RedisUnavailable
-from broker.messages import MAX_NEW_TOKENS, MAX_TEMPERATURE, DoneEvent, ErrorEvent, JobRequest, TokenEvent
 from broker.routes_api import checked_images, context, new_job_id, require_live_model
 from broker.streams import StreamEvent, follow_job, submit_job
 from broker.validation import documented_body, read_model
+from contract.errors import EndpointGone, InvalidRequest, LlavaError, ModelNotFound, NoWorker, RedisUnavailable
+from contract.messages import MAX_NEW_TOKENS, MAX_TEMPERATURE, DoneEvent, ErrorEvent, JobRequest, TokenEvent
 
 router = APIRouter(tags=["LLaVA compatibility"])
 

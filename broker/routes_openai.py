@@ -19,9 +19,14 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
-from broker.errors import error_from_code
-from broker.messages import DoneEvent, ErrorEvent, GenerateRequest, ImageUrlPart, JobRequest, TokenEvent
-from broker.openai_messages import (
+from broker.remote_images import RemoteImagePolicy, inline_remote_images
+from broker.routes_api import context, image_sources, new_job_id, prepare_job, require_live_model
+from broker.routes_llava import IMAGE_PLACEHOLDER
+from broker.streams import StreamEvent, follow_job, submit_job
+from broker.validation import RequestInvalid, documented_body, read_model
+from contract.errors import error_from_code
+from contract.messages import DoneEvent, ErrorEvent, GenerateRequest, ImageUrlPart, JobRequest, TokenEvent
+from contract.openai_messages import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -39,11 +44,6 @@ from broker.openai_messages import (
     openai_error_from_event,
     openai_finish_reason,
 )
-from broker.remote_images import RemoteImagePolicy, inline_remote_images
-from broker.routes_api import context, image_sources, new_job_id, prepare_job, require_live_model
-from broker.routes_llava import IMAGE_PLACEHOLDER
-from broker.streams import StreamEvent, follow_job, submit_job
-from broker.validation import RequestInvalid, documented_body, read_model
 
 router = APIRouter(tags=["OpenAI compatibility"])
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from broker import keys
+from contract import keys
 
 COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens")
 _SEP = "|"

@@ -11,9 +11,10 @@ from typing import Any, TextIO
 from pydantic import BaseModel, Field
 from rq import Queue
 
-from broker import jobs, keys
-from broker.messages import WorkerInfo
+from broker import jobs
 from broker.stats import ModelRates, read_rates
+from contract import keys
+from contract.messages import WorkerInfo
 
 RATE_MINUTES = 5
 

@@ -16,8 +16,9 @@ import anyio
 
 from broker import jobs
 from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
-from broker.errors import LlavaError, NoWorker, QueueFull, RedisUnavailable
-from broker.messages import (
+from broker.relay import Subscription
+from contract.errors import LlavaError, NoWorker, QueueFull, RedisUnavailable
+from contract.messages import (
     DoneEvent,
     ErrorEvent,
     FinishReason,
@@ -27,7 +28,6 @@ from broker.messages import (
     TokenEvent,
     parse_event,
 )
-from broker.relay import Subscription
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,10 @@ import redis as redis_lib
 from redis import Redis
 from rq.job import JobStatus
 
-from broker import jobs, keys
-from broker.errors import WorkerLost
-from broker.messages import ClaimState, DoneEvent, ErrorEvent, FinishReason, JobOutcome, Timings
+from broker import jobs
+from contract import keys
+from contract.errors import WorkerLost
+from contract.messages import ClaimState, DoneEvent, ErrorEvent, FinishReason, JobOutcome, Timings
 
 log = logging.getLogger(__name__)
 

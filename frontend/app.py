@@ -10,7 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from broker.feedback_messages import FeedbackType
+from contract.feedback_messages import FeedbackType
 from frontend.client import ControllerClient
 from frontend.conversation import Conversation, ImageMode, display_dir
 from frontend.feedback import FeedbackHandlers

@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from broker.feedback_messages import FeedbackRequest
-from broker.messages import GenerateRequest
+from contract.feedback_messages import FeedbackRequest
+from contract.messages import GenerateRequest
 
 # Connect fast; reads wait long because the controller sends queue updates and pings while a job waits.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=5.0)
 
 
 class ControllerError(Exception):
-    """An error the controller answered (`code` from `broker.errors`), or `controller_unreachable`."""
+    """An error the controller answered (`code` from `contract.errors`), or `controller_unreachable`."""
 
     def __init__(self, code: str, message: str, *, status_code: int | None = None, retry_after: int | None = None):
         super().__init__(f"{code}: {message}")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from broker.feedback_messages import FeedbackType
-from broker.messages import ChatMessage, ImageUrl, ImageUrlPart, SamplingParams, TextPart
+from contract.feedback_messages import FeedbackType
+from contract.messages import ChatMessage, ImageUrl, ImageUrlPart, SamplingParams, TextPart
 
 # CLIP's mean pixel, the background LLaVA pads with.
 PAD_COLOUR = (122, 116, 104)

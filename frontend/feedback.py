@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from broker.feedback_messages import FeedbackRequest, FeedbackType
-from broker.messages import SamplingParams
+from contract.feedback_messages import FeedbackRequest, FeedbackType
+from contract.messages import SamplingParams
 from frontend.client import ControllerClient, ControllerError
 from frontend.conversation import Conversation, Turn
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from broker.messages import GenerateRequest, SamplingParams
+from contract.messages import GenerateRequest, SamplingParams
 from frontend.client import ControllerClient, ControllerError, ModelInfo
 from frontend.conversation import CURSOR, ChatImage, Conversation, ImageMode
 from frontend.feedback import why_not_votable

@@ -26,7 +26,7 @@ def die_with_parent() -> None:
         pass
 
 
-# the directory holding the packages, so `python -m infra.cli` resolves from a source checkout too
+# the directory holding the packages, so `python -m cli.main` resolves from a source checkout too
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,7 +66,7 @@ class Proc:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "infra.cli", *args]
+    return [sys.executable, "-m", "cli.main", *args]
 
 
 def env_for(redis_url: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ import pytest
 
 from bench.load import open_streams, start_scripted_system, stop_processes
 from bench.load_checks import check_stream, leftover_jobs
-from broker.messages import DoneEvent, TokenEvent, Usage
+from contract.messages import DoneEvent, TokenEvent, Usage
 from infra.redis import connect
 
 pytestmark = pytest.mark.pipeline

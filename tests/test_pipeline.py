@@ -12,8 +12,8 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
-from broker import keys
-from broker.messages import GenerateRequest
+from contract import keys
+from contract.messages import GenerateRequest
 from frontend.client import ControllerClient, ControllerError
 from infra.process import Proc, start_controller, start_worker, wait_for_workers
 from infra.redis import connect

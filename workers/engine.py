@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from broker.errors import ContextTooLong, DeviceError, InvalidRequest, LlavaError
-from broker.messages import FinishReason, Usage
+from contract.errors import ContextTooLong, DeviceError, InvalidRequest, LlavaError
+from contract.messages import FinishReason, Usage
 from workers.batch import PaddedBatch, Prefilled
 from workers.engine_types import EngineImage, EngineJob, JobUpdate, PreparedJob
 from workers.model import LoadedModel

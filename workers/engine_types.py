@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from broker.errors import LlavaError
-from broker.messages import FinishReason, JobMessage, SamplingParams, Usage
+from contract.errors import LlavaError
+from contract.messages import FinishReason, JobMessage, SamplingParams, Usage
 
 if TYPE_CHECKING:  # torch only for annotations: the scripted engine runs without importing it
     import torch

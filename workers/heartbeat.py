@@ -10,8 +10,8 @@ from collections.abc import Callable
 import redis as redis_lib
 from redis import Redis
 
-from broker import keys
-from broker.messages import WorkerInfo
+from contract import keys
+from contract.messages import WorkerInfo
 
 log = logging.getLogger(__name__)
 

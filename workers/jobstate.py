@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from redis import Redis
 from rq.job import JobStatus
 
-from broker import keys
-from broker.errors import GenerationFailed, ImageInvalid, LlavaError, error_from_code
-from broker.messages import DoneEvent, ErrorEvent, FinishReason, JobOutcome, JobRequest, Timings, Usage
+from contract import keys
+from contract.errors import GenerationFailed, ImageInvalid, LlavaError, error_from_code
+from contract.messages import DoneEvent, ErrorEvent, FinishReason, JobOutcome, JobRequest, Timings, Usage
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from broker.errors import InvalidRequest
+from contract.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from broker.errors import ImageInvalid, InvalidRequest
-from broker.messages import JobImage, JobMessage, JobText
+from contract.errors import ImageInvalid, InvalidRequest
+from contract.messages import JobImage, JobMessage, JobText
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from broker.errors import LlavaError
-from broker.messages import FinishReason, Usage
+from contract.errors import LlavaError
+from contract.messages import FinishReason, Usage
 from workers.engine_types import JobUpdate, PreparedJob
 from workers.model import LoadedModel
 from workers.sampling import make_generator

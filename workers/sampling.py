@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from broker.messages import SamplingParams
+from contract.messages import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: str) -> torch.Generator | None:

@@ -16,8 +16,8 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from broker.errors import ContextTooLong, DeviceError, InvalidRequest
-from broker.messages import FinishReason, JobText, Usage
+from contract.errors import ContextTooLong, DeviceError, InvalidRequest
+from contract.messages import FinishReason, JobText, Usage
 from workers.engine_types import EngineJob, JobUpdate
 
 INVALID_MARKER = "[[invalid]]"

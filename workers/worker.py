@@ -17,10 +17,11 @@ from typing import Any
 import redis as redis_lib
 from redis import Redis
 
-from broker import jobs, keys
-from broker.errors import DeviceError, GenerationFailed, LlavaError
-from broker.messages import FinishReason, JobRequest, TokenEvent, WorkerInfo
+from broker import jobs
 from broker.sweeper import SweepReport, sweep_worker, worker_lost_error
+from contract import keys
+from contract.errors import DeviceError, GenerationFailed, LlavaError
+from contract.messages import FinishReason, JobRequest, TokenEvent, WorkerInfo
 from infra.settings import WorkerSettings
 from workers.heartbeat import Heartbeat, deregister, register
 from workers.jobstate import ActiveJob, Backoff, error_from_event, failure_update, load_images

@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterator
 import redis
 from PIL import Image
 
-from broker import jobs, keys
+from broker import jobs
 from broker.context import StreamTimings
-from broker.messages import DoneEvent, ErrorEvent, FinishReason, JobOutcome, JobRequest, TokenEvent, Usage, WorkerInfo
+from contract import keys
+from contract.messages import DoneEvent, ErrorEvent, FinishReason, JobOutcome, JobRequest, TokenEvent, Usage, WorkerInfo
 from infra.settings import ControllerSettings
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from broker import jobs
 from broker.app import create_app
-from broker.messages import JobRequest
+from contract.messages import JobRequest
 from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, png_b64, png_header_only, settings_for
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from broker import jobs, keys
+from broker import jobs
 from broker.context import rq_queue_key
+from contract import keys
 from tests.broker.scripted_worker import ScriptedWorker, chat_body, png_b64, read_sse
 
 

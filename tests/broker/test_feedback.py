@@ -12,11 +12,11 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from broker import keys
 from broker.app import create_app
-from broker.errors import ImageInvalid
 from broker.feedback import feedback_generate_request, read_feedback
-from broker.feedback_messages import FeedbackType
+from contract import keys
+from contract.errors import ImageInvalid
+from contract.feedback_messages import FeedbackType
 from infra.settings import ControllerSettings
 
 

@@ -9,8 +9,6 @@ import io
 import pytest
 from PIL import Image
 
-from broker import keys
-from broker.errors import ImageInvalid, ImageTooLarge, InvalidRequest
 from broker.images import (
     ImageLimits,
     check_image_bytes,
@@ -18,6 +16,8 @@ from broker.images import (
     decode_base64_image,
     store_images,
 )
+from contract import keys
+from contract.errors import ImageInvalid, ImageTooLarge, InvalidRequest
 from infra.redis import async_connect
 from tests.broker.scripted_worker import png_header_only
 

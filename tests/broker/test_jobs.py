@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from broker import jobs, keys
-from broker.errors import QueueFull
-from broker.messages import ClaimState, FinishReason, JobOutcome, JobRequest, Usage
+from broker import jobs
+from contract import keys
+from contract.errors import QueueFull
+from contract.messages import ClaimState, FinishReason, JobOutcome, JobRequest, Usage
 
 MODEL = "m"
 
@@ -142,7 +143,7 @@ def test_enqueue_refuses_past_max_queue(redis_client):
 
 
 def test_failed_finish_keeps_the_error(redis_client):
-    from broker.messages import ErrorEvent
+    from contract.messages import ErrorEvent
 
     _enqueue(redis_client, "a")
     jobs.claim(redis_client, "w1", MODEL, 1)

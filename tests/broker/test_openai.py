@@ -12,10 +12,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from broker import jobs, keys
+from broker import jobs
 from broker.app import create_app
 from broker.context import rq_queue_key
-from broker.messages import FinishReason
+from contract import keys
+from contract.messages import FinishReason
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
 from tests.broker.test_remote_images import IMAGE, policy, server  # noqa: F401 - `server` is a fixture
 
@@ -177,7 +178,7 @@ def test_allowed_remote_images_still_refuse_private_hosts(redis_url, redis_clien
 def test_queue_full_is_429(redis_url: str, redis_client: redis.Redis) -> None:
     ScriptedWorker(redis_client, model=MODEL).register()
     with make_client(redis_url, max_queue=1) as small:
-        from broker.messages import JobRequest
+        from contract.messages import JobRequest
 
         jobs.enqueue(redis_client, JobRequest(job_id="waiting", model=MODEL), max_queue=1, result_ttl=60)
         with pytest.raises(openai.RateLimitError, match="queue of model") as raised:

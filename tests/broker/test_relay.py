@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from broker import keys
-from broker.messages import TokenEvent, parse_event
 from broker.relay import ChunkRelay
+from contract import keys
+from contract.messages import TokenEvent, parse_event
 from infra.embedded_redis import EmbeddedRedis
 from infra.redis import async_connect
 

@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import anyio
 import pytest
 
-from broker.errors import ImageInvalid, ImageTooLarge
 from broker.remote_images import RemoteImagePolicy, blocked_address, fetch_image, inline_remote_images
+from contract.errors import ImageInvalid, ImageTooLarge
 from tests.broker.scripted_worker import png_b64
 
 IMAGE = base64.b64decode(png_b64(8, 8))

@@ -12,12 +12,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from broker import keys
 from broker.app import create_app
-from broker.feedback_messages import FeedbackType
-from broker.messages import JobRequest
 from broker.replay import ReplaySelection, parse_time, run_replay, run_replay_command, select_entries
-from infra.cli import build_parser
+from cli.main import build_parser
+from contract import keys
+from contract.feedback_messages import FeedbackType
+from contract.messages import JobRequest
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
 
 TARGET = "tiny-llava-v2"

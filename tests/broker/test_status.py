@@ -9,10 +9,10 @@ import time
 import redis
 
 from broker import jobs
-from broker.messages import JobRequest
 from broker.stats import queue_job_counts, read_rates
 from broker.status import render, run_status, snapshot
-from infra.cli import build_parser
+from cli.main import build_parser
+from contract.messages import JobRequest
 from infra.embedded_redis import free_port
 from tests.broker.scripted_worker import ScriptedWorker
 

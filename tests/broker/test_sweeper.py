@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 
-from broker import jobs, keys, sweeper
-from broker.messages import DoneEvent, ErrorEvent, JobRequest
+from broker import jobs, sweeper
+from contract import keys
+from contract.messages import DoneEvent, ErrorEvent, JobRequest
 from tests.workers.harness import Stream, key_ttls
 
 MODEL = "m"
@@ -104,7 +105,7 @@ def test_the_lock_keeps_a_second_sweeper_out(redis_client):
 
 
 def test_jobs_already_finished_are_only_forgotten(redis_client):
-    from broker.messages import FinishReason, JobOutcome
+    from contract.messages import FinishReason, JobOutcome
 
     _enqueue(redis_client, "a", 1.0)
     jobs.claim(redis_client, "dead", MODEL, 1)

@@ -18,10 +18,10 @@ import redis
 import uvicorn
 from PIL import Image
 
-from broker import keys
 from broker.app import create_app
 from broker.context import StreamTimings
-from broker.messages import ChatMessage, GenerateRequest, TextPart, WorkerInfo
+from contract import keys
+from contract.messages import ChatMessage, GenerateRequest, TextPart, WorkerInfo
 from frontend.client import ControllerClient
 from infra.embedded_redis import free_port
 from infra.settings import ControllerSettings, WorkerSettings

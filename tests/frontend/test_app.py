@@ -8,8 +8,8 @@ import httpx
 import redis
 from gradio_client import Client, handle_file
 
-from broker import keys
 from broker.feedback import read_feedback
+from contract import keys
 from frontend.app import EXAMPLES, EXAMPLES_DIR, add_web_arguments, build_demo, launch, web_settings_from_args
 from infra.embedded_redis import free_port
 from infra.settings import WebSettings

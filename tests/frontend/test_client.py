@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from broker import jobs
-from broker.messages import GenerateRequest, ImageUrl, ImageUrlPart, JobRequest, TextPart
+from contract.messages import GenerateRequest, ImageUrl, ImageUrlPart, JobRequest, TextPart
 from frontend.client import ControllerClient, ControllerError, iter_sse
 from infra.embedded_redis import free_port
 from tests.frontend.conftest import MODEL

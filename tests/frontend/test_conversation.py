@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from broker.feedback_messages import FeedbackType
+from contract.feedback_messages import FeedbackType
 from frontend.conversation import LEFT_OUT, PAD_COLOUR, ChatImage, Conversation, ImageMode, preprocess_image
 
 

@@ -9,9 +9,9 @@ import time
 import gradio as gr
 import redis
 
-from broker import keys
 from broker.feedback import feedback_generate_request, feedback_images, read_feedback
-from broker.feedback_messages import FeedbackType
+from contract import keys
+from contract.feedback_messages import FeedbackType
 from frontend.conversation import Conversation
 from frontend.feedback import FeedbackHandlers
 from frontend.handlers import ChatHandlers

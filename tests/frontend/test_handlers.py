@@ -9,7 +9,7 @@ import gradio as gr
 import pytest
 
 from broker import jobs
-from broker.messages import JobRequest
+from contract.messages import JobRequest
 from frontend.client import ControllerClient, ControllerError, StreamEvent
 from frontend.conversation import LEFT_OUT, Conversation
 from frontend.handlers import ChatHandlers, describe_error

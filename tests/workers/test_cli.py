@@ -66,7 +66,7 @@ def test_a_compile_that_fails_names_the_backend_and_the_way_out(tiny_model_path,
 
 def test_scripted_step_delay_reaches_the_scripted_engine(monkeypatch):
     import workers.cli
-    from infra.cli import build_parser
+    from cli.main import build_parser
 
     args = build_parser().parse_args(
         ["worker", "--engine", "scripted", "--model-path", "m", "--scripted-step-delay", "0.01"]

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from broker.messages import GenerateRequest
+from contract.messages import GenerateRequest
 from frontend.client import ControllerClient
 from infra.process import start_controller, start_worker, wait_for_workers
 from infra.redis import connect

@@ -2,8 +2,8 @@ import pytest
 import torch
 from PIL import Image
 
-from broker.errors import ContextTooLong, DeviceError, ImageInvalid, InvalidRequest
-from broker.messages import FinishReason, JobImage, JobMessage, JobText, SamplingParams
+from contract.errors import ContextTooLong, DeviceError, ImageInvalid, InvalidRequest
+from contract.messages import FinishReason, JobImage, JobMessage, JobText, SamplingParams
 from tests.workers.tiny_llava import tiny_loaded
 from workers.engine import Engine, EngineImage, EngineJob, run_to_completion
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from broker import keys
-from broker.messages import WorkerInfo
+from contract import keys
+from contract.messages import WorkerInfo
 from tests.workers.harness import wait_for
 from workers.heartbeat import Heartbeat, deregister
 

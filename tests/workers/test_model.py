@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from broker.errors import InvalidRequest
+from contract.errors import InvalidRequest
 from tests.workers.tiny_llava import tiny_loaded, tiny_model_path
 from workers.model import load_model, resolve_device, resolve_dtype
 from workers.tiny_model import build_tiny_model

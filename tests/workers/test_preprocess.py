@@ -2,8 +2,8 @@ import pytest
 import torch
 from PIL import Image
 
-from broker.errors import ImageInvalid, InvalidRequest
-from broker.messages import JobImage, JobMessage, JobText
+from contract.errors import ImageInvalid, InvalidRequest
+from contract.messages import JobImage, JobMessage, JobText
 from tests.workers.tiny_llava import tiny_loaded
 from workers.preprocess import ImageCache, ProcessedImage, check_prompt, render_messages, stack_image_tensors
 

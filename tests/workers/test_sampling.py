@@ -1,6 +1,6 @@
 import torch
 
-from broker.messages import SamplingParams
+from contract.messages import SamplingParams
 from workers.sampling import make_generator, sample_batch, sample_row
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from broker.errors import ContextTooLong, DeviceError, InvalidRequest
-from broker.messages import FinishReason, JobMessage, JobText, SamplingParams
+from contract.errors import ContextTooLong, DeviceError, InvalidRequest
+from contract.messages import FinishReason, JobMessage, JobText, SamplingParams
 from workers.engine import EngineImage, EngineJob
 from workers.scripted import ScriptedEngine
 

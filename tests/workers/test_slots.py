@@ -3,8 +3,8 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from broker.errors import ContextTooLong
-from broker.messages import FinishReason
+from contract.errors import ContextTooLong
+from contract.messages import FinishReason
 from tests.workers.test_engine import BLUE, RED, chat_job, greedy
 from tests.workers.tiny_llava import tiny_loaded
 from workers.batch import Prefilled, cache_from_tensors

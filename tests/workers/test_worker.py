@@ -6,8 +6,9 @@ import io
 
 from PIL import Image
 
-from broker import jobs, keys
-from broker.messages import DoneEvent, ErrorEvent, FinishReason, TokenEvent, WorkerInfo
+from broker import jobs
+from contract import keys
+from contract.messages import DoneEvent, ErrorEvent, FinishReason, TokenEvent, WorkerInfo
 from tests.workers.harness import MODEL, RunningWorker, make_worker, status, submit, wait_for
 from workers.scripted import ScriptedEngine
 from workers.worker import EXIT_DEVICE_ERROR, EXIT_OK
@@ -127,7 +128,7 @@ def test_a_job_failing_in_prepare_fails_alone(redis_client):
 
 
 def test_image_jobs(redis_client):
-    from broker.messages import JobRequest
+    from contract.messages import JobRequest
 
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")

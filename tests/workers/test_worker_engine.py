@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.messages import DoneEvent, TokenEvent
+from contract.messages import DoneEvent, TokenEvent
 from infra.settings import WorkerSettings
 from tests.workers.harness import MODEL, RunningWorker, submit
 from workers.cli import build_engine

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from broker import jobs, keys
+from broker import jobs
+from contract import keys
 from tests.workers.harness import MODEL, RunningWorker, key_ttls, make_worker, status, submit, wait_for
 
 Q = f"llava:{MODEL}"

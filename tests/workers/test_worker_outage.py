@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 
-from broker import jobs, keys
-from broker.messages import JobRequest
+from broker import jobs
+from contract import keys
+from contract.messages import JobRequest
 from infra.embedded_redis import EmbeddedRedis
 from infra.redis import connect
 from tests.workers.harness import MODEL, RunningWorker, make_worker, wait_for

@@ -7,7 +7,7 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.messages import WIRE_VERSION, ChatMessage, JobMessage, SamplingParams
+from contract.messages import WIRE_VERSION, ChatMessage, JobMessage, SamplingParams
 
 MAX_FEEDBACK_REASON = 2000
 

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from broker.messages import GenerateRequest
+from contract.messages import GenerateRequest
 from frontend.app import EXAMPLES_DIR
 from frontend.client import ControllerClient
 from infra.embedded_redis import free_port
@@ -29,7 +29,7 @@ def test_up_serves_the_demo_model_and_ctrl_c_stops_everything(tmp_path: Path) ->
     env.update(LLAVA_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
     log = open(tmp_path / "up.log", "wb")  # noqa: SIM115
     up = subprocess.Popen(
-        [sys.executable, "-m", "infra.cli", "up", "--port", str(port), "--web-port", str(web_port)],
+        [sys.executable, "-m", "cli.main", "up", "--port", str(port), "--web-port", str(web_port)],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -80,7 +80,7 @@ def test_up_serves_the_demo_model_and_ctrl_c_stops_everything(tmp_path: Path) ->
 
 
 def test_the_ui_gets_the_first_api_key_when_keys_are_required(tmp_path: Path) -> None:
-    from infra.launcher import _web_env
+    from cli.up import _web_env
 
     keys = tmp_path / "keys"
     keys.write_text("# team keys\nfirst-key\nsecond-key\n")

@@ -29,7 +29,7 @@ def _web(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from infra.launcher import run_up
+    from cli.up import run_up
 
     return run_up(args)
 
@@ -62,8 +62,8 @@ def _train_demo_model(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from broker.app import add_controller_arguments
+    from cli.up import add_up_arguments
     from frontend.app import add_web_arguments
-    from infra.launcher import add_up_arguments
     from workers.cli import add_worker_arguments
 
     parser = argparse.ArgumentParser(prog="llava-serve", description="Serve LLaVA-style multimodal chat over Redis.")

@@ -12,8 +12,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer
 
-from broker.errors import InvalidRequest, LlavaError, ModelNotFound
-from broker.messages import (
+from contract.errors import InvalidRequest, LlavaError, ModelNotFound
+from contract.messages import (
     MAX_NEW_TOKENS,
     MAX_STOP_STRINGS,
     MAX_TEMPERATURE,

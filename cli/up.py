@@ -94,7 +94,7 @@ class Child:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "infra.cli", *args]
+    return [sys.executable, "-m", "cli.main", *args]
 
 
 def _wait_ready(url: str, children: list[Child], timeout: float) -> bool:
