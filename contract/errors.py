@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    """Every stable error code, as it appears in an error body or an `error` event."""
+
+    def __str__(self) -> str:  # the code itself, in messages and f-strings, on every Python version
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    internal_error = "internal_error"
+    invalid_request = "invalid_request"
+    invalid_image = "invalid_image"
+    context_length_exceeded = "context_length_exceeded"
+    unauthorized = "unauthorized"
+    model_not_found = "model_not_found"
+    job_not_found = "job_not_found"
+    endpoint_removed = "endpoint_removed"
+    payload_too_large = "payload_too_large"
+    image_too_large = "image_too_large"
+    queue_full = "queue_full"
+    generation_failed = "generation_failed"
+    device_error = "device_error"
+    worker_lost = "worker_lost"
+    no_worker = "no_worker"
+    redis_unavailable = "redis_unavailable"
+    timeout = "timeout"
+
 
 class LlavaError(Exception):
     status_code: int = 500
-    code: str = "internal_error"
+    code: str = ErrorCode.internal_error
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -15,53 +45,53 @@ class LlavaError(Exception):
 
 class InvalidRequest(LlavaError):
     status_code = 422
-    code = "invalid_request"
+    code = ErrorCode.invalid_request
 
 
 class ImageInvalid(LlavaError):
     status_code = 400
-    code = "invalid_image"
+    code = ErrorCode.invalid_image
 
 
 class ContextTooLong(LlavaError):
     status_code = 400
-    code = "context_length_exceeded"
+    code = ErrorCode.context_length_exceeded
 
 
 class Unauthorized(LlavaError):
     status_code = 401
-    code = "unauthorized"
+    code = ErrorCode.unauthorized
 
 
 class ModelNotFound(LlavaError):
     status_code = 404
-    code = "model_not_found"
+    code = ErrorCode.model_not_found
 
 
 class JobNotFound(LlavaError):
     status_code = 404
-    code = "job_not_found"
+    code = ErrorCode.job_not_found
 
 
 class EndpointGone(LlavaError):
     """A LLaVA endpoint that has no meaning here (workers join through Redis, not HTTP)."""
 
     status_code = 410
-    code = "endpoint_removed"
+    code = ErrorCode.endpoint_removed
 
 
 class PayloadTooLarge(LlavaError):
     status_code = 413
-    code = "payload_too_large"
+    code = ErrorCode.payload_too_large
 
 
 class ImageTooLarge(PayloadTooLarge):
-    code = "image_too_large"
+    code = ErrorCode.image_too_large
 
 
 class QueueFull(LlavaError):
     status_code = 429
-    code = "queue_full"
+    code = ErrorCode.queue_full
 
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})
@@ -70,34 +100,34 @@ class QueueFull(LlavaError):
 
 class GenerationFailed(LlavaError):
     status_code = 500
-    code = "generation_failed"
+    code = ErrorCode.generation_failed
 
 
 class DeviceError(LlavaError):
     """The accelerator failed (out of memory, lost device); the job fails, the worker reports it."""
 
     status_code = 500
-    code = "device_error"
+    code = ErrorCode.device_error
 
 
 class WorkerLost(LlavaError):
     status_code = 502
-    code = "worker_lost"
+    code = ErrorCode.worker_lost
 
 
 class NoWorker(LlavaError):
     status_code = 503
-    code = "no_worker"
+    code = ErrorCode.no_worker
 
 
 class RedisUnavailable(LlavaError):
     status_code = 503
-    code = "redis_unavailable"
+    code = ErrorCode.redis_unavailable
 
 
 class Timeout(LlavaError):
     status_code = 504
-    code = "timeout"
+    code = ErrorCode.timeout
 
 
 def _all_subclasses(cls: type[LlavaError]) -> list[type[LlavaError]]:
