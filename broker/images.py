@@ -16,11 +16,15 @@ import io
 import re
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from contract import keys
 from contract.errors import ImageInvalid, ImageTooLarge, InvalidRequest
+
+if TYPE_CHECKING:
+    from infra.settings import ControllerSettings
 
 # Pillow's own names; any other of its ~40 formats (EPS runs Ghostscript, SPIDER, BLP, DDS...) is refused.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -42,13 +46,13 @@ class ImageLimits:
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
 
     @classmethod
-    def from_settings(cls, settings) -> ImageLimits:
+    def from_settings(cls, settings: ControllerSettings) -> ImageLimits:
         """The limits of a `ControllerSettings`."""
         return cls(
             max_images=settings.max_images,
             max_image_bytes=settings.max_image_bytes,
             max_image_pixels=settings.max_image_pixels,
-            max_aspect_ratio=getattr(settings, "max_image_aspect_ratio", DEFAULT_MAX_ASPECT_RATIO),
+            max_aspect_ratio=settings.max_image_aspect_ratio,
         )
 
 
