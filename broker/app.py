@@ -22,6 +22,7 @@ from broker.metrics import ControllerMetrics, StatsWriter
 from broker.relay import ChunkRelay
 from broker.validation import RequestInvalid
 from contract.errors import LlavaError
+from contract.feedback_messages import FeedbackRequest
 from contract.messages import GenerateRequest
 from contract.openai_messages import ChatCompletionRequest, CompletionRequest, openai_error, openai_status
 from infra.redis import async_connect, connect
@@ -147,7 +148,9 @@ def create_app(
     metrics.watch_redis(lambda: app.state.ctx.redis_sync)
     if api_keys:
         app.add_middleware(ApiKeyMiddleware, check=ApiKeyCheck(api_keys), render_error=error_body_for)
-    _document_bodies(app, [GenerateRequest, LlavaGenerateBody, ChatCompletionRequest, CompletionRequest])
+    _document_bodies(
+        app, [GenerateRequest, LlavaGenerateBody, ChatCompletionRequest, CompletionRequest, FeedbackRequest]
+    )
     return app
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import anyio.to_thread
 import redis as redis_errors
 from fastapi import APIRouter, Request
 from redis import Redis
 
 from broker.images import ImageLimits, check_images
+from broker.validation import documented_body, read_model
 from contract import keys
 from contract.errors import ImageInvalid, RedisUnavailable
 from contract.feedback_messages import FeedbackAccepted, FeedbackEntry, FeedbackRequest, FeedbackType
@@ -85,16 +87,19 @@ def queue_entry(pipe: Any, entry: FeedbackEntry, images: dict[str, bytes]) -> No
 router = APIRouter()
 
 
-@router.post("/api/v1/feedback", response_model=FeedbackAccepted, summary="Record a vote or flag on a reply")
-async def post_feedback(body: FeedbackRequest, request: Request) -> FeedbackAccepted:
-    """Append a vote or flag, with its whole conversation and images, to the feedback stream."""
+@router.post(
+    "/api/v1/feedback",
+    response_model=FeedbackAccepted,
+    summary="Record a vote or flag on a reply",
+    openapi_extra=documented_body(FeedbackRequest),
+)
+async def post_feedback(request: Request) -> FeedbackAccepted:
+    """Append a vote or flag, with its whole conversation and images, to the feedback stream. The body is read
+    under `max_body_bytes` like every other endpoint's, and its images are checked in a worker thread."""
     ctx = request.app.state.ctx  # broker.context.ControllerContext
-    limits = ImageLimits(
-        max_images=ctx.settings.max_images,
-        max_image_bytes=ctx.settings.max_image_bytes,
-        max_image_pixels=ctx.settings.max_image_pixels,
-    )
-    entry, images = build_entry(body, limits)
+    body = await read_model(request, FeedbackRequest, ctx.settings.max_body_bytes)
+    limits = ImageLimits.from_settings(ctx.settings)
+    entry, images = await anyio.to_thread.run_sync(build_entry, body, limits)
     try:
         async with ctx.redis.pipeline(transaction=True) as pipe:
             queue_entry(pipe, entry, images)

@@ -59,10 +59,7 @@ def context(request: Request) -> ControllerContext:
 
 
 def image_limits(ctx: ControllerContext) -> images.ImageLimits:
-    s = ctx.settings
-    return images.ImageLimits(
-        max_images=s.max_images, max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels
-    )
+    return images.ImageLimits.from_settings(ctx.settings)
 
 
 def image_sources(body: GenerateRequest) -> list[tuple[str, str]]:

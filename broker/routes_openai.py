@@ -72,7 +72,7 @@ async def with_remote_images(request: Request, ctx: ControllerContext, body: Gen
             await ctx.require_model(body.model)  # no fetching for a model that is not served
         except REDIS_ERRORS as exc:
             raise redis_unavailable(exc) from exc
-    inlined = await inline_remote_images(sources, policy)
+    inlined = await inline_remote_images(sources, policy, ctx.settings.max_images)
     for i, message in enumerate(body.messages):
         if isinstance(message.content, str):
             continue

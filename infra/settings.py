@@ -42,6 +42,9 @@ class ControllerSettings(BaseSettings):
     max_images: int = Field(default=8, ge=0, description="images per request")
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=40_000_000, ge=1, description="width x height; larger is refused")
+    max_image_aspect_ratio: float = Field(
+        default=20.0, ge=1, description="longest over shortest side; bounds an image's size after the model's resize"
+    )
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     job_result_ttl: int = Field(default=600, ge=1, description="seconds a finished job's record is kept")
     queued_update_interval: float = Field(default=1.0, gt=0)

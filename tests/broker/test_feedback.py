@@ -119,3 +119,24 @@ def test_bad_feedback_is_refused_and_nothing_is_kept(api, redis_client):
     assert reply.status_code == 422 and "too many images" in reply.json()["error"]["message"]
     assert redis_client.xlen(keys.feedback()) == 0
     assert not redis_client.keys(keys.image("*"))
+
+
+def test_the_body_limit_applies_to_feedback(redis_client, redis_url):
+    app = create_app(ControllerSettings(redis_url=redis_url, max_body_bytes=4096), run_sweeper=False)
+    long = body("flag")
+    long["messages"][0]["content"][-1]["text"] = "x" * 10_000
+    with TestClient(app) as client:
+        reply = client.post("/api/v1/feedback", json=long)
+        assert reply.status_code == 413, reply.text
+        assert reply.json()["error"]["code"] == "payload_too_large"
+        assert "4096 bytes" in reply.json()["error"]["message"]
+        assert client.post("/api/v1/feedback", json=body("flag")).status_code == 200
+    assert redis_client.xlen(keys.feedback()) == 1
+
+
+def test_feedback_documents_its_body(api):
+    schema = api.get("/openapi.json").json()
+    operation = schema["paths"]["/api/v1/feedback"]["post"]
+    ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/FeedbackRequest"
+    assert "FeedbackRequest" in schema["components"]["schemas"]

@@ -13,19 +13,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import anyio
 import pytest
+from fastapi.testclient import TestClient
 
+from broker.app import create_app
 from broker.remote_images import RemoteImagePolicy, blocked_address, fetch_image, inline_remote_images
-from contract.errors import ImageInvalid, ImageTooLarge
-from tests.broker.scripted_worker import png_b64
+from contract.errors import ImageInvalid, ImageTooLarge, InvalidRequest
+from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
 
 IMAGE = base64.b64decode(png_b64(8, 8))
 
 
 class Handler(BaseHTTPRequestHandler):
+    seen: list[str] = []  # paths requested, in order
+
     def log_message(self, *args) -> None:
         return
 
     def do_GET(self) -> None:
+        Handler.seen.append(self.path)
         port = self.server.server_address[1]
         routes = {
             "/cat.png": (200, {"Content-Type": "image/png"}, IMAGE),
@@ -48,6 +53,7 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[int]:
+    Handler.seen = []
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
@@ -155,3 +161,62 @@ def test_inline_leaves_data_urls_and_refuses_remote_without_a_policy(server: int
     assert list(inlined) == ["b"] and inlined["b"].startswith("data:;base64,")
     with pytest.raises(ImageInvalid, match="--allow-remote-images"):
         anyio.run(inline_remote_images, sources, None)
+
+
+MALFORMED = [
+    "http://[::1",
+    "http://0177.0.0.1/cat.png",
+    "http://[v1.x]/cat.png",
+    "http://xn--/cat.png",
+    "http://\x00/cat.png",
+    "http://images.test:99999/cat.png",
+    "http://images.test:0/cat.png",
+    "http:///cat.png",
+    "http://" + "a" * 300 + "/cat.png",
+]
+
+
+@pytest.mark.parametrize("url", MALFORMED)
+def test_malformed_urls_are_invalid_images(server: int, url: str) -> None:
+    sources = [("a", f"http://images.test:{server}/cat.png"), ("b", url)]
+    with pytest.raises(ImageInvalid, match=r"^image 2 at b: ") as raised:
+        anyio.run(inline_remote_images, sources, policy())
+    assert len(raised.value.message) < 300
+    assert Handler.seen == []  # the good URL before it was not fetched either
+
+
+def test_the_image_count_is_checked_before_any_fetch(server: int) -> None:
+    sources = [(f"messages[0].content[{i}]", f"http://images.test:{server}/cat.png?{i}") for i in range(20)]
+    with pytest.raises(InvalidRequest, match="has 20, the limit is 8"):
+        anyio.run(inline_remote_images, sources, policy(), 8)
+    assert Handler.seen == []
+
+
+def test_every_url_is_checked_before_any_fetch(server: int) -> None:
+    sources = [("a", f"http://images.test:{server}/cat.png"), ("b", f"http://u:p@images.test:{server}/cat.png")]
+    with pytest.raises(ImageInvalid, match="image 2 at b: URLs with credentials"):
+        anyio.run(inline_remote_images, sources, policy())
+    assert Handler.seen == []
+
+
+def test_the_chat_endpoint_answers_malformed_and_too_many_urls_without_fetching(redis_url, redis_client, server):
+    ScriptedWorker(redis_client, model="tiny-llava").register()
+    app = create_app(settings_for(redis_url, allow_remote_images=True), timings=FAST, run_sweeper=False)
+    app.state.remote_image_policy = policy()
+
+    def chat(*urls: str) -> dict:
+        content = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+        return {
+            "model": "tiny-llava",
+            "messages": [{"role": "user", "content": [*content, {"type": "text", "text": "?"}]}],
+        }
+
+    with TestClient(app) as client:
+        reply = client.post("/v1/chat/completions", json=chat("http://[::1"))
+        assert reply.status_code == 400, reply.text
+        assert "image 1 at messages[0].content[0]" in reply.json()["error"]["message"]
+        many = [f"http://images.test:{server}/cat.png?{i}" for i in range(20)]
+        reply = client.post("/v1/chat/completions", json=chat(*many))
+        assert reply.status_code in (400, 422), reply.text
+        assert "has 20, the limit is 8" in reply.json()["error"]["message"]
+    assert Handler.seen == []
