@@ -4,7 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contract.messages import GREEDY_TEMPERATURE, MAX_TEMPERATURE, SamplingParams
+from contract.messages import GREEDY_TEMPERATURE, MAX_TEMPERATURE, FinishReason, JobMessage, JobText, SamplingParams
+from tests.workers.tiny_llava import tiny_loaded
+from workers.engine import Engine, EngineJob, run_to_completion
 from workers.sampling import make_generator, sample_batch, sample_row, token_distribution
 
 
@@ -117,3 +119,22 @@ def test_distribution_is_finite_and_keeps_the_most_likely_token(batch):
         assert float(probs[0]) > 0 and float(probs.sum()) <= 1.0 + 1e-5
         assert sorted(ids.tolist()) == list(range(row.shape[-1]))
         assert {int(t) for t, q in zip(ids, probs, strict=True) if q > 0} <= _allowed(row)
+
+
+def test_tiny_values_in_a_running_batch_fail_no_one():
+    # Through the real engine and tiny model: this batch used to fail every job with device_error.
+    def job(job_id: str, **params) -> EngineJob:
+        message = JobMessage(role="user", content=[JobText(text=f"say something {job_id}")])
+        return EngineJob(job_id, SamplingParams(max_new_tokens=6, seed=5, **params), messages=[message], images=[])
+
+    jobs = [
+        job("greedy", temperature=0),
+        job("tiny-temperature", temperature=1e-300),
+        job("tiny-top-p", temperature=1.0, top_p=1e-300),
+        job("sampled", temperature=1.0),
+    ]
+    loaded = tiny_loaded()
+    results = run_to_completion(Engine(loaded, max_batch=4), jobs)
+    assert all(results[j.job_id].finish_reason == FinishReason.length for j in jobs)
+    alone = run_to_completion(Engine(loaded, max_batch=1), [job("tiny-temperature", temperature=0)])
+    assert results["tiny-temperature"].token_ids == alone["tiny-temperature"].token_ids
