@@ -12,13 +12,15 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 
+import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
+from broker import images
 from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
-from broker.routes_api import checked_images, context, new_job_id, require_live_model
+from broker.routes_api import checked_images, context, image_limits, new_job_id, require_live_model
 from broker.streams import StreamEvent, follow_job, submit_job
 from broker.validation import documented_body, read_model
 from contract.errors import EndpointGone, InvalidRequest, LlavaError, ModelNotFound, NoWorker, RedisUnavailable
@@ -40,9 +42,30 @@ class LlavaGenerateBody(BaseModel):
     prompt: str
     images: list[str] | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
+    top_p: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="0 means greedy, as temperature 0 (LLaVA's worker then keeps only the most likely token)",
+    )
+    max_new_tokens: int = Field(
+        default=256,
+        ge=0,
+        le=MAX_NEW_TOKENS,
+        description="0 generates nothing: after the request's checks, one chunk with the prompt alone, at once "
+        "(LLaVA's worker too ends without generating)",
+    )
     stop: str | None = None
+
+    def job_params(self) -> dict[str, object]:
+        """The job's sampling params, top_p 0 as greedy decoding; only for max_new_tokens of 1 or more."""
+        greedy = self.top_p == 0
+        return {
+            "temperature": 0.0 if greedy else self.temperature,
+            "top_p": 1.0 if greedy else self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "stop": self.stop,
+        }
 
 
 class ModelName(BaseModel):
@@ -102,7 +125,8 @@ def _error_response(error: LlavaError) -> Response:
     )
 
 
-async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[LlavaGenerateBody, JobRequest]:
+async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[LlavaGenerateBody, JobRequest | None]:
+    """The checked body and its job; no job (nothing stored or queued) when `max_new_tokens` is 0."""
     body = await read_model(request, LlavaGenerateBody, ctx.settings.max_body_bytes)
     sent = body.images or []
     placeholders = body.prompt.count(IMAGE_PLACEHOLDER)
@@ -112,18 +136,19 @@ async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[Ll
             f"each image needs exactly one {IMAGE_PLACEHOLDER} in the prompt"
         )
     await require_live_model(ctx, body.model)
-    checked = await checked_images(ctx, [(f"images[{i}]", value) for i, value in enumerate(sent)])
+    sources = [(f"images[{i}]", value) for i, value in enumerate(sent)]
+    if body.max_new_tokens == 0:
+        limits = image_limits(ctx)
+        images.check_image_count(len(sources), limits)
+        await anyio.to_thread.run_sync(images.check_images, sources, limits)
+        return body, None
+    checked = await checked_images(ctx, sources)
     job = JobRequest(
         job_id=new_job_id(),
         model=body.model,
         prompt=body.prompt,
         images=[image.digest for image in checked],
-        params={
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "max_new_tokens": body.max_new_tokens,
-            "stop": body.stop,
-        },
+        params=body.job_params(),
     )
     return body, job
 
@@ -137,6 +162,8 @@ async def worker_generate_stream(request: Request) -> Response:
     ctx = context(request)
     try:
         body, job = await _start_llava_job(ctx, request)
+        if job is None:  # max_new_tokens 0: the reply is empty and complete
+            return Response(chunk(body.prompt), media_type="application/octet-stream")
         sub = await submit_job(ctx, job)
     except LlavaError as error:
         return _error_response(error)

@@ -12,6 +12,8 @@ WIRE_VERSION = 1
 
 # Sampling limits: validated at the edge (HTTP) and trusted inside.
 MAX_TEMPERATURE = 2.0
+# A temperature at or below this decodes greedily, as LLaVA's own worker does (it samples only above 0.001).
+GREEDY_TEMPERATURE = 1e-3
 MAX_NEW_TOKENS = 4096
 MAX_STOP_STRINGS = 8
 
@@ -65,8 +67,18 @@ class ChatMessage(BaseModel):
 
 class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    temperature: float = Field(default=0.2, ge=0.0, le=MAX_TEMPERATURE, description="0 means greedy")
-    top_p: float = Field(default=0.7, gt=0.0, le=1.0)
+    temperature: float = Field(
+        default=0.2,
+        ge=0.0,
+        le=MAX_TEMPERATURE,
+        description=f"0 means greedy, and so does any value up to {GREEDY_TEMPERATURE}",
+    )
+    top_p: float = Field(
+        default=0.7,
+        gt=0.0,
+        le=1.0,
+        description="nucleus mass; the most likely token is always kept, so a tiny top_p means greedy",
+    )
     max_new_tokens: int = Field(default=512, ge=1, le=MAX_NEW_TOKENS)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)

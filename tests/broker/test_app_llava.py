@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from broker import jobs
 from broker.app import create_app
 from broker.context import rq_queue_key
+from contract import keys
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
 
 
@@ -133,3 +134,63 @@ def test_http_registration_is_gone(client: TestClient, path: str) -> None:
     error = response.json()["error"]
     assert error["code"] == "endpoint_removed"
     assert "llava-serve worker" in error["message"] and "--redis-url" in error["message"]
+
+
+# The original page's sliders (llava/serve/gradio_web_server.py): temperature and top_p 0 to 1 in steps of 0.1,
+# max output tokens 0 to 1024 in steps of 64; it sends min(max_new_tokens, 1536).
+SLIDER_TENTHS = [round(k * 0.1, 1) for k in range(11)]
+SLIDER_TOKENS = list(range(0, 1025, 64))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("temperature", v) for v in SLIDER_TENTHS]
+    + [("top_p", v) for v in SLIDER_TENTHS]
+    + [("max_new_tokens", v) for v in SLIDER_TOKENS],
+)
+def test_every_value_of_the_original_sliders_is_accepted(
+    client: TestClient, worker: ScriptedWorker, field: str, value: float
+) -> None:
+    generates = not (field == "max_new_tokens" and value == 0)
+    running = worker.in_thread(lambda w: w.serve_one(["ok"])) if generates else None
+    with client.stream("POST", "/worker_generate_stream", json=llava_body(**{field: value})) as response:
+        assert response.status_code == 200
+        chunks = llava_chunks(response)
+    assert all(c["error_code"] == 0 for c in chunks)
+    if running is not None:
+        running.result()
+
+
+def test_top_p_zero_is_greedy(client: TestClient, worker: ScriptedWorker) -> None:
+    # LLaVA's worker keeps only the most likely token when top_p is 0: greedy decoding, whatever the temperature.
+    running = worker.in_thread(lambda w: w.serve_one(["ok"]))
+    with client.stream("POST", "/worker_generate_stream", json=llava_body(temperature=0.7, top_p=0)) as response:
+        assert response.status_code == 200
+        chunks = llava_chunks(response)
+    job = running.result()
+    assert job.params.temperature == 0
+    assert chunks[-1] == {"text": PROMPT + "ok", "error_code": 0}
+
+
+def test_max_new_tokens_zero_generates_nothing_and_ends_at_once(
+    client: TestClient, worker: ScriptedWorker, redis_client
+) -> None:
+    # LLaVA's worker returns at once without generating when max_new_tokens < 1: one chunk, error_code 0.
+    with client.stream("POST", "/worker_generate_stream", json=llava_body(max_new_tokens=0)) as response:
+        assert response.status_code == 200
+        chunks = llava_chunks(response)
+    assert chunks == [{"text": PROMPT, "error_code": 0}]
+    assert redis_client.llen(rq_queue_key("tiny-llava")) == 0
+
+
+def test_max_new_tokens_zero_still_checks_the_request(client: TestClient, worker: ScriptedWorker, redis_client) -> None:
+    response = client.post("/worker_generate_stream", json=llava_body(max_new_tokens=0, model="other"))
+    assert response.status_code == 404
+    response = client.post("/worker_generate_stream", json=llava_body(max_new_tokens=0, images=[]))
+    assert response.status_code == 422
+    response = client.post("/worker_generate_stream", json=llava_body(max_new_tokens=0, images=["bm90IGFuIGltYWdl"]))
+    assert response.status_code == 400 and "images[0]" in json.loads(response.content.rstrip(b"\0"))["text"]
+    client.post("/worker_generate_stream", json=llava_body(max_new_tokens=0))
+    assert redis_client.keys(keys.image("*")) == []
+    response = client.post("/worker_generate_stream", json=llava_body(max_new_tokens=-1))
+    assert response.status_code == 422 and "max_new_tokens" in json.loads(response.content.rstrip(b"\0"))["text"]
