@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from broker import images, jobs
-from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
+from broker.context import ControllerContext
 from broker.streams import StreamEvent, follow_job, submit_job
 from broker.validation import documented_body, read_model
 from contract.errors import JobNotFound, RedisUnavailable
@@ -31,6 +31,8 @@ from contract.messages import (
 )
 
 router = APIRouter()
+
+READY_PING_TIMEOUT_S = 2.0
 
 
 class ModelInfo(BaseModel):
@@ -101,19 +103,14 @@ async def checked_images(ctx: ControllerContext, sources: list[tuple[str, str]])
     if not sources:
         return []
     checked = await anyio.to_thread.run_sync(images.check_images, sources, limits)
-    try:
-        await images.store_images(ctx.redis, checked)
-    except REDIS_ERRORS as exc:
-        raise redis_unavailable(exc) from exc
+    await images.store_images(ctx.redis, checked)
     return checked
 
 
 async def require_live_model(ctx: ControllerContext, model: str) -> None:
-    """ModelNotFound (404, naming the live models) when no worker serves `model`; 503 when Redis does not answer."""
-    try:
-        await ctx.require_model(model)
-    except REDIS_ERRORS as exc:
-        raise redis_unavailable(exc) from exc
+    """ModelNotFound (404, naming the live models) when no worker serves `model`, NoWorker (503) when its workers
+    are gone; a Redis failure propagates to the app's handler (503)."""
+    await ctx.require_model(model)
 
 
 def new_job_id() -> str:
@@ -167,30 +164,24 @@ async def generate(request: Request) -> EventSourceResponse:
 @router.get("/api/v1/models", response_model=ModelList, summary="Models served by live workers")
 async def list_models(request: Request) -> ModelList:
     ctx = context(request)
-    try:
-        serving = await ctx.serving(fresh=True)
-        models = []
-        for name, workers in serving.items():
-            contexts = [w.context_length for w in workers if w.context_length]
-            models.append(
-                ModelInfo(
-                    name=name,
-                    workers=len(workers),
-                    queue_depth=await ctx.queue_depth(name),
-                    max_context=min(contexts) if contexts else None,
-                )
+    serving = await ctx.serving(fresh=True)
+    models = []
+    for name, workers in serving.items():
+        contexts = [w.context_length for w in workers if w.context_length]
+        models.append(
+            ModelInfo(
+                name=name,
+                workers=len(workers),
+                queue_depth=await ctx.queue_depth(name),
+                max_context=min(contexts) if contexts else None,
             )
-    except REDIS_ERRORS as exc:
-        raise redis_unavailable(exc) from exc
+        )
     return ModelList(models=models)
 
 
 @router.get("/api/v1/workers", response_model=WorkerList, summary="Live workers")
 async def list_workers(request: Request) -> WorkerList:
-    try:
-        return WorkerList(workers=await context(request).live_workers(fresh=True))
-    except REDIS_ERRORS as exc:
-        raise redis_unavailable(exc) from exc
+    return WorkerList(workers=await context(request).live_workers(fresh=True))
 
 
 async def job_view(ctx: ControllerContext, job_id: str) -> JobView:
@@ -224,11 +215,10 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", summary="200 when Redis answers and the relay is subscribed, else 503")
 async def readyz(request: Request) -> JSONResponse:
     ctx = context(request)
-    try:
-        with anyio.fail_after(2):
-            await ctx.redis.ping()
-    except (TimeoutError, *REDIS_ERRORS) as exc:
-        raise redis_unavailable(exc) from exc
+    with anyio.move_on_after(READY_PING_TIMEOUT_S) as ping:
+        await ctx.redis.ping()
+    if ping.cancelled_caught:
+        raise RedisUnavailable(f"Redis did not answer PING within {READY_PING_TIMEOUT_S:g} s; retry shortly")
     if not ctx.relay.connected:
         raise RedisUnavailable("Redis answers but the controller's subscription is not up yet; retry shortly")
     return JSONResponse({"status": "ready", "streams": ctx.relay.active_streams})
