@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from broker.context import ControllerContext
 from broker.routes_api import checked_images, context, new_job_id, require_live_model
 from broker.streams import StreamEvent, follow_job, submit_job
-from broker.validation import documented_body, read_model
+from broker.validation import documented_body, read_model, require_prompt
 from contract.errors import EndpointGone, InvalidRequest, LlavaError, LlavaWireCode, llava_wire_code
 from contract.messages import MAX_NEW_TOKENS, MAX_TEMPERATURE, DoneEvent, ErrorEvent, JobRequest, TokenEvent
 
@@ -94,6 +94,7 @@ async def llava_chunks(prompt: str, events: AsyncIterator[StreamEvent]) -> Async
 
 async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[LlavaGenerateBody, JobRequest]:
     body = await read_model(request, LlavaGenerateBody, ctx.settings.max_body_bytes)
+    require_prompt(body.prompt)
     sent = body.images or []
     placeholders = body.prompt.count(IMAGE_PLACEHOLDER)
     if placeholders != len(sent):

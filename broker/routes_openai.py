@@ -23,7 +23,7 @@ from broker.remote_images import RemoteImagePolicy, inline_remote_images
 from broker.routes_api import context, image_sources, new_job_id, prepare_job, require_live_model
 from broker.routes_llava import IMAGE_PLACEHOLDER
 from broker.streams import StreamEvent, follow_job, submit_job
-from broker.validation import documented_body, read_model
+from broker.validation import documented_body, read_model, require_prompt
 from contract.errors import GenerationFailed, RequestInvalid
 from contract.messages import (
     DoneEvent,
@@ -253,6 +253,7 @@ async def respond(
 
 async def prepare_prompt_job(ctx: ControllerContext, body: CompletionRequest) -> JobRequest:
     """The job of a legacy completion: the prompt as is, no images; 404/503 for a model without workers."""
+    require_prompt(body.prompt)
     if IMAGE_PLACEHOLDER in body.prompt:
         raise RequestInvalid(
             [

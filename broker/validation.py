@@ -118,6 +118,12 @@ async def read_model(request: Request, model: type[M], max_bytes: int) -> M:
         raise RequestInvalid(field_errors(exc.errors(include_url=False))) from None
 
 
+def require_prompt(prompt: str, field: str = "prompt") -> None:
+    """A raw prompt (LLaVA's, OpenAI's legacy one) must not be empty: the model needs a token to continue from."""
+    if not prompt:
+        raise RequestInvalid([{"field": field, "message": "is empty; send at least one character of prompt text"}])
+
+
 def documented_body(model: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` for a route that reads its JSON body with `read_model(request, model, ...)`: OpenAPI shows
     `model` as the required body (the app adds the schema itself, see `app._document_bodies`)."""

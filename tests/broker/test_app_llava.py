@@ -87,6 +87,14 @@ def test_literal_image_placeholder_without_an_image_is_refused(client: TestClien
     assert "1 <image> placeholder" in json.loads(response.content.rstrip(b"\0"))["text"]
 
 
+def test_empty_prompt_is_refused_naming_it(client: TestClient, worker: ScriptedWorker) -> None:
+    response = client.post("/worker_generate_stream", json=llava_body(prompt="", images=[]))
+    chunk = json.loads(response.content.rstrip(b"\0"))
+    assert response.status_code == 422 and chunk["error_code"] == 1
+    assert chunk["error"]["code"] == "invalid_request" and "prompt" in chunk["text"] and "empty" in chunk["text"]
+    assert worker.redis.llen(rq_queue_key("tiny-llava")) == 0
+
+
 def test_unknown_model_is_error_code_2(client: TestClient, worker: ScriptedWorker) -> None:
     response = client.post("/worker_generate_stream", json=llava_body(model="other"))
     assert response.status_code == 404
