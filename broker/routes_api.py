@@ -15,8 +15,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from broker import images, jobs
 from broker.context import ControllerContext
 from broker.streams import StreamEvent, follow_job, submit_job
-from broker.validation import documented_body, read_model
-from contract.errors import JobNotFound, RedisUnavailable
+from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model
+from contract.errors import JobNotFound, RedisUnavailable, RequestInvalid
 from contract.messages import (
     GenerateRequest,
     ImageUrlPart,
@@ -79,6 +79,43 @@ def image_sources(body: GenerateRequest) -> list[tuple[str, str]]:
     return found
 
 
+def text_runs(body: GenerateRequest) -> list[tuple[str, str]]:
+    """`(position, text)` of each run of adjacent text parts, joined as a chat template joins them, e.g.
+    `("messages[0].content[1..2]", "<ima" + "ge>")`; a string content is one run."""
+    runs = []
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, str):
+            runs.append((f"messages[{i}].content", message.content))
+            continue
+        run: list[tuple[int, str]] = []
+        for j, part in enumerate([*message.content, None]):
+            if isinstance(part, TextPart):
+                run.append((j, part.text))
+                continue
+            if run:
+                first, last = run[0][0], run[-1][0]
+                span = f"{first}" if first == last else f"{first}..{last}"
+                where = f"messages[{i}].content[{span}]"
+                runs.append((where, "".join(text for _, text in run)))
+                run = []
+    return runs
+
+
+def check_no_placeholder_text(body: GenerateRequest) -> None:
+    """Text that is, or joins into, LLaVA's `<image>` would become an image token without an image: 422 naming it."""
+    for where, text in text_runs(body):
+        if IMAGE_PLACEHOLDER in text:
+            raise RequestInvalid(
+                [
+                    {
+                        "field": where,
+                        "message": f"text contains (or its adjacent text parts join into) `{IMAGE_PLACEHOLDER}`, "
+                        "which the model reads as an image; send images as image_url parts",
+                    }
+                ]
+            )
+
+
 def job_messages(body: GenerateRequest, digests: list[str]) -> list[JobMessage]:
     remaining = iter(digests)
     messages = []
@@ -122,6 +159,7 @@ async def prepare_job(ctx: ControllerContext, body: GenerateRequest) -> JobReque
     `POST /api/v1/generate` and `POST /v1/chat/completions`."""
     sources = image_sources(body)
     images.check_image_count(len(sources), image_limits(ctx))
+    check_no_placeholder_text(body)
     await require_live_model(ctx, body.model)
     checked = await checked_images(ctx, sources)
     return JobRequest(

@@ -21,13 +21,12 @@ from starlette.types import Receive, Scope, Send
 from broker.context import ControllerContext
 from broker.routes_api import checked_images, context, new_job_id, require_live_model
 from broker.streams import StreamEvent, follow_job, submit_job
-from broker.validation import documented_body, read_model, require_prompt
+from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model, require_prompt
 from contract.errors import EndpointGone, InvalidRequest, LlavaError, LlavaWireCode, llava_wire_code
 from contract.messages import MAX_NEW_TOKENS, MAX_TEMPERATURE, DoneEvent, ErrorEvent, JobRequest, TokenEvent
 
 router = APIRouter(tags=["LLaVA compatibility"])
 
-IMAGE_PLACEHOLDER = "<image>"
 LLAVA_STREAM_PATH = "/worker_generate_stream"
 
 

@@ -12,6 +12,8 @@ from contract.errors import InvalidRequest, PayloadTooLarge, RequestInvalid
 
 M = TypeVar("M", bound=BaseModel)
 
+IMAGE_PLACEHOLDER = "<image>"  # LLaVA's image placeholder in prompt text
+
 _MAX_INPUT_REPR = 60
 
 
