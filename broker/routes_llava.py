@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -52,9 +53,20 @@ def chunk(text: str, error_code: int = LlavaWireCode.ok, **extra: object) -> byt
     return json.dumps({"text": text, "error_code": int(error_code), **extra}).encode() + b"\0"
 
 
+# A tag-like word (`<image>`, `</s>`) not already in backticks. LLaVA's Gradio page renders a chunk's text as
+# Markdown and drops HTML tags, so the word would vanish (gradio-app/gradio#7198); a code span shows it.
+_TAG_LIKE = re.compile(r"(?<!`)</?[A-Za-z_|][^<>\s`]*>(?!`)")
+
+
+def quote_tags(text: str) -> str:
+    """`text` with each bare tag-like word put in backticks, so that a Markdown page shows it."""
+    return _TAG_LIKE.sub(lambda match: f"`{match.group(0)}`", text)
+
+
 def error_chunk(code: str, message: str) -> bytes:
-    """LLaVA's error chunk: the message as its text, LLaVA's numeric code, and our code and message as `error`."""
-    return chunk(message, llava_wire_code(code), error={"code": code, "message": message})
+    """LLaVA's error chunk: the message as its text (tags quoted for LLaVA's page), LLaVA's numeric code, and our
+    code and unchanged message as `error`."""
+    return chunk(quote_tags(message), llava_wire_code(code), error={"code": code, "message": message})
 
 
 def llava_error_response(error: LlavaError) -> Response:
