@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import redis as sync_redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from broker import images
@@ -20,8 +20,9 @@ from broker.auth import ApiKeyCheck, ApiKeyMiddleware, load_api_keys
 from broker.context import ControllerContext, StreamTimings, redis_unavailable
 from broker.metrics import ControllerMetrics, StatsWriter
 from broker.relay import ChunkRelay
-from broker.validation import RequestInvalid
-from contract.errors import LlavaError
+from broker.routes_llava import LLAVA_STREAM_PATH, llava_error_response
+from broker.validation import field_errors
+from contract.errors import LlavaError, RequestInvalid
 from contract.feedback_messages import FeedbackRequest
 from contract.messages import GenerateRequest
 from contract.openai_messages import ChatCompletionRequest, CompletionRequest, openai_error, openai_status
@@ -39,32 +40,43 @@ def error_body(error: LlavaError) -> dict:
     return body
 
 
-GENERATE_PATHS = frozenset({"/api/v1/generate", "/v1/chat/completions", "/v1/completions", "/worker_generate_stream"})
+GENERATE_PATHS = frozenset({"/api/v1/generate", "/v1/chat/completions", "/v1/completions", LLAVA_STREAM_PATH})
 
 
 def error_body_for(path: str, error: LlavaError) -> dict:
-    """The error body for a request to `path`: OpenAI's shape under `/v1/`, the controller's own elsewhere."""
+    """The JSON error body for a request to `path`: OpenAI's shape under `/v1/`, the controller's own elsewhere."""
     if path.startswith("/v1/"):
         return openai_error(error).model_dump(mode="json")
     return error_body(error)
 
 
-async def _llava_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, LlavaError)  # noqa: S101 - registered for LlavaError only
+def error_response(path: str, error: LlavaError) -> Response:
+    """The one rendering of an error as a response to `path`: LLaVA's chunk on LLaVA's stream, OpenAI's status and
+    body under `/v1/`, the controller's own body elsewhere."""
+    if path == LLAVA_STREAM_PATH:
+        return llava_error_response(error)
+    status = openai_status(error) if path.startswith("/v1/") else error.status_code
+    return JSONResponse(error_body_for(path, error), status_code=status, headers=error.headers or None)
+
+
+async def _llava_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, LlavaError):  # registered for LlavaError only
+        raise exc
     path = request.url.path
     metrics = getattr(request.app.state, "metrics", None)
     if metrics is not None and path in GENERATE_PATHS:
         metrics.rejected.labels(exc.code).inc()
-    status = openai_status(exc) if path.startswith("/v1/") else exc.status_code
-    return JSONResponse(error_body_for(path, exc), status_code=status, headers=exc.headers or None)
+    return error_response(path, exc)
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)  # noqa: S101
-    return await _llava_error(request, RequestInvalid(list(exc.errors())))
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, RequestValidationError):  # registered for RequestValidationError only
+        raise exc
+    return await _llava_error(request, RequestInvalid(field_errors(list(exc.errors()))))
 
 
-async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
+async def _redis_error(request: Request, exc: Exception) -> Response:
+    """Every redis-py failure a route lets through (connection, timeout, loading, read-only replica...) is a 503."""
     return await _llava_error(request, redis_unavailable(exc))
 
 
@@ -137,8 +149,8 @@ def create_app(
     )
     app.add_exception_handler(LlavaError, _llava_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(sync_redis.ConnectionError, _redis_error)
-    app.add_exception_handler(sync_redis.TimeoutError, _redis_error)
+    # redis-py wraps socket errors in its own ConnectionError, so RedisError is every failure of a Redis call.
+    app.add_exception_handler(sync_redis.RedisError, _redis_error)
     app.include_router(api_router)
     app.include_router(llava_router)
     app.include_router(importlib.import_module("broker.feedback").router)

@@ -20,7 +20,9 @@ from infra.settings import ControllerSettings
 
 T = TypeVar("T")
 
-REDIS_ERRORS = (sync_redis.ConnectionError, sync_redis.TimeoutError, ConnectionError, OSError)
+# What a failed Redis call raises: every redis-py error (it wraps socket errors in its ConnectionError), and a raw
+# OSError for safety on the stream paths. Routes let these propagate to the app's one handler (503).
+REDIS_ERRORS = (sync_redis.RedisError, OSError)
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,8 @@ class ControllerContext:
     _workers: tuple[float, list[WorkerInfo]] | None = field(default=None, repr=False)
 
     async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a sync broker.jobs call off the event loop; Redis failures become RedisUnavailable."""
-        try:
-            return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
-        except REDIS_ERRORS as exc:
-            raise redis_unavailable(exc) from exc
+        """Run a sync broker.jobs call off the event loop (its Redis errors propagate as raised)."""
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
     async def live_workers(self, *, fresh: bool = False) -> list[WorkerInfo]:
         """Workers whose liveness key exists, cached for `workers_cache_s` (a thousand streams poll this)."""
@@ -123,4 +122,5 @@ class ControllerContext:
 
 
 def redis_unavailable(exc: BaseException) -> RedisUnavailable:
-    return RedisUnavailable(f"Redis is unreachable ({type(exc).__name__}: {exc}); retry shortly")
+    """The 503 a failed Redis call stands for, naming the failure."""
+    return RedisUnavailable(f"Redis is unavailable ({type(exc).__name__}: {exc}); retry shortly")

@@ -13,10 +13,10 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from broker import images, jobs
-from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
+from broker.context import ControllerContext
 from broker.streams import StreamEvent, follow_job, submit_job
-from broker.validation import documented_body, read_model
-from contract.errors import JobNotFound, RedisUnavailable
+from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model
+from contract.errors import JobNotFound, RedisUnavailable, RequestInvalid
 from contract.messages import (
     GenerateRequest,
     ImageUrlPart,
@@ -31,6 +31,8 @@ from contract.messages import (
 )
 
 router = APIRouter()
+
+READY_PING_TIMEOUT_S = 2.0
 
 
 class ModelInfo(BaseModel):
@@ -74,6 +76,43 @@ def image_sources(body: GenerateRequest) -> list[tuple[str, str]]:
     return found
 
 
+def text_runs(body: GenerateRequest) -> list[tuple[str, str]]:
+    """`(position, text)` of each run of adjacent text parts, joined as a chat template joins them, e.g.
+    `("messages[0].content[1..2]", "<ima" + "ge>")`; a string content is one run."""
+    runs = []
+    for i, message in enumerate(body.messages):
+        if isinstance(message.content, str):
+            runs.append((f"messages[{i}].content", message.content))
+            continue
+        run: list[tuple[int, str]] = []
+        for j, part in enumerate([*message.content, None]):
+            if isinstance(part, TextPart):
+                run.append((j, part.text))
+                continue
+            if run:
+                first, last = run[0][0], run[-1][0]
+                span = f"{first}" if first == last else f"{first}..{last}"
+                where = f"messages[{i}].content[{span}]"
+                runs.append((where, "".join(text for _, text in run)))
+                run = []
+    return runs
+
+
+def check_no_placeholder_text(body: GenerateRequest) -> None:
+    """Text that is, or joins into, LLaVA's `<image>` would become an image token without an image: 422 naming it."""
+    for where, text in text_runs(body):
+        if IMAGE_PLACEHOLDER in text:
+            raise RequestInvalid(
+                [
+                    {
+                        "field": where,
+                        "message": f"text contains (or its adjacent text parts join into) `{IMAGE_PLACEHOLDER}`, "
+                        "which the model reads as an image; send images as image_url parts",
+                    }
+                ]
+            )
+
+
 def job_messages(body: GenerateRequest, digests: list[str]) -> list[JobMessage]:
     remaining = iter(digests)
     messages = []
@@ -98,19 +137,14 @@ async def checked_images(ctx: ControllerContext, sources: list[tuple[str, str]])
     if not sources:
         return []
     checked = await anyio.to_thread.run_sync(images.check_images, sources, limits)
-    try:
-        await images.store_images(ctx.redis, checked)
-    except REDIS_ERRORS as exc:
-        raise redis_unavailable(exc) from exc
+    await images.store_images(ctx.redis, checked)
     return checked
 
 
 async def require_live_model(ctx: ControllerContext, model: str) -> None:
-    """ModelNotFound (404, naming the live models) when no worker serves `model`; 503 when Redis does not answer."""
-    try:
-        await ctx.require_model(model)
-    except REDIS_ERRORS as exc:
-        raise redis_unavailable(exc) from exc
+    """ModelNotFound (404, naming the live models) when no worker serves `model`, NoWorker (503) when its workers
+    are gone; a Redis failure propagates to the app's handler (503)."""
+    await ctx.require_model(model)
 
 
 def new_job_id() -> str:
@@ -122,6 +156,7 @@ async def prepare_job(ctx: ControllerContext, body: GenerateRequest) -> JobReque
     `POST /api/v1/generate` and `POST /v1/chat/completions`."""
     sources = image_sources(body)
     images.check_image_count(len(sources), image_limits(ctx))
+    check_no_placeholder_text(body)
     await require_live_model(ctx, body.model)
     checked = await checked_images(ctx, sources)
     return JobRequest(
@@ -164,30 +199,24 @@ async def generate(request: Request) -> EventSourceResponse:
 @router.get("/api/v1/models", response_model=ModelList, summary="Models served by live workers")
 async def list_models(request: Request) -> ModelList:
     ctx = context(request)
-    try:
-        serving = await ctx.serving(fresh=True)
-        models = []
-        for name, workers in serving.items():
-            contexts = [w.context_length for w in workers if w.context_length]
-            models.append(
-                ModelInfo(
-                    name=name,
-                    workers=len(workers),
-                    queue_depth=await ctx.queue_depth(name),
-                    max_context=min(contexts) if contexts else None,
-                )
+    serving = await ctx.serving(fresh=True)
+    models = []
+    for name, workers in serving.items():
+        contexts = [w.context_length for w in workers if w.context_length]
+        models.append(
+            ModelInfo(
+                name=name,
+                workers=len(workers),
+                queue_depth=await ctx.queue_depth(name),
+                max_context=min(contexts) if contexts else None,
             )
-    except REDIS_ERRORS as exc:
-        raise redis_unavailable(exc) from exc
+        )
     return ModelList(models=models)
 
 
 @router.get("/api/v1/workers", response_model=WorkerList, summary="Live workers")
 async def list_workers(request: Request) -> WorkerList:
-    try:
-        return WorkerList(workers=await context(request).live_workers(fresh=True))
-    except REDIS_ERRORS as exc:
-        raise redis_unavailable(exc) from exc
+    return WorkerList(workers=await context(request).live_workers(fresh=True))
 
 
 async def job_view(ctx: ControllerContext, job_id: str) -> JobView:
@@ -221,11 +250,10 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", summary="200 when Redis answers and the relay is subscribed, else 503")
 async def readyz(request: Request) -> JSONResponse:
     ctx = context(request)
-    try:
-        with anyio.fail_after(2):
-            await ctx.redis.ping()
-    except (TimeoutError, *REDIS_ERRORS) as exc:
-        raise redis_unavailable(exc) from exc
+    with anyio.move_on_after(READY_PING_TIMEOUT_S) as ping:
+        await ctx.redis.ping()
+    if ping.cancelled_caught:
+        raise RedisUnavailable(f"Redis did not answer PING within {READY_PING_TIMEOUT_S:g} s; retry shortly")
     if not ctx.relay.connected:
         raise RedisUnavailable("Redis answers but the controller's subscription is not up yet; retry shortly")
     return JSONResponse({"status": "ready", "streams": ctx.relay.active_streams})

@@ -2,14 +2,16 @@
 
 `/get_worker_address` answers with this controller's own URL, so clients stream `/worker_generate_stream` through
 it; that stream keeps LLaVA's format: NUL-terminated JSON chunks `{"text": prompt + text so far, "error_code"}`.
-Errors carry a real message and LLaVA's codes (1 request or generation error, 2 no worker, 3 Redis/network),
-plus our stable `error.code`.
+Errors carry a real message and LLaVA's numeric code (`contract.errors.llava_wire_code`: 1 request or generation
+error, 2 no worker, 3 Redis/network), plus our stable `error.code`; the app's error handler renders errors raised
+before the stream starts (`llava_error_response`), `llava_chunks` those that end it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
@@ -19,19 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from broker import images
-from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
+from broker.context import ControllerContext
 from broker.routes_api import checked_images, context, image_limits, new_job_id, require_live_model
 from broker.streams import StreamEvent, follow_job, submit_job
-from broker.validation import documented_body, read_model
-from contract.errors import EndpointGone, InvalidRequest, LlavaError, ModelNotFound, NoWorker, RedisUnavailable
+from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model, require_prompt
+from contract.errors import EndpointGone, InvalidRequest, LlavaError, LlavaWireCode, llava_wire_code
 from contract.messages import MAX_NEW_TOKENS, MAX_TEMPERATURE, DoneEvent, ErrorEvent, JobRequest, TokenEvent
 
 router = APIRouter(tags=["LLaVA compatibility"])
 
-IMAGE_PLACEHOLDER = "<image>"
-ERROR_CODE_REQUEST = 1  # LLaVA's worker: any failure of the request or the generation
-ERROR_CODE_NO_WORKER = 2  # LLaVA's controller: no worker for the model
-ERROR_CODE_NETWORK = 3  # LLaVA's controller: the worker could not be reached
+LLAVA_STREAM_PATH = "/worker_generate_stream"
 
 
 class LlavaGenerateBody(BaseModel):
@@ -73,20 +72,34 @@ class ModelName(BaseModel):
     model: str
 
 
-def llava_error_code(error: LlavaError) -> int:
-    if isinstance(error, (NoWorker, ModelNotFound)):
-        return ERROR_CODE_NO_WORKER
-    if isinstance(error, RedisUnavailable):
-        return ERROR_CODE_NETWORK
-    return ERROR_CODE_REQUEST
+def chunk(text: str, error_code: int = LlavaWireCode.ok, **extra: object) -> bytes:
+    return json.dumps({"text": text, "error_code": int(error_code), **extra}).encode() + b"\0"
 
 
-def chunk(text: str, error_code: int = 0, **extra: object) -> bytes:
-    return json.dumps({"text": text, "error_code": error_code, **extra}).encode() + b"\0"
+# A tag-like word (`<image>`, `</s>`) not already in backticks. LLaVA's Gradio page renders a chunk's text as
+# Markdown and drops HTML tags, so the word would vanish (gradio-app/gradio#7198); a code span shows it.
+_TAG_LIKE = re.compile(r"(?<!`)</?[A-Za-z_|][^<>\s`]*>(?!`)")
 
 
-def error_chunk(code: str, message: str, error_code: int) -> bytes:
-    return chunk(message, error_code, error={"code": code, "message": message})
+def quote_tags(text: str) -> str:
+    """`text` with each bare tag-like word put in backticks, so that a Markdown page shows it."""
+    return _TAG_LIKE.sub(lambda match: f"`{match.group(0)}`", text)
+
+
+def error_chunk(code: str, message: str) -> bytes:
+    """LLaVA's error chunk: the message as its text (tags quoted for LLaVA's page), LLaVA's numeric code, and our
+    code and unchanged message as `error`."""
+    return chunk(quote_tags(message), llava_wire_code(code), error={"code": code, "message": message})
+
+
+def llava_error_response(error: LlavaError) -> Response:
+    """An error raised before LLaVA's stream starts: one error chunk, with the error's HTTP status."""
+    return Response(
+        error_chunk(error.code, error.message),
+        status_code=error.status_code,
+        headers=error.headers or None,
+        media_type="application/octet-stream",
+    )
 
 
 class _DisconnectAwareStream(StreamingResponse):
@@ -109,25 +122,14 @@ async def llava_chunks(prompt: str, events: AsyncIterator[StreamEvent]) -> Async
                     yield chunk(prompt + event.text)
                 return
             elif isinstance(event, ErrorEvent):
-                error = ERROR_CODE_NO_WORKER if event.code == NoWorker.code else ERROR_CODE_REQUEST
-                if event.code == RedisUnavailable.code:
-                    error = ERROR_CODE_NETWORK
-                yield error_chunk(event.code, event.message, error)
+                yield error_chunk(event.code, event.message)
                 return
-
-
-def _error_response(error: LlavaError) -> Response:
-    return Response(
-        error_chunk(error.code, error.message, llava_error_code(error)),
-        status_code=error.status_code,
-        headers=error.headers or None,
-        media_type="application/octet-stream",
-    )
 
 
 async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[LlavaGenerateBody, JobRequest | None]:
     """The checked body and its job; no job (nothing stored or queued) when `max_new_tokens` is 0."""
     body = await read_model(request, LlavaGenerateBody, ctx.settings.max_body_bytes)
+    require_prompt(body.prompt)
     sent = body.images or []
     placeholders = body.prompt.count(IMAGE_PLACEHOLDER)
     if placeholders != len(sent):
@@ -154,21 +156,16 @@ async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[Ll
 
 
 @router.post(
-    "/worker_generate_stream",
+    LLAVA_STREAM_PATH,
     summary="LLaVA: stream NUL-delimited JSON chunks of prompt + text",
     openapi_extra=documented_body(LlavaGenerateBody),
 )
 async def worker_generate_stream(request: Request) -> Response:
     ctx = context(request)
-    try:
-        body, job = await _start_llava_job(ctx, request)
-        if job is None:  # max_new_tokens 0: the reply is empty and complete
-            return Response(chunk(body.prompt), media_type="application/octet-stream")
-        sub = await submit_job(ctx, job)
-    except LlavaError as error:
-        return _error_response(error)
-    except REDIS_ERRORS as exc:
-        return _error_response(redis_unavailable(exc))
+    body, job = await _start_llava_job(ctx, request)
+    if job is None:  # max_new_tokens 0: the reply is empty and complete
+        return Response(chunk(body.prompt), media_type="application/octet-stream")
+    sub = await submit_job(ctx, job)
     return _DisconnectAwareStream(
         llava_chunks(body.prompt, follow_job(ctx, sub, job.model)),
         media_type="application/octet-stream",

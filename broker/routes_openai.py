@@ -18,14 +18,21 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
+from broker.context import ControllerContext
 from broker.remote_images import RemoteImagePolicy, inline_remote_images
 from broker.routes_api import context, image_sources, new_job_id, prepare_job, require_live_model
-from broker.routes_llava import IMAGE_PLACEHOLDER
 from broker.streams import StreamEvent, follow_job, submit_job
-from broker.validation import RequestInvalid, documented_body, read_model
-from contract.errors import error_from_code
-from contract.messages import DoneEvent, ErrorEvent, GenerateRequest, ImageUrlPart, JobRequest, TokenEvent
+from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model, require_prompt
+from contract.errors import GenerationFailed, RequestInvalid
+from contract.messages import (
+    DoneEvent,
+    ErrorEvent,
+    GenerateRequest,
+    ImageUrlPart,
+    JobRequest,
+    TokenEvent,
+    error_from_event,
+)
 from contract.openai_messages import (
     AssistantMessage,
     ChatCompletion,
@@ -68,10 +75,7 @@ async def with_remote_images(request: Request, ctx: ControllerContext, body: Gen
         return body
     policy = remote_image_policy(request, ctx)
     if policy is not None:
-        try:
-            await ctx.require_model(body.model)  # no fetching for a model that is not served
-        except REDIS_ERRORS as exc:
-            raise redis_unavailable(exc) from exc
+        await ctx.require_model(body.model)  # no fetching for a model that is not served
     inlined = await inline_remote_images(sources, policy, ctx.settings.max_images)
     for i, message in enumerate(body.messages):
         if isinstance(message.content, str):
@@ -174,10 +178,8 @@ async def final_event(events: AsyncIterator[StreamEvent]) -> DoneEvent:
             if isinstance(event, DoneEvent):
                 return event
             if isinstance(event, ErrorEvent):
-                error = error_from_code(event.code, event.message)
-                error.status_code = event.status_code
-                raise error
-    raise error_from_code("generation_failed", "the job's stream ended without a result")
+                raise error_from_event(event)
+    raise GenerationFailed("the job's stream ended without a result")
 
 
 async def final_completion(
@@ -250,12 +252,13 @@ async def respond(
 
 async def prepare_prompt_job(ctx: ControllerContext, body: CompletionRequest) -> JobRequest:
     """The job of a legacy completion: the prompt as is, no images; 404/503 for a model without workers."""
+    require_prompt(body.prompt)
     if IMAGE_PLACEHOLDER in body.prompt:
         raise RequestInvalid(
             [
                 {
-                    "loc": ("prompt",),
-                    "msg": f"contains {IMAGE_PLACEHOLDER}, but /v1/completions takes no images; "
+                    "field": "prompt",
+                    "message": f"contains {IMAGE_PLACEHOLDER}, but /v1/completions takes no images; "
                     "send images to /v1/chat/completions as image_url parts",
                 }
             ]
@@ -278,11 +281,7 @@ async def completions(request: Request):
 
 @router.get("/v1/models", response_model=ModelCardList, summary="OpenAI: models served by live workers")
 async def list_models(request: Request) -> ModelCardList:
-    ctx = context(request)
-    try:
-        serving = await ctx.serving(fresh=True)
-    except REDIS_ERRORS as exc:
-        raise redis_unavailable(exc) from exc
+    serving = await context(request).serving(fresh=True)
     return ModelCardList(
         data=[ModelCard(id=name, created=int(min(w.started_at for w in workers))) for name, workers in serving.items()]
     )

@@ -17,7 +17,7 @@ import anyio
 from broker import jobs
 from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
 from broker.relay import Subscription
-from contract.errors import LlavaError, NoWorker, QueueFull, RedisUnavailable
+from contract.errors import ErrorCode, NoWorker, QueueFull, RedisUnavailable
 from contract.messages import (
     DoneEvent,
     ErrorEvent,
@@ -26,6 +26,7 @@ from contract.messages import (
     JobRequest,
     QueuedEvent,
     TokenEvent,
+    error_event,
     parse_event,
 )
 
@@ -58,7 +59,9 @@ def event_from_outcome(outcome: JobOutcome) -> DoneEvent | ErrorEvent:
     if outcome.error is not None:
         return outcome.error
     if outcome.status == "failed":
-        return ErrorEvent(job_id=outcome.job_id, code="generation_failed", message="the job failed", text=outcome.text)
+        return ErrorEvent(
+            job_id=outcome.job_id, code=ErrorCode.generation_failed, message="the job failed", text=outcome.text
+        )
     reason = outcome.finish_reason or (FinishReason.cancelled if outcome.status == "canceled" else FinishReason.stop)
     return DoneEvent(
         job_id=outcome.job_id,
@@ -67,10 +70,6 @@ def event_from_outcome(outcome: JobOutcome) -> DoneEvent | ErrorEvent:
         usage=outcome.usage,
         timings=outcome.timings,
     )
-
-
-def error_event(job_id: str, error: LlavaError, text: str = "") -> ErrorEvent:
-    return ErrorEvent(job_id=job_id, code=error.code, message=error.message, status_code=error.status_code, text=text)
 
 
 class _JobFollower:
@@ -125,7 +124,7 @@ class _JobFollower:
         if view is None:
             return ErrorEvent(
                 job_id=self.job_id,
-                code="job_not_found",
+                code=ErrorCode.job_not_found,
                 message=f"job {self.job_id} disappeared from Redis before it finished (expired or deleted)",
                 status_code=404,
                 text=self.text,
@@ -135,7 +134,7 @@ class _JobFollower:
         if view.status in {"failed", "canceled", "stopped"}:
             return ErrorEvent(
                 job_id=self.job_id,
-                code="generation_failed",
+                code=ErrorCode.generation_failed,
                 message=f"the job ended with status {view.status} and no outcome",
                 text=self.text,
             )

@@ -8,9 +8,11 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from contract.errors import InvalidRequest, PayloadTooLarge
+from contract.errors import InvalidRequest, PayloadTooLarge, RequestInvalid
 
 M = TypeVar("M", bound=BaseModel)
+
+IMAGE_PLACEHOLDER = "<image>"  # LLaVA's image placeholder in prompt text
 
 _MAX_INPUT_REPR = 60
 
@@ -72,8 +74,9 @@ def _relevant(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return kept or errors
 
 
-def describe_errors(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, str]]]:
-    """One message naming each bad field, its problem and the limit, plus the same as structured details."""
+def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """pydantic's errors as `{"field", "message"}` pairs: the field's path, its problem and the limit
+    (`RequestInvalid(field_errors(...))` is the 422)."""
     details = []
     for error in _relevant(errors):
         loc = error.get("loc", ())
@@ -83,18 +86,7 @@ def describe_errors(errors: list[dict[str, Any]]) -> tuple[str, list[dict[str, s
             path = field_path(loc)
             message = f"{error.get('msg', 'invalid')}{_limit_text(error)}{_input_text(error)}"
         details.append({"field": path, "message": message})
-    text = "; ".join(f"{d['field']}: {d['message']}" for d in details[:8])
-    if len(details) > 8:
-        text += f"; and {len(details) - 8} more"
-    return f"invalid request: {text}", details
-
-
-class RequestInvalid(InvalidRequest):
-    """422 with per-field details (`fields`) besides the message."""
-
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        message, self.fields = describe_errors(errors)
-        super().__init__(message)
+    return details
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -125,7 +117,13 @@ async def read_model(request: Request, model: type[M], max_bytes: int) -> M:
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        raise RequestInvalid(exc.errors(include_url=False)) from None
+        raise RequestInvalid(field_errors(exc.errors(include_url=False))) from None
+
+
+def require_prompt(prompt: str, field: str = "prompt") -> None:
+    """A raw prompt (LLaVA's, OpenAI's legacy one) must not be empty: the model needs a token to continue from."""
+    if not prompt:
+        raise RequestInvalid([{"field": field, "message": "is empty; send at least one character of prompt text"}])
 
 
 def documented_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import Enum, IntEnum
 
 
 class ErrorCode(str, Enum):
@@ -33,9 +33,30 @@ class ErrorCode(str, Enum):
     timeout = "timeout"
 
 
+class LlavaWireCode(IntEnum):
+    """LLaVA's numeric `error_code` in `/worker_generate_stream` chunks (LLaVA's controller and worker use these)."""
+
+    ok = 0
+    request_failed = 1  # LLaVA's worker: any failure of the request or the generation
+    no_worker = 2  # LLaVA's controller: no worker for the model
+    worker_unreachable = 3  # LLaVA's controller: the worker could not be reached (here: Redis)
+
+
+_LLAVA_WIRE_CODES: dict[str, LlavaWireCode] = {
+    ErrorCode.no_worker: LlavaWireCode.no_worker,
+    ErrorCode.model_not_found: LlavaWireCode.no_worker,
+    ErrorCode.redis_unavailable: LlavaWireCode.worker_unreachable,
+}
+
+
+def llava_wire_code(code: str) -> LlavaWireCode:
+    """LLaVA's numeric code for an error code (unknown codes, from a newer version, count as a failed request)."""
+    return _LLAVA_WIRE_CODES.get(code, LlavaWireCode.request_failed)
+
+
 class LlavaError(Exception):
     status_code: int = 500
-    code: str = ErrorCode.internal_error
+    code: str = ErrorCode.internal_error  # an ErrorCode; a plain str only for a code from a newer version
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
@@ -46,6 +67,19 @@ class LlavaError(Exception):
 class InvalidRequest(LlavaError):
     status_code = 422
     code = ErrorCode.invalid_request
+
+
+class RequestInvalid(InvalidRequest):
+    """422 naming each bad field: `fields` holds one `{"field", "message"}` per field, the message all of them."""
+
+    MAX_LISTED = 8
+
+    def __init__(self, fields: list[dict[str, str]]) -> None:
+        self.fields = fields
+        text = "; ".join(f"{f['field']}: {f['message']}" for f in fields[: self.MAX_LISTED])
+        if len(fields) > self.MAX_LISTED:
+            text += f"; and {len(fields) - self.MAX_LISTED} more"
+        super().__init__(f"invalid request: {text}")
 
 
 class ImageInvalid(LlavaError):
@@ -138,7 +172,14 @@ def _all_subclasses(cls: type[LlavaError]) -> list[type[LlavaError]]:
     return found
 
 
-ERRORS_BY_CODE: dict[str, type[LlavaError]] = {c.code: c for c in [LlavaError, *_all_subclasses(LlavaError)]}
+def _errors_by_code() -> dict[str, type[LlavaError]]:
+    found: dict[str, type[LlavaError]] = {}
+    for cls in [LlavaError, *_all_subclasses(LlavaError)]:
+        found.setdefault(cls.code, cls)  # the base class of a code (InvalidRequest, not RequestInvalid)
+    return found
+
+
+ERRORS_BY_CODE: dict[str, type[LlavaError]] = _errors_by_code()
 
 
 def error_from_code(code: str, message: str) -> LlavaError:

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
+from contract.errors import LlavaError, error_from_code
+
 WIRE_VERSION = 1
 
 # Sampling limits: validated at the edge (HTTP) and trusted inside.
@@ -191,6 +193,18 @@ class ErrorEvent(BaseModel):
     message: str
     status_code: int = 500
     text: str = Field(default="", description="what was generated before the error")
+
+
+def error_event(job_id: str, error: LlavaError, text: str = "") -> ErrorEvent:
+    """The wire form of `error` as a job's final stream event, after `text` was generated."""
+    return ErrorEvent(job_id=job_id, code=error.code, message=error.message, status_code=error.status_code, text=text)
+
+
+def error_from_event(event: ErrorEvent) -> LlavaError:
+    """The error class an error event names, with its message and status (the reverse of `error_event`)."""
+    error = error_from_code(event.code, event.message)
+    error.status_code = event.status_code
+    return error
 
 
 JobEvent = Annotated[QueuedEvent | TokenEvent | DoneEvent | ErrorEvent, Field(discriminator="type")]

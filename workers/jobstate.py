@@ -11,22 +11,19 @@ from redis import Redis
 from rq.job import JobStatus
 
 from contract import keys
-from contract.errors import GenerationFailed, ImageInvalid, LlavaError, error_from_code
-from contract.messages import DoneEvent, ErrorEvent, FinishReason, JobOutcome, JobRequest, Timings, Usage
+from contract.errors import GenerationFailed, ImageInvalid, LlavaError
+from contract.messages import (
+    DoneEvent,
+    ErrorEvent,
+    FinishReason,
+    JobOutcome,
+    JobRequest,
+    Timings,
+    Usage,
+    error_event,
+)
 
 log = logging.getLogger(__name__)
-
-
-def error_event(job_id: str, error: LlavaError, text: str = "") -> ErrorEvent:
-    """The wire form of `error` as a job's final stream event."""
-    return ErrorEvent(job_id=job_id, code=error.code, message=error.message, status_code=error.status_code, text=text)
-
-
-def error_from_event(event: ErrorEvent) -> LlavaError:
-    """The error class an error event names, with its message and status."""
-    error = error_from_code(event.code, event.message)
-    error.status_code = event.status_code
-    return error
 
 
 def failure_update(job_id: str, usage: Usage, error: LlavaError):

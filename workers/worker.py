@@ -21,10 +21,10 @@ from broker import jobs
 from broker.sweeper import SweepReport, sweep_worker, worker_lost_error
 from contract import keys
 from contract.errors import DeviceError, GenerationFailed, LlavaError
-from contract.messages import FinishReason, JobRequest, TokenEvent, WorkerInfo
+from contract.messages import FinishReason, JobRequest, TokenEvent, WorkerInfo, error_from_event
 from infra.settings import WorkerSettings
 from workers.heartbeat import Heartbeat, deregister, register
-from workers.jobstate import ActiveJob, Backoff, error_from_event, failure_update, load_images
+from workers.jobstate import ActiveJob, Backoff, failure_update, load_images
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from broker import jobs
 from broker.app import create_app
+from broker.context import rq_queue_key
 from contract.messages import JobRequest
 from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, png_b64, png_header_only, settings_for
 
@@ -174,3 +175,41 @@ def test_body_that_is_not_an_object_is_422(client: TestClient) -> None:
 def test_missing_fields_are_named(client: TestClient) -> None:
     error = error_of(client.post("/api/v1/generate", json={"model": "tiny-llava"}), 422)
     assert "messages: Field required" in error["message"]
+
+
+def text(value: str) -> dict:
+    return {"type": "text", "text": value}
+
+
+def image_part() -> dict:
+    return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png_b64()}"}}
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        ([image_part(), text("<ima"), text("ge> what is this?")], "messages[0].content[1..2]"),
+        ([text("a <image> here"), image_part()], "messages[0].content[0]"),
+        ("what is <image>?", "messages[0].content"),
+    ],
+)
+@pytest.mark.parametrize("path", ["/api/v1/generate", "/v1/chat/completions"])
+def test_text_that_forms_the_image_placeholder_is_refused_naming_it(
+    client: TestClient, redis_client: redis.Redis, path: str, content, field: str
+) -> None:
+    """The template joins adjacent text parts: `<ima` + `ge>` would be an image token without an image (a 500
+    generation_failed from the worker); refused before the job is queued."""
+    body = {"model": "tiny-llava", "messages": [{"role": "user", "content": content}]}
+    response = client.post(path, json=body)
+    assert response.status_code in (400, 422), response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and field in error["message"] and "`<image>`" in error["message"]
+    assert redis_client.llen(rq_queue_key("tiny-llava")) == 0
+
+
+def test_text_parts_apart_from_each_other_are_not_joined(client: TestClient, redis_client: redis.Redis) -> None:
+    body = chat_body()
+    body["messages"][0]["content"] = [text("<ima"), image_part(), text("ge>")]
+    with client.stream("POST", "/api/v1/generate", json=body) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["X-Job-Id"]

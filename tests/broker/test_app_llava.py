@@ -74,18 +74,45 @@ def test_worker_error_becomes_a_nonzero_error_code_with_the_real_message(
     assert chunks[-1]["error"]["code"] == "context_length_exceeded"
 
 
+def test_tags_in_error_texts_are_quoted_for_llavas_page(client: TestClient, worker: ScriptedWorker) -> None:
+    """LLaVA's Gradio page renders an error chunk's text as Markdown, where a bare `<image>` or `</s>` is an HTML tag
+    and vanishes; the text quotes them as code (once), the `error` object keeps the message as is."""
+    message = "prompt has 2 <image> tokens but 1 image was given; `<image>` stays; stop at </s>"
+
+    def script(w: ScriptedWorker):
+        job = w.claim()
+        w.start(job)
+        w.fail(job, "invalid_request", message, status_code=422)
+
+    running = worker.in_thread(script)
+    with client.stream("POST", "/worker_generate_stream", json=llava_body()) as response:
+        chunks = llava_chunks(response)
+    running.result()
+    assert chunks[-1]["text"] == "prompt has 2 `<image>` tokens but 1 image was given; `<image>` stays; stop at `</s>`"
+    assert chunks[-1]["error"] == {"code": "invalid_request", "message": message}
+
+
 def test_image_count_must_match_placeholders(client: TestClient, worker: ScriptedWorker) -> None:
     response = client.post("/worker_generate_stream", json=llava_body(images=[png_b64(), png_b64()]))
     assert response.status_code == 422
     chunk = json.loads(response.content.rstrip(b"\0"))
     assert chunk["error_code"] == 1
-    assert "1 <image> placeholder" in chunk["text"] and "2 image" in chunk["text"]
+    assert "1 `<image>` placeholder" in chunk["text"] and "2 image" in chunk["text"]
+    assert "1 <image> placeholder" in chunk["error"]["message"]  # the API's own field keeps the message as is
 
 
 def test_literal_image_placeholder_without_an_image_is_refused(client: TestClient, worker: ScriptedWorker) -> None:
     response = client.post("/worker_generate_stream", json=llava_body(images=[]))
     assert response.status_code == 422
-    assert "1 <image> placeholder" in json.loads(response.content.rstrip(b"\0"))["text"]
+    assert "1 `<image>` placeholder" in json.loads(response.content.rstrip(b"\0"))["text"]
+
+
+def test_empty_prompt_is_refused_naming_it(client: TestClient, worker: ScriptedWorker) -> None:
+    response = client.post("/worker_generate_stream", json=llava_body(prompt="", images=[]))
+    chunk = json.loads(response.content.rstrip(b"\0"))
+    assert response.status_code == 422 and chunk["error_code"] == 1
+    assert chunk["error"]["code"] == "invalid_request" and "prompt" in chunk["text"] and "empty" in chunk["text"]
+    assert worker.redis.llen(rq_queue_key("tiny-llava")) == 0
 
 
 def test_unknown_model_is_error_code_2(client: TestClient, worker: ScriptedWorker) -> None:

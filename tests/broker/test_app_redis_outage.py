@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from fastapi.testclient import TestClient
 
 from broker.app import create_app
-from infra.embedded_redis import EmbeddedRedis
+from infra.embedded_redis import EmbeddedRedis, free_port
 from infra.redis import connect
 from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, read_sse, settings_for
 
@@ -75,5 +76,36 @@ def test_a_stream_rides_out_a_short_redis_outage(tmp_path: Path) -> None:
                 running.result()
                 redis_client.close()
             assert rest[-1][0] == "done" and rest[-1][1]["text"] == "still here"
+    finally:
+        server.stop()
+
+
+def test_a_read_only_redis_is_503_in_every_wire_format(tmp_path: Path) -> None:
+    """Not only lost connections: any redis-py failure (here READONLY from a replica whose master is gone) is a 503
+    `redis_unavailable` in each endpoint's own error format, never a 500."""
+    server = EmbeddedRedis(tmp_path / "redis", persist=False).start()
+    try:
+        with TestClient(create_app(settings_for(server.url), timings=FAST, run_sweeper=False)) as client:
+            wait_ready(client)
+            redis_client = connect(server.url)
+            ScriptedWorker(redis_client).register()
+            redis_client.execute_command("REPLICAOF", "127.0.0.1", free_port())  # reads still served, writes refused
+            try:
+                generate = client.post("/api/v1/generate", json=chat_body())
+                assert generate.status_code == 503, generate.text
+                assert generate.json()["error"]["code"] == "redis_unavailable"
+                assert "ReadOnlyError" in generate.json()["error"]["message"]
+
+                chat = client.post("/v1/chat/completions", json=chat_body())
+                assert chat.status_code == 503, chat.text
+                assert chat.json()["error"]["code"] == "redis_unavailable"
+
+                llava = client.post("/worker_generate_stream", json={"model": "tiny-llava", "prompt": "hi"})
+                assert llava.status_code == 503, llava.text
+                chunk = json.loads(llava.content.rstrip(b"\0"))
+                assert chunk["error_code"] == 3 and chunk["error"]["code"] == "redis_unavailable"
+            finally:
+                redis_client.execute_command("REPLICAOF", "NO", "ONE")
+                redis_client.close()
     finally:
         server.stop()

@@ -312,6 +312,17 @@ def test_text_completion_bad_field_is_400_naming_it(client: TestClient, worker: 
     assert worker.redis.llen(rq_queue_key(MODEL)) == 0
 
 
+@pytest.mark.parametrize("prompt", ["", [""]])
+def test_text_completion_empty_prompt_is_400_naming_it(client: TestClient, redis_client: redis.Redis, prompt) -> None:
+    """An empty prompt gives the model no token to start from; refused at the edge (it was a 500 device_error)."""
+    ScriptedWorker(redis_client, model=MODEL).register()
+    reply = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "stream": True})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "invalid_request" and error["param"] == "prompt" and "empty" in error["message"]
+    assert redis_client.llen(rq_queue_key(MODEL)) == 0
+
+
 def test_text_completion_accepts_the_neutral_values(client: TestClient, worker: ScriptedWorker) -> None:
     script = worker.in_thread(lambda w: w.serve_one(["ok"]))
     reply = oai(client).completions.create(
