@@ -19,6 +19,7 @@ from contract import keys
 from contract.client import ControllerClient
 from contract.feedback_messages import FeedbackType
 from contract.messages import JobRequest
+from infra.embedded_redis import free_port
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
 
 TARGET = "tiny-llava-v2"
@@ -157,6 +158,19 @@ def test_command_line(client: TestClient, redis_client, redis_url: str, feedback
     script.result()
     rows = (tmp_path / "replay.jsonl").read_text().splitlines()
     assert [json.loads(r)["entry_id"] for r in rows] == feedback[:2]
+
+
+def test_an_unreachable_controller_stops_the_run(
+    client: TestClient, redis_url: str, feedback: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    args = build_parser().parse_args(
+        ["replay", "--model", TARGET, "--out", str(tmp_path), "--redis-url", redis_url, "--controller-url", url,
+         "--no-progress"]
+    )  # fmt: skip
+    assert run_replay_command(args) == 2
+    assert f"cannot reach the controller at {url}" in capsys.readouterr().err
+    assert not (tmp_path / "replay.jsonl").exists()
 
 
 def test_parse_time() -> None:
