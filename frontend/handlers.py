@@ -111,10 +111,7 @@ class ChatHandlers:
     def load(self, request: gr.Request | None = None) -> tuple:
         """Page load: fresh state, the model dropdown (`?model=NAME` selects one), and a status line."""
         models, problem = self.fetch_models()
-        choices = [
-            (m.name if m.workers is None else f"{m.name} ({m.workers} worker{'s' * (m.workers != 1)})", m.name)
-            for m in models
-        ]
+        choices = [(f"{m.name} ({m.workers} worker{'s' * (m.workers != 1)})", m.name) for m in models]
         wanted = request.query_params.get("model") if request is not None else None
         names = [m.name for m in models]
         value = wanted if wanted in names else (names[0] if names else None)
