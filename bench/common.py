@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from contract.messages import GenerateRequest
+from contract.messages import DoneEvent, ErrorEvent, GenerateRequest, TokenEvent
 
 COLORS = ["red", "green", "blue", "orange", "purple", "yellow", "black", "cyan"]
 
@@ -63,7 +63,7 @@ class StreamRun:
 
 def closed_loop_sse(url: str, model: str, streams: int, requests: int, max_new_tokens: int) -> StreamRun:
     """`streams` clients stream `requests` requests back to back through the controller's SSE API."""
-    from frontend.client import ControllerClient
+    from contract.client import ControllerClient
 
     lock = threading.Lock()
     counter = iter(range(requests))
@@ -81,12 +81,12 @@ def closed_loop_sse(url: str, model: str, streams: int, requests: int, max_new_t
                 arrivals: list[float] = []
                 done = 0
                 for event in client.generate(generate_request(model, i, max_new_tokens)):
-                    if event.type == "token":
+                    if isinstance(event, TokenEvent):
                         arrivals.append(time.perf_counter())
-                    elif event.type == "done":
-                        done = event.data["usage"]["completion_tokens"]
-                    elif event.type == "error":
-                        raise RuntimeError(f"request {i} failed: {event.data}")
+                    elif isinstance(event, DoneEvent):
+                        done = event.usage.completion_tokens
+                    elif isinstance(event, ErrorEvent):
+                        raise RuntimeError(f"request {i} failed: {event.code}: {event.message}")
                 with lock:
                     run.completion_tokens += done
                     run.ttfts.append((arrivals[0] if arrivals else time.perf_counter()) - sent)
@@ -104,13 +104,13 @@ def closed_loop_sse(url: str, model: str, streams: int, requests: int, max_new_t
 
 def stream_once(url: str, body: GenerateRequest) -> None:
     """Stream one request to its end (warm-up); raise on an error event."""
-    from frontend.client import ControllerClient
+    from contract.client import ControllerClient
 
     client = ControllerClient(url)
     try:
         for event in client.generate(body):
-            if event.type == "error":
-                raise RuntimeError(f"warm-up request failed: {event.data}")
+            if isinstance(event, ErrorEvent):
+                raise RuntimeError(f"warm-up request failed: {event.code}: {event.message}")
     finally:
         client.close()
 

@@ -35,7 +35,8 @@ import httpx
 
 from bench.common import percentile
 from bench.load_checks import ENGINE_NOTE, MODEL, Arrival, StreamResult, check_stream, leftover_jobs, load_request
-from contract.messages import TokenEvent, parse_event
+from contract.client import aiter_events, error_from_response
+from contract.messages import TokenEvent
 from infra.process import Proc, cli, env_for, start_controller, wait_for_workers
 from workers.cli import SCRIPTED_STEP_DELAY_S
 
@@ -43,16 +44,9 @@ from workers.cli import SCRIPTED_STEP_DELAY_S
 
 
 async def _read_events(response: httpx.Response, events: list[Arrival]) -> None:
-    """Append each SSE event's (arrival time, parsed data) to `events` until the server ends the stream."""
-    data: list[str] = []
-    async for line in response.aiter_lines():
-        if line == "":
-            if data:
-                events.append((time.perf_counter(), parse_event("\n".join(data))))
-            data = []
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-        # `event:` repeats the type the data carries; lines starting with ':' are keep-alive pings
+    """Append each SSE event's (arrival time, typed event) to `events` until the server ends the stream."""
+    async for event in aiter_events(response):
+        events.append((time.perf_counter(), event))
 
 
 async def run_stream(client: httpx.AsyncClient, body: dict, index: int, tokens: int, timeout: float) -> StreamResult:
@@ -66,7 +60,9 @@ async def run_stream(client: httpx.AsyncClient, body: dict, index: int, tokens: 
         async with client.stream("POST", "/api/v1/generate", json=body) as response:
             header_job_id = response.headers.get("x-job-id")
             if response.status_code != 200:
-                return f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
+                await response.aread()
+                error = error_from_response(response)
+                return f"HTTP {response.status_code}: {error.code}: {error.message[:300]}"
             await _read_events(response, events)
         return None
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from bench.common import png_bytes, question
 from broker import jobs
 from contract import keys
-from contract.messages import DoneEvent, ErrorEvent, GenerateRequest, QueuedEvent, TokenEvent
+from contract.messages import DoneEvent, ErrorEvent, GenerateRequest, StreamEvent, TokenEvent
 
 MODEL = "scripted-load"
 ENGINE_NOTE = "scripted (workers/scripted.py): a deterministic fake engine for load tests of the broker, not a model"
@@ -46,7 +46,7 @@ class StreamResult:
     gaps: list[float] = field(default_factory=list)  # seconds between consecutive token events
 
 
-Arrival = tuple[float, QueuedEvent | TokenEvent | DoneEvent | ErrorEvent]
+Arrival = tuple[float, StreamEvent]
 
 
 def check_stream(index: int, tokens: int, events: list[Arrival], header_job_id: str | None) -> str | None:

@@ -26,6 +26,7 @@ from contract.errors import LlavaError, RequestInvalid
 from contract.feedback_messages import FeedbackRequest
 from contract.messages import GenerateRequest
 from contract.openai_messages import ChatCompletionRequest, CompletionRequest, openai_error, openai_status
+from contract.replies import ErrorDetail, ErrorReply
 from infra.redis import async_connect, connect
 from infra.settings import ControllerSettings
 
@@ -33,11 +34,10 @@ log = logging.getLogger(__name__)
 
 
 def error_body(error: LlavaError) -> dict:
-    body: dict = {"error": {"code": error.code, "message": error.message}}
-    fields = getattr(error, "fields", None)
-    if fields:
-        body["error"]["fields"] = fields
-    return body
+    fields = getattr(error, "fields", None) or None
+    return ErrorReply(error=ErrorDetail(code=error.code, message=error.message, fields=fields)).model_dump(
+        mode="json", exclude_none=True
+    )
 
 
 GENERATE_PATHS = frozenset({"/api/v1/generate", "/v1/chat/completions", "/v1/completions", LLAVA_STREAM_PATH})

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from broker import images, jobs
@@ -27,33 +26,12 @@ from contract.messages import (
     JobText,
     JobView,
     TextPart,
-    WorkerInfo,
 )
+from contract.replies import CancelReply, ModelInfo, ModelList, WorkerList
 
 router = APIRouter()
 
 READY_PING_TIMEOUT_S = 2.0
-
-
-class ModelInfo(BaseModel):
-    name: str
-    workers: int
-    queue_depth: int
-    max_context: int | None = None
-
-
-class ModelList(BaseModel):
-    models: list[ModelInfo]
-
-
-class WorkerList(BaseModel):
-    workers: list[WorkerInfo]
-
-
-class CancelReply(BaseModel):
-    job_id: str
-    removed_from_queue: bool
-    job: JobView
 
 
 def context(request: Request) -> ControllerContext:

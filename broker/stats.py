@@ -10,32 +10,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from pydantic import BaseModel
-
 from contract import keys
+from contract.status_report import ModelRates
 
 COUNTERS = ("requests", "errors", "prompt_tokens", "completion_tokens")
 _SEP = "|"
-
-
-class ModelRates(BaseModel):
-    """Totals over a window of whole minutes, and the rates they make."""
-
-    model: str
-    window_s: float
-    requests: int = 0
-    errors: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    @property
-    def requests_per_minute(self) -> float:
-        return self.requests * 60.0 / self.window_s if self.window_s else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Generated tokens per second over the window."""
-        return self.completion_tokens / self.window_s if self.window_s else 0.0
 
 
 def minute_of(unix_time: float) -> int:

@@ -1,5 +1,9 @@
 """What the broker looks like right now, read from Redis: workers, queues, recent rates. Shared by
-`llava-serve status` (a table, `--watch` redraws it in place) and the controller's `/metrics` gauges."""
+`llava-serve status` (a table, `--watch` redraws it in place) and the controller's `/metrics` gauges.
+
+It stays with the controller: it reads the controller's Redis state (rq queues, worker records, rate counters)
+through `broker.jobs` and `broker.stats`, and needs no controller running. What it shows is
+`contract.status_report.StatusReport`."""
 
 from __future__ import annotations
 
@@ -8,31 +12,14 @@ import sys
 import time
 from typing import Any, TextIO
 
-from pydantic import BaseModel, Field
 from rq import Queue
 
 from broker import jobs
-from broker.stats import ModelRates, read_rates
+from broker.stats import read_rates
 from contract import keys
-from contract.messages import WorkerInfo
+from contract.status_report import QueueRow, StatusReport
 
 RATE_MINUTES = 5
-
-
-class QueueRow(BaseModel):
-    model: str
-    depth: int
-    oldest_wait_s: float | None = Field(default=None, description="how long the next job to be claimed has waited")
-    workers: int = 0
-    running: int = 0
-    slots: int = 0
-
-
-class StatusReport(BaseModel):
-    at: float
-    workers: list[WorkerInfo]
-    queues: list[QueueRow]
-    rates: dict[str, ModelRates] = Field(default_factory=dict)
 
 
 def _queue_prefix() -> str:

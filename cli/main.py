@@ -49,7 +49,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from broker.replay import run_replay_command
+    from cli.replay import run_replay_command
 
     return run_replay_command(args)
 
@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_web_arguments(web)
     web.set_defaults(run=_web)
 
-    from broker.replay import add_replay_arguments
     from broker.status import add_status_arguments
+    from cli.replay import add_replay_arguments
 
     status = sub.add_parser("status", help="workers, queues and recent rates, read from Redis (--watch to follow)")
     add_status_arguments(status)

@@ -31,6 +31,8 @@ class ErrorCode(str, Enum):
     no_worker = "no_worker"
     redis_unavailable = "redis_unavailable"
     timeout = "timeout"
+    controller_unreachable = "controller_unreachable"  # raised by clients: no answer from the controller
+    stream_ended = "stream_ended"  # raised by clients: a stream closed before its done or error event
 
 
 class LlavaWireCode(IntEnum):
@@ -162,6 +164,20 @@ class RedisUnavailable(LlavaError):
 class Timeout(LlavaError):
     status_code = 504
     code = ErrorCode.timeout
+
+
+class ControllerUnreachable(LlavaError):
+    """A client could not reach the controller (refused, reset, timed out)."""
+
+    status_code = 503
+    code = ErrorCode.controller_unreachable
+
+
+class StreamEnded(LlavaError):
+    """A client's stream closed before its final event."""
+
+    status_code = 502
+    code = ErrorCode.stream_ended
 
 
 def _all_subclasses(cls: type[LlavaError]) -> list[type[LlavaError]]:

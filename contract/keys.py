@@ -45,7 +45,7 @@ def queue_name(model: str) -> str:
 
 
 def chunks(job_id: str) -> str:
-    """Pub/sub channel of a job's stream events (`JobEvent`). Keeps nothing."""
+    """Pub/sub channel of a job's stream events (`StreamEvent`). Keeps nothing."""
     return f"{PREFIX}job:{job_id}:chunks"
 
 

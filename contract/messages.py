@@ -207,13 +207,15 @@ def error_from_event(event: ErrorEvent) -> LlavaError:
     return error
 
 
-JobEvent = Annotated[QueuedEvent | TokenEvent | DoneEvent | ErrorEvent, Field(discriminator="type")]
-JOB_EVENT: TypeAdapter[QueuedEvent | TokenEvent | DoneEvent | ErrorEvent] = TypeAdapter(JobEvent)
+# One event of a job's stream: on its chunk channel in Redis, and as one SSE event of `POST /api/v1/generate`
+# (the SSE `event:` field repeats `type`).
+StreamEvent = QueuedEvent | TokenEvent | DoneEvent | ErrorEvent
+STREAM_EVENT: TypeAdapter[StreamEvent] = TypeAdapter(Annotated[StreamEvent, Field(discriminator="type")])
 
 
-def parse_event(raw: str | bytes) -> QueuedEvent | TokenEvent | DoneEvent | ErrorEvent:
+def parse_event(raw: str | bytes) -> StreamEvent:
     """Read one event published on a job's chunk channel."""
-    return JOB_EVENT.validate_json(raw)
+    return STREAM_EVENT.validate_json(raw)
 
 
 # ---- Records ------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from contract.client import ControllerClient
 from contract.feedback_messages import FeedbackType
-from frontend.client import ControllerClient
 from frontend.conversation import Conversation, ImageMode, display_dir
 from frontend.feedback import FeedbackHandlers
 from frontend.handlers import ChatHandlers
@@ -19,6 +19,7 @@ from infra.settings import WebSettings
 
 log = logging.getLogger("llava.web")
 
+USER_AGENT = "llava-serve-web"  # how the controller's logs tell the UI from other clients
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 # Drawn by the demo model's own drawing code (frontend/examples/make_examples.py), each with a question.
 EXAMPLES = [(e["file"], e["question"]) for e in json.loads((EXAMPLES_DIR / "examples.json").read_text())]
@@ -39,7 +40,7 @@ CSS = """
 
 def build_demo(settings: WebSettings, client: ControllerClient | None = None) -> gr.Blocks:
     """The page, wired to a controller client; call `.queue()` and `.launch()` on it (as `run_web` does)."""
-    client = client or ControllerClient(settings.controller_url, api_key=settings.api_key)
+    client = client or ControllerClient(settings.controller_url, api_key=settings.api_key, user_agent=USER_AGENT)
     handlers = ChatHandlers(settings, client)
     votes = FeedbackHandlers(client)
     # The controller may be down: the page then says so and each page load retries.
@@ -164,7 +165,7 @@ def launch(demo: gr.Blocks, settings: WebSettings, *, block: bool = True) -> Non
 
 def run_web(settings: WebSettings) -> int:
     """Serve the UI until interrupted; starts even when the controller is down."""
-    client = ControllerClient(settings.controller_url, api_key=settings.api_key)
+    client = ControllerClient(settings.controller_url, api_key=settings.api_key, user_agent=USER_AGENT)
     demo = build_demo(settings, client)
     log.info("web UI on http://%s:%d, controller %s", settings.host, settings.port, settings.controller_url)
     try:

@@ -12,9 +12,10 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from contract.client import ControllerClient
+from contract.errors import LlavaError
 from contract.feedback_messages import FeedbackRequest, FeedbackType
 from contract.messages import SamplingParams
-from frontend.client import ControllerClient, ControllerError
 from frontend.conversation import Conversation, Turn
 
 # What the Chatbot's like event says in `LikeData.liked`: True for 👍, False for 👎, "" when the user clicks the
@@ -65,7 +66,7 @@ class FeedbackHandlers:
         )
         try:
             self.client.send_feedback(feedback)
-        except ControllerError as exc:
+        except LlavaError as exc:
             return f"⚠️ Feedback not recorded: {exc.message}"
         if kind is not FeedbackType.flag:
             reply.vote = kind

@@ -14,8 +14,18 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from contract.messages import GenerateRequest, SamplingParams
-from frontend.client import ControllerClient, ControllerError, ModelInfo
+from contract.client import ControllerClient
+from contract.errors import ErrorCode, LlavaError, QueueFull, StreamEnded, error_from_code
+from contract.messages import (
+    DoneEvent,
+    ErrorEvent,
+    FinishReason,
+    GenerateRequest,
+    QueuedEvent,
+    SamplingParams,
+    TokenEvent,
+)
+from contract.replies import ModelInfo
 from frontend.conversation import CURSOR, ChatImage, Conversation, ImageMode
 from frontend.feedback import why_not_votable
 from infra.settings import WebSettings
@@ -26,40 +36,41 @@ log = logging.getLogger("llava.web")
 BUTTONS = ("upvote", "downvote", "flag", "regenerate", "clear", "stop")
 
 
-def describe_error(exc: ControllerError, model: str | None) -> str:
+def describe_error(exc: LlavaError, model: str | None) -> str:
     """What the user reads for a failure: the cause, and what to do about it."""
     name = f"`{model}`" if model else "this model"
     code, message = exc.code, exc.message
-    if code == "controller_unreachable":
+    if code == ErrorCode.controller_unreachable:
         return f"⚠️ The controller is unreachable: {message}. Check that `llava-serve controller` is running."
-    if code == "no_worker":
+    if code == ErrorCode.no_worker:
         return f"⚠️ No worker is serving {name} right now ({message}). Start a worker for it or pick another model."
-    if code == "model_not_found":
+    if code == ErrorCode.model_not_found:
         return f"⚠️ The controller does not know model {name} ({message}). Reload the page to refresh the list."
-    if code == "queue_full":
-        wait = f"try again in {exc.retry_after} s" if exc.retry_after is not None else "try again shortly"
+    if code == ErrorCode.queue_full:
+        retry_after = exc.retry_after if isinstance(exc, QueueFull) else None
+        wait = f"try again in {retry_after} s" if retry_after is not None else "try again shortly"
         return f"⚠️ The queue for {name} is full: {wait}."
-    if code in ("invalid_image", "image_too_large"):
+    if code in (ErrorCode.invalid_image, ErrorCode.image_too_large):
         return f"⚠️ Image rejected: {message}"
-    if code == "worker_lost":
+    if code == ErrorCode.worker_lost:
         return f"⚠️ The worker generating this reply was lost ({message}). Press **Regenerate** to try again."
-    if code == "context_length_exceeded":
+    if code == ErrorCode.context_length_exceeded:
         return f"⚠️ The conversation is too long for {name}: {message}. Press **Clear** and start a shorter one."
-    if code in ("payload_too_large", "invalid_request"):
+    if code in (ErrorCode.payload_too_large, ErrorCode.invalid_request):
         return f"⚠️ The controller refused the request: {message}"
-    if code == "timeout":
+    if code == ErrorCode.timeout:
         return f"⚠️ The request timed out: {message}. Press **Regenerate** to try again."
-    if code == "redis_unavailable":
+    if code == ErrorCode.redis_unavailable:
         return f"⚠️ The controller cannot reach Redis: {message}."
-    if code == "device_error":
+    if code == ErrorCode.device_error:
         return f"⚠️ The worker's accelerator failed: {message}. Press **Regenerate** to try again."
     return f"⚠️ Generation failed ({code}): {message}"
 
 
-def _note_for_finish(reason: str | None) -> str:
-    if reason == "length":
+def _note_for_finish(reason: FinishReason) -> str:
+    if reason is FinishReason.length:
         return "_(cut at the max output tokens limit)_"
-    if reason == "cancelled":
+    if reason is FinishReason.cancelled:
         return "_(stopped)_"
     return ""
 
@@ -88,7 +99,7 @@ class ChatHandlers:
             return self._models, None
         try:
             models = self.client.list_models()
-        except ControllerError as exc:
+        except LlavaError as exc:
             log.warning("model list: %s", exc)
             return [], describe_error(exc, None) + " Reload the page once it is up."
         if self.settings.model_list_mode == "once":
@@ -100,10 +111,7 @@ class ChatHandlers:
     def load(self, request: gr.Request | None = None) -> tuple:
         """Page load: fresh state, the model dropdown (`?model=NAME` selects one), and a status line."""
         models, problem = self.fetch_models()
-        choices = [
-            (m.name if m.workers is None else f"{m.name} ({m.workers} worker{'s' * (m.workers != 1)})", m.name)
-            for m in models
-        ]
+        choices = [(f"{m.name} ({m.workers} worker{'s' * (m.workers != 1)})", m.name) for m in models]
         wanted = request.query_params.get("model") if request is not None else None
         names = [m.name for m in models]
         value = wanted if wanted in names else (names[0] if names else None)
@@ -210,26 +218,24 @@ class ChatHandlers:
         try:
             yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=True))
             for event in self.client.generate(body):
-                if event.job_id and not reply.job_id:
+                if not reply.job_id:
                     reply.job_id = active.job_id = event.job_id
                 if active.stop.is_set():
-                    reply.status = _note_for_finish("cancelled")
+                    reply.status = _note_for_finish(FinishReason.cancelled)
                     break
-                if event.type == "queued":
-                    reply.status = f"Waiting in queue: position {int(event.data.get('position', 0)) + 1}"
-                elif event.type == "token":
-                    reply.text += str(event.data.get("text", ""))
+                if isinstance(event, QueuedEvent):
+                    reply.status = f"Waiting in queue: position {event.position + 1}"
+                elif isinstance(event, TokenEvent):
+                    reply.text += event.text
                     reply.status = CURSOR
-                elif event.type == "done":
-                    reply.text = str(event.data.get("text") or reply.text)
-                    reply.status = _note_for_finish(event.data.get("finish_reason"))
+                elif isinstance(event, DoneEvent):
+                    reply.text = event.text or reply.text
+                    reply.status = _note_for_finish(event.finish_reason)
                     break
-                elif event.type == "error":
-                    error = ControllerError(str(event.data.get("code", "error")), str(event.data.get("message", "")))
+                elif isinstance(event, ErrorEvent):
+                    error = error_from_code(event.code, event.message)
                     reply.status, reply.failed = describe_error(error, model), True
                     break
-                else:
-                    continue
                 yield (
                     conversation,
                     conversation.chatbot_messages(),
@@ -237,11 +243,11 @@ class ChatHandlers:
                 )
             else:
                 if not active.stop.is_set():
-                    error = ControllerError("stream_ended", "the controller closed the stream before the reply ended")
+                    error = StreamEnded("the controller closed the stream before the reply ended")
                     reply.status, reply.failed = describe_error(error, model), True
                 else:
-                    reply.status = _note_for_finish("cancelled")
-        except ControllerError as exc:
+                    reply.status = _note_for_finish(FinishReason.cancelled)
+        except LlavaError as exc:
             reply.status, reply.failed = describe_error(exc, model), True
         except Exception as exc:  # the reply's one catch point: shown in the chat rather than left spinning
             log.exception("generate for %s", model)
@@ -258,7 +264,7 @@ class ChatHandlers:
     def _cancel_quietly(self, job_id: str) -> None:
         try:
             self.client.cancel(job_id)
-        except ControllerError as exc:
+        except LlavaError as exc:
             log.warning("cancel %s: %s", job_id, exc)
 
     def stop(self, request: gr.Request | None = None) -> None:

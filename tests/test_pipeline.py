@@ -13,8 +13,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from contract import keys
+from contract.client import ControllerClient
+from contract.errors import ModelNotFound
 from contract.messages import GenerateRequest
-from frontend.client import ControllerClient, ControllerError
 from infra.process import Proc, start_controller, start_worker, wait_for_workers
 from infra.redis import connect
 
@@ -73,27 +74,27 @@ def test_streamed_answer_about_an_image(system: dict) -> None:
     kinds = [e.type for e in events]
     assert kinds[-1] == "done", events
     assert set(kinds) <= {"queued", "token", "done"}
-    done = events[-1].data
-    streamed = "".join(e.data["text"] for e in events if e.type == "token")
-    assert done["text"] == streamed
-    assert done["finish_reason"] in {"length", "eos", "stop"}
-    assert done["usage"]["prompt_tokens"] > 0
-    assert 1 <= done["usage"]["completion_tokens"] <= 12
+    done = events[-1]
+    streamed = "".join(e.text for e in events if e.type == "token")
+    assert done.text == streamed
+    assert done.finish_reason in {"length", "eos", "stop"}
+    assert done.usage.prompt_tokens > 0
+    assert 1 <= done.usage.completion_tokens <= 12
     # the job record outlives the stream
-    job = httpx.get(f"{system['url']}/api/v1/jobs/{done['job_id']}", timeout=5).json()
+    job = httpx.get(f"{system['url']}/api/v1/jobs/{done.job_id}", timeout=5).json()
     assert job["status"] == "finished"
     assert job["outcome"]["text"] == streamed
-    assert job["outcome"]["usage"] == done["usage"]
+    assert job["outcome"]["usage"] == done.usage.model_dump()
 
 
 def test_greedy_answers_repeat_and_concurrent_streams_all_finish(system: dict) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    first = collect(system["url"], ask("Describe the image."))[-1].data["text"]
+    first = collect(system["url"], ask("Describe the image."))[-1].text
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda _: collect(system["url"], ask("Describe the image.")), range(6)))
     assert all(r[-1].type == "done" for r in results)
-    assert all(r[-1].data["text"] == first for r in results)  # greedy: batching never changes the answer
+    assert all(r[-1].text == first for r in results)  # greedy: batching never changes the answer
 
 
 def test_text_only_and_multi_turn(system: dict) -> None:
@@ -113,14 +114,14 @@ def test_text_only_and_multi_turn(system: dict) -> None:
 def test_prompt_longer_than_context_names_both_counts(system: dict) -> None:
     events = collect(system["url"], ask("tell me " * 2000, image=False))
     assert events[-1].type == "error"
-    error = events[-1].data
-    assert error["code"] == "context_length_exceeded"
-    assert any(ch.isdigit() for ch in error["message"])
+    error = events[-1]
+    assert error.code == "context_length_exceeded"
+    assert any(ch.isdigit() for ch in error.message)
 
 
 def test_unknown_model_lists_the_models_there_are(system: dict) -> None:
     request = ask("hi").model_copy(update={"model": "no-such-model"})
-    with pytest.raises(ControllerError) as err:
+    with pytest.raises(ModelNotFound) as err:
         collect(system["url"], request)
     assert err.value.status_code == 404
     assert MODEL in err.value.message
@@ -147,8 +148,7 @@ def test_llava_client_wire_format(system: dict) -> None:
 
 def test_no_keys_left_behind_by_a_finished_job(system: dict) -> None:
     redis = connect(system["redis_url"])
-    done = collect(system["url"], ask("What is it?"))[-1].data
-    job_id = done["job_id"]
+    job_id = collect(system["url"], ask("What is it?"))[-1].job_id
     assert redis.exists(f"rq:job:{job_id}")
     assert 0 < redis.ttl(f"rq:job:{job_id}") <= 600
     assert not redis.exists(keys.cancel(job_id))
@@ -171,8 +171,8 @@ def test_compiled_worker_answers_as_the_eager_one(system: dict, tiny_model_path:
             eager = collect(system["url"], ask(text))[-1]
             compiled = collect(system["url"], ask(text, model=name))[-1]
             assert eager.type == compiled.type == "done", (eager, compiled)
-            assert compiled.data["text"] == eager.data["text"]
-            assert compiled.data["usage"] == eager.data["usage"]
+            assert compiled.text == eager.text
+            assert compiled.usage == eager.usage
     finally:
         worker.stop()
 

@@ -19,6 +19,7 @@ from PIL import Image
 from broker import jobs
 from broker.context import StreamTimings
 from contract import keys
+from contract.client import iter_sse
 from contract.messages import DoneEvent, ErrorEvent, FinishReason, JobOutcome, JobRequest, TokenEvent, Usage, WorkerInfo
 from infra.settings import ControllerSettings
 
@@ -140,19 +141,9 @@ class ScriptThread:
 
 
 def read_sse(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
-    """(event name, parsed data) of each server-sent event; comments (pings) skipped."""
-    name, data = None, []
-    for line in lines:
-        if line == "":
-            if data:
-                yield name or "message", json.loads("\n".join(data))
-            name, data = None, []
-        elif line.startswith(":"):
-            continue
-        elif line.startswith("event:"):
-            name = line[len("event:") :].strip()
-        elif line.startswith("data:"):
-            data.append(line[len("data:") :].strip())
+    """(event name, data as raw JSON) of each server-sent event, read by the clients' SSE parser; pings skipped."""
+    for event, data in iter_sse(lines):
+        yield event or "message", json.loads(data)
 
 
 def png_b64(width: int = 8, height: int = 8, color: tuple[int, int, int] = (200, 10, 10)) -> str:

@@ -13,6 +13,7 @@ from broker.stats import queue_job_counts, read_rates
 from broker.status import render, run_status, snapshot
 from cli.main import build_parser
 from contract.messages import JobRequest
+from contract.status_report import StatusReport
 from infra.embedded_redis import free_port
 from tests.broker.scripted_worker import ScriptedWorker
 
@@ -65,6 +66,7 @@ def test_command_prints_once_json_and_watch(redis_client: redis.Redis, redis_url
     out = io.StringIO()
     assert run_status(parser.parse_args(["status", "--redis-url", redis_url, "--json"]), out=out) == 0
     assert json.loads(out.getvalue())["workers"][0]["worker_id"] == "w1"
+    assert StatusReport.model_validate_json(out.getvalue()).workers[0].worker_id == "w1"
 
     out = io.StringIO()
     args = parser.parse_args(["status", "--redis-url", redis_url, "--watch", "--interval", "0"])

@@ -14,9 +14,9 @@ import httpx
 import psutil
 import pytest
 
+from contract.client import ControllerClient
 from contract.messages import GenerateRequest
 from frontend.app import EXAMPLES_DIR
-from frontend.client import ControllerClient
 from infra.embedded_redis import free_port
 from infra.process import ROOT, wait_until
 
@@ -62,7 +62,7 @@ def test_up_serves_the_demo_model_and_ctrl_c_stops_everything(tmp_path: Path) ->
         events = list(client.generate(request))
         client.close()
         assert events[-1].type == "done" and any(e.type == "token" for e in events), events
-        assert "red" in events[-1].data["text"].lower()
+        assert "red" in events[-1].text.lower()
 
         # the embedded Redis keeps its data in the cache dir, append-only
         assert list((tmp_path / "cache" / "data" / "redis").rglob("*.aof*")), "no append-only file"

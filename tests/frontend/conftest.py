@@ -21,8 +21,8 @@ from PIL import Image
 from broker.app import create_app
 from broker.context import StreamTimings
 from contract import keys
+from contract.client import ControllerClient
 from contract.messages import ChatMessage, GenerateRequest, TextPart, WorkerInfo
-from frontend.client import ControllerClient
 from infra.embedded_redis import free_port
 from infra.settings import ControllerSettings, WorkerSettings
 from workers.scripted import ScriptedEngine

@@ -9,8 +9,9 @@ import gradio as gr
 import pytest
 
 from broker import jobs
+from contract.client import ControllerClient, parse_event
+from contract.errors import ContextTooLong, ImageInvalid, NoWorker, QueueFull, WorkerLost
 from contract.messages import JobRequest
-from frontend.client import ControllerClient, ControllerError, StreamEvent
 from frontend.conversation import LEFT_OUT, Conversation
 from frontend.handlers import ChatHandlers, describe_error
 from infra.embedded_redis import free_port
@@ -73,15 +74,13 @@ def test_errors_are_specific(controller_url, scripted_worker):
     handlers = ChatHandlers(WebSettings(controller_url=controller_url), ControllerClient(controller_url))
     reply = chat(handlers, Conversation(), "hi", model="no-such-model")[-1][1][-1]["content"]
     assert reply.startswith("⚠️ The controller does not know model `no-such-model`")
-    assert describe_error(ControllerError("queue_full", "full", retry_after=7), "m") == (
-        "⚠️ The queue for `m` is full: try again in 7 s."
-    )
+    assert describe_error(QueueFull("full", retry_after=7), "m") == ("⚠️ The queue for `m` is full: try again in 7 s.")
     assert "Image rejected: image at messages" in describe_error(
-        ControllerError("invalid_image", "image at messages[0] cannot be decoded"), "m"
+        ImageInvalid("image at messages[0] cannot be decoded"), "m"
     )
-    assert "Regenerate" in describe_error(ControllerError("worker_lost", "worker w1 died"), "m")
-    assert "too long" in describe_error(ControllerError("context_length_exceeded", "2000 > 1024"), "m")
-    assert "No worker is serving `m`" in describe_error(ControllerError("no_worker", "none"), "m")
+    assert "Regenerate" in describe_error(WorkerLost("worker w1 died"), "m")
+    assert "too long" in describe_error(ContextTooLong("2000 > 1024"), "m")
+    assert "No worker is serving `m`" in describe_error(NoWorker("none"), "m")
 
 
 def test_the_page_loads_without_a_controller():
@@ -161,7 +160,7 @@ class GarbledClient(ControllerClient):
     """A client whose stream carries a malformed event (a controller bug), without any controller."""
 
     def generate(self, request):
-        yield StreamEvent("queued", {"job_id": "j1", "position": "soon"})
+        yield parse_event("queued", '{"type": "queued", "job_id": "j1", "position": "soon"}')
 
 
 def test_an_unexpected_failure_ends_the_reply_with_its_cause():
@@ -169,5 +168,7 @@ def test_an_unexpected_failure_ends_the_reply_with_its_cause():
     handlers = ChatHandlers(WebSettings(controller_url=url), GarbledClient(url))
     conv = Conversation()
     final = chat(handlers, conv, "hi", model="m")[-1]
-    assert final[1][-1]["content"].startswith("⚠️ The web UI failed to get this reply (ValueError: invalid literal")
+    assert final[1][-1]["content"].startswith(
+        "⚠️ The web UI failed to get this reply (ValidationError: 1 validation error"
+    )
     assert conv.last_reply.failed and not conv.replying and final[5]["interactive"]  # Regenerate is offered

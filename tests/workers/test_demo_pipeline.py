@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from contract.client import ControllerClient
 from contract.messages import GenerateRequest
-from frontend.client import ControllerClient
 from infra.process import start_controller, start_worker, wait_for_workers
 from infra.redis import connect
 from workers.demo.shapes import draw_scene, single_shape_scene
@@ -49,7 +49,7 @@ def ask(url: str, messages: list[dict]) -> str:
     finally:
         client.close()
     assert events[-1].type == "done", events
-    return events[-1].data["text"].strip()
+    return events[-1].text.strip()
 
 
 def test_the_served_demo_model_sees_colour_and_shape(system: str) -> None:

@@ -13,11 +13,13 @@ import redis
 from fastapi.testclient import TestClient
 
 from broker.app import create_app
-from broker.replay import ReplaySelection, parse_time, run_replay, run_replay_command, select_entries
 from cli.main import build_parser
+from cli.replay import ReplaySelection, parse_time, run_replay, run_replay_command, select_entries
 from contract import keys
+from contract.client import ControllerClient
 from contract.feedback_messages import FeedbackType
 from contract.messages import JobRequest
+from infra.embedded_redis import free_port
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
 
 TARGET = "tiny-llava-v2"
@@ -74,7 +76,8 @@ def test_flagged_conversations_are_replayed_side_by_side(
 ) -> None:
     worker = ScriptedWorker(redis_client, model=TARGET).register()
     script = worker.in_thread(lambda w: answer_by_question(w, 2))
-    report = run_replay(redis_client, client, ReplaySelection(), TARGET, tmp_path, progress=False)
+    controller = ControllerClient(http=client)
+    report = run_replay(redis_client, controller, ReplaySelection(), TARGET, tmp_path, progress=False)
     jobs = script.result()
 
     assert [r.entry_id for r in report.rows] == [feedback[0], feedback[2]]
@@ -111,7 +114,8 @@ def test_the_same_selection_gives_the_same_report(
     outputs = []
     for run in ("a", "b"):
         script = worker.in_thread(lambda w: answer_by_question(w, 4))
-        report = run_replay(redis_client, client, selection, TARGET, tmp_path / run, fmt="html", progress=False)
+        controller = ControllerClient(http=client)
+        report = run_replay(redis_client, controller, selection, TARGET, tmp_path / run, fmt="html", progress=False)
         script.result()
         outputs.append((report.jsonl_path.read_bytes(), report.table_path.read_bytes()))
     assert outputs[0] == outputs[1]
@@ -136,7 +140,8 @@ def test_selection_filters(client: TestClient, redis_client: redis.Redis, feedba
 def test_unserved_model_is_reported_as_an_error_row(
     client: TestClient, redis_client: redis.Redis, feedback: list[str], tmp_path: Path
 ) -> None:
-    report = run_replay(redis_client, client, ReplaySelection(count=1), "no-such-model", tmp_path, progress=False)
+    controller = ControllerClient(http=client)
+    report = run_replay(redis_client, controller, ReplaySelection(count=1), "no-such-model", tmp_path, progress=False)
     assert report.rows[0].error is not None and report.rows[0].error.startswith("model_not_found:")
     assert "**[model_not_found:" in report.table_path.read_text()
 
@@ -153,6 +158,19 @@ def test_command_line(client: TestClient, redis_client, redis_url: str, feedback
     script.result()
     rows = (tmp_path / "replay.jsonl").read_text().splitlines()
     assert [json.loads(r)["entry_id"] for r in rows] == feedback[:2]
+
+
+def test_an_unreachable_controller_stops_the_run(
+    client: TestClient, redis_url: str, feedback: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    args = build_parser().parse_args(
+        ["replay", "--model", TARGET, "--out", str(tmp_path), "--redis-url", redis_url, "--controller-url", url,
+         "--no-progress"]
+    )  # fmt: skip
+    assert run_replay_command(args) == 2
+    assert f"cannot reach the controller at {url}" in capsys.readouterr().err
+    assert not (tmp_path / "replay.jsonl").exists()
 
 
 def test_parse_time() -> None:

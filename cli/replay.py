@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import os
 import sys
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -25,9 +23,10 @@ from pydantic import BaseModel, Field
 
 from broker.feedback import feedback_generate_request, read_feedback
 from contract import keys
-from contract.errors import LlavaError
+from contract.client import ControllerClient
+from contract.errors import ControllerUnreachable, LlavaError
 from contract.feedback_messages import FeedbackEntry, FeedbackType
-from contract.messages import GenerateRequest, JobText
+from contract.messages import DoneEvent, ErrorEvent, FinishReason, GenerateRequest, JobText, TokenEvent
 
 ROW_FIELD = "row"
 REPORT_NAME = "replay"
@@ -56,7 +55,7 @@ class ReplayRow(BaseModel):
     images: list[str] = Field(default_factory=list)
     original: str | None = Field(default=None, description="the judged reply")
     replay: str = ""
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -98,53 +97,31 @@ def _original_reply(entry: FeedbackEntry) -> str | None:
     return "".join(p.text for p in last.content if isinstance(p, JobText))
 
 
-def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
-    name, data = "message", []
-    for line in lines:
-        if line == "":
-            if data:
-                yield name, json.loads("\n".join(data))
-            name, data = "message", []
-        elif line.startswith("event:"):
-            name = line[len("event:") :].strip()
-        elif line.startswith("data:"):
-            data.append(line[len("data:") :].strip())
-
-
-def generate_once(http: httpx.Client, body: GenerateRequest, row: ReplayRow) -> ReplayRow:
+def generate_once(controller: ControllerClient, body: GenerateRequest, row: ReplayRow) -> ReplayRow:
     """Stream one generation through `POST /api/v1/generate`, filling the row's reply or error."""
-    payload = body.model_dump(mode="json")
-    with http.stream("POST", "/api/v1/generate", json=payload) as response:
-        row.job_id = response.headers.get("x-job-id")
-        if response.status_code != 200:
-            response.read()
-            try:
-                error = response.json()["error"]
-                row.error = f"{error['code']}: {error['message']}"
-            except (ValueError, KeyError, TypeError):
-                row.error = f"HTTP {response.status_code}: {response.text[:200]}"
+    text = ""
+    for event in controller.generate(body):
+        row.job_id = event.job_id
+        if isinstance(event, TokenEvent):
+            text += event.text
+        elif isinstance(event, DoneEvent):
+            row.replay = event.text or text
+            row.finish_reason = event.finish_reason
+            row.prompt_tokens = event.usage.prompt_tokens
+            row.completion_tokens = event.usage.completion_tokens
             return row
-        text = ""
-        for name, data in _sse_events(response.iter_lines()):
-            if name == "token":
-                text += data.get("text", "")
-            elif name == "done":
-                row.replay = data.get("text") or text
-                row.finish_reason = data.get("finish_reason")
-                usage = data.get("usage") or {}
-                row.prompt_tokens = int(usage.get("prompt_tokens", 0))
-                row.completion_tokens = int(usage.get("completion_tokens", 0))
-                return row
-            elif name == "error":
-                row.replay = data.get("text") or text
-                row.finish_reason = "error"
-                row.error = f"{data.get('code')}: {data.get('message')}"
-                return row
-        row.replay, row.error = text, "stream ended without a final event"
-        return row
+        elif isinstance(event, ErrorEvent):
+            row.replay = event.text or text
+            row.finish_reason = FinishReason.error
+            row.error = f"{event.code}: {event.message}"
+            return row
+    row.replay, row.error = text, "stream ended without a final event"
+    return row
 
 
-def replay_entry(redis: Any, http: httpx.Client, entry: FeedbackEntry, model: str, *, greedy: bool) -> ReplayRow:
+def replay_entry(
+    redis: Any, controller: ControllerClient, entry: FeedbackEntry, model: str, *, greedy: bool
+) -> ReplayRow:
     row = ReplayRow(
         entry_id=entry.entry_id or "",
         feedback_type=entry.type,
@@ -164,11 +141,14 @@ def replay_entry(redis: Any, http: httpx.Client, entry: FeedbackEntry, model: st
     if greedy:
         body.temperature = 0.0
     try:
-        return generate_once(http, body, row)
-    except httpx.ConnectError:
-        raise  # the controller is not there: stop, rather than fill a report with the same error
-    except httpx.HTTPError as exc:
-        row.error = f"http_error: {type(exc).__name__}: {exc}"
+        return generate_once(controller, body, row)
+    except ControllerUnreachable as exc:
+        if isinstance(exc.__cause__, httpx.ConnectError):
+            raise  # the controller is not there: stop, rather than fill a report with the same error
+        row.error = f"http_error: {type(exc.__cause__).__name__}: {exc.__cause__}"
+        return row
+    except LlavaError as exc:  # refused before the stream started (unknown model, queue full, ...)
+        row.error = f"{exc.code}: {exc.message}"
         return row
 
 
@@ -253,7 +233,7 @@ def record_rows(redis: Any, run_id: str, rows: list[ReplayRow]) -> None:
 
 def run_replay(
     redis: Any,
-    http: httpx.Client,
+    controller: ControllerClient,
     selection: ReplaySelection,
     model: str,
     out_dir: Path,
@@ -268,7 +248,7 @@ def run_replay(
     entries = select_entries(redis, selection)
     rows = []
     for entry in tqdm(entries, desc=f"replay on {model}", unit="conv", disable=not progress, file=sys.stderr):
-        rows.append(replay_entry(redis, http, entry, model, greedy=greedy))
+        rows.append(replay_entry(redis, controller, entry, model, greedy=greedy))
     run_id = uuid.uuid4().hex
     jsonl, table = write_report(rows, out_dir, fmt)
     record_rows(redis, run_id, rows)
@@ -329,23 +309,25 @@ def selection_from_args(args: argparse.Namespace) -> ReplaySelection:
 
 
 def run_replay_command(args: argparse.Namespace, *, http: httpx.Client | None = None) -> int:
-    """Exit 0 when every entry replayed, 1 when some ended in an error, 2 when Redis or the controller is down."""
+    """Exit 0 when every entry replayed, 1 when some ended in an error, 2 when Redis or the controller is down.
+    `http` (a test client) replaces the connection to `--controller-url`."""
     import redis as redis_errors
 
     from infra.redis import connect
     from infra.settings import CONTROLLER_PORT
 
     client = connect(args.redis_url or os.environ.get("LLAVA_REDIS_URL"))
-    own_http = http is None
-    if http is None:
-        api_key = args.api_key or os.environ.get("LLAVA_API_KEY")
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        base = args.controller_url or f"http://127.0.0.1:{CONTROLLER_PORT}"
-        http = httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(args.timeout, connect=5.0))
+    controller = ControllerClient(
+        args.controller_url or f"http://127.0.0.1:{CONTROLLER_PORT}",
+        api_key=args.api_key or os.environ.get("LLAVA_API_KEY"),
+        timeout=httpx.Timeout(args.timeout, connect=5.0),
+        user_agent="llava-serve-replay",
+        http=http,
+    )
     try:
         report = run_replay(
             client,
-            http,
+            controller,
             selection_from_args(args),
             args.model,
             Path(args.out),
@@ -356,12 +338,11 @@ def run_replay_command(args: argparse.Namespace, *, http: httpx.Client | None = 
     except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
         print(f"llava-serve replay: cannot reach Redis ({exc})", file=sys.stderr)
         return 2
-    except httpx.ConnectError as exc:
-        print(f"llava-serve replay: cannot reach the controller at {http.base_url} ({exc})", file=sys.stderr)
+    except ControllerUnreachable as exc:
+        print(f"llava-serve replay: {exc.message}", file=sys.stderr)
         return 2
     finally:
-        if own_http:
-            http.close()
+        controller.close()
         client.close()
     failed = sum(1 for r in report.rows if r.error)
     print(
