@@ -36,10 +36,10 @@ StreamEvent = QueuedEvent | TokenEvent | DoneEvent | ErrorEvent
 
 async def submit_job(ctx: ControllerContext, request: JobRequest) -> Subscription:
     """Subscribe to the job's events, then enqueue it; QueueFull (429) and RedisUnavailable (503) propagate."""
-    if not await ctx.relay.wait_connected(ctx.timings.relay_wait_s):
-        raise RedisUnavailable("the controller's Redis subscription is down; retry shortly")
     sub = ctx.relay.register(request.job_id)
     try:
+        if not await sub.wait_subscribed(ctx.timings.relay_wait_s):
+            raise RedisUnavailable("the controller's Redis subscription is down; retry shortly")
         await ctx.run_sync(
             jobs.enqueue,
             ctx.redis_sync,
