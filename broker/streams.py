@@ -84,12 +84,16 @@ class _JobFollower:
         self.no_worker_since: float | None = None
         self.last_position: int | None = None
         self.redis_down_since: float | None = None
+        self.last_seq = 0  # of the latest token event heard
+        self.gap = False  # a token event was lost: later ones are held back until the final event
 
-    async def first_position(self) -> QueuedEvent | None:
+    async def first_position(self) -> QueuedEvent:
+        """The first event of every stream, so that its client learns the job id at once (to Stop it): the
+        position in the queue, or 0 when a worker has already claimed the job."""
         position = await self.ctx.queue_position(self.model, self.job_id)
         if position is None:
             self.waiting = False
-            return None
+            return QueuedEvent(job_id=self.job_id, position=0)
         self.last_position = position
         return QueuedEvent(job_id=self.job_id, position=position)
 
@@ -130,6 +134,13 @@ class _JobFollower:
                 status_code=404,
                 text=self.text,
             )
+        if view.status == "queued" and view.position is not None:
+            # Back in the queue (the sweeper requeued it from a frozen or dead worker): positions and the
+            # no-worker timeout apply again.
+            self.waiting = True
+            self.no_worker_since = None
+            self.last_position = view.position
+            return QueuedEvent(job_id=self.job_id, position=view.position)
         if view.outcome is not None and view.status in {"finished", "failed", "canceled", "stopped"}:
             return event_from_outcome(view.outcome)
         if view.status in {"failed", "canceled", "stopped"}:
@@ -157,12 +168,41 @@ class _JobFollower:
         self.redis_down_since = None
         return event
 
+    def take_token(self, event: TokenEvent) -> bool:
+        """Whether a token event goes to the client now. After a gap in `seq` (events lost across a relay
+        reconnect, or dropped for a stalled client) later text would come out of order: it is held back, and the
+        final event's whole text makes up for it (`catch_up`)."""
+        if event.seq and event.seq <= self.last_seq:
+            return False  # heard twice
+        if event.seq and event.seq != self.last_seq + 1:
+            self.gap = True
+        self.last_seq = max(self.last_seq, event.seq)
+        if self.gap:
+            return False
+        self.text += event.text
+        return True
+
+    def catch_up(self, final: DoneEvent | ErrorEvent) -> TokenEvent | None:
+        """The text the client missed, from the final event (or the job record it was read from), as one token
+        event before it: the client's tokens then add up to the final text."""
+        if len(final.text) > len(self.text) and final.text.startswith(self.text):
+            missed = final.text[len(self.text) :]
+            self.text = final.text
+            return TokenEvent(job_id=self.job_id, text=missed, seq=self.last_seq)
+        return None
+
     async def events(self) -> AsyncIterator[StreamEvent]:
+        async for event in self._events():
+            if isinstance(event, (DoneEvent, ErrorEvent)):
+                missed = self.catch_up(event)
+                if missed is not None:
+                    yield missed
+            yield event
+
+    async def _events(self) -> AsyncIterator[StreamEvent]:
         timings = self.ctx.timings
         interval = self.ctx.settings.queued_update_interval
-        first = await self.first_position()
-        if first is not None:
-            yield first
+        yield await self.first_position()
         while True:
             raw = await self.sub.get(interval if self.waiting else timings.stall_check_s)
             if raw is not None:
@@ -174,8 +214,8 @@ class _JobFollower:
                 if isinstance(event, QueuedEvent):
                     continue  # positions come from the queue itself
                 self.waiting = False
-                if isinstance(event, TokenEvent):
-                    self.text += event.text
+                if isinstance(event, TokenEvent) and not self.take_token(event):
+                    continue
                 yield event
                 if isinstance(event, (DoneEvent, ErrorEvent)):
                     return
