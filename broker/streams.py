@@ -1,9 +1,11 @@
 """Submitting a job and following it to its end: the events a client sees, whatever the wire format.
 
-`submit_job` registers the job with the relay before enqueueing it (so no event can be published unheard);
-`follow_job` yields its events until the final `done` or `error`, and never hangs: silence makes it read the job
-record (a final outcome there ends the stream), and a job left queued with no live worker ends as `no_worker`.
-A follower that is closed before the final event cancels the job.
+`submit_job` subscribes to the job's channel (confirmed by Redis) before enqueueing it, so no event can be
+published unheard; `follow_job` yields its events until the final `done` or `error`, and never hangs. Its first
+event is always `queued` (the client learns the job id at once); silence makes it read the job record (a final
+outcome there ends the stream, and a job requeued from a dead worker goes back to `queued` events); a job left
+queued with no live worker ends as `no_worker`. Token events lost across a relay reconnect are made up from the
+final text. A follower that is closed before the final event cancels the job.
 """
 
 from __future__ import annotations
