@@ -168,3 +168,41 @@ async def test_two_relays_each_receive_only_their_own_jobs(redis_url: str, redis
         await publisher.aclose()
         await first.stop()
         await second.stop()
+
+
+async def test_a_dropped_connection_resubscribes_every_stream(redis_url: str, redis_client) -> None:
+    relay = await started_relay(redis_url, poll_timeout=0.2, backoff_max=0.3)
+    publisher = async_connect(redis_url)
+    try:
+        subs = [relay.register(f"live{i}") for i in range(3)]
+        for sub in subs:
+            assert await sub.wait_subscribed(5)
+            assert not sub.missed_messages()
+        await publisher.client_kill_filter(_type="pubsub")
+        assert await wait_until(lambda: channel_count(publisher), 3)
+        for sub in subs:
+            assert sub.missed_messages()  # events published while it was down are lost: the stream must check
+            await publisher.publish(sub.channel, TokenEvent(job_id=sub.job_id, text="after").model_dump_json())
+            assert parse_event(await sub.get(5)).text == "after"
+        assert await pubsub_connections(publisher) == 1
+    finally:
+        await publisher.aclose()
+        await relay.stop()
+
+
+async def test_a_job_registered_again_right_after_close_is_subscribed(redis_url: str, redis_client) -> None:
+    relay = await started_relay(redis_url)
+    publisher = async_connect(redis_url)
+    try:
+        first = relay.register("again")
+        assert await first.wait_subscribed(5)
+        first.close()
+        second = relay.register("again")  # before or after the UNSUBSCRIBE went out, it ends subscribed
+        assert await second.wait_subscribed(5)
+        assert await wait_until(lambda: channel_count(publisher), 1)
+        await publisher.publish(second.channel, TokenEvent(job_id="again", text="ok").model_dump_json())
+        assert parse_event(await second.get(5)).text == "ok"
+        assert await first.get(0.05) is None
+    finally:
+        await publisher.aclose()
+        await relay.stop()
