@@ -87,6 +87,7 @@ class _JobFollower:
         self.last_position: int | None = None
         self.redis_down_since: float | None = None
         self.last_seq = 0  # of the latest token event heard
+        self.sent_seq = 0  # of the latest token event the client got
         self.gap = False  # a token event was lost: later ones are held back until the final event
 
     async def first_position(self) -> QueuedEvent:
@@ -182,6 +183,7 @@ class _JobFollower:
         if self.gap:
             return False
         self.text += event.text
+        self.sent_seq = event.seq
         return True
 
     def catch_up(self, final: DoneEvent | ErrorEvent) -> TokenEvent | None:
@@ -190,7 +192,8 @@ class _JobFollower:
         if len(final.text) > len(self.text) and final.text.startswith(self.text):
             missed = final.text[len(self.text) :]
             self.text = final.text
-            return TokenEvent(job_id=self.job_id, text=missed, seq=self.last_seq)
+            self.sent_seq += 1  # the client's seq stay 1, 2, 3, ...
+            return TokenEvent(job_id=self.job_id, text=missed, seq=self.sent_seq)
         return None
 
     async def events(self) -> AsyncIterator[StreamEvent]:

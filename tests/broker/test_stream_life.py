@@ -185,9 +185,10 @@ def test_no_token_is_lost_across_a_relay_reconnect(
         worker.publish(TokenEvent(job_id=job_id, text=" back", seq=4))
         worker.finish(job, "A lost words back")
         rest = list(events)
-    tokens = "A" + "".join(data["text"] for name, data in rest if name == "token")
+    tokens = [data for name, data in rest if name == "token"]
     assert rest[-1][0] == "done"
-    assert tokens == rest[-1][1]["text"] == "A lost words back"
+    assert "A" + "".join(t["text"] for t in tokens) == rest[-1][1]["text"] == "A lost words back"
+    assert [t["seq"] for t in tokens] == list(range(2, len(tokens) + 2))  # the client's seq stay 1, 2, 3, ...
 
 
 def relay_listens(client: redis.Redis, channel: str) -> bool:
@@ -252,3 +253,24 @@ def test_stop_works_at_every_moment(
     assert rest[-1][1]["finish_reason"] == "cancelled"
     if moment in {"queued", "requeued"}:  # the controller ended it (a worker records its own otherwise)
         assert jobs.view(redis_client, job_id).status == "canceled"
+
+
+def test_text_after_a_lost_token_is_held_back_and_made_up_from_the_final_text(
+    client: TestClient, worker: ScriptedWorker
+) -> None:
+    def script(w: ScriptedWorker) -> None:
+        job = w.claim()
+        w.start(job)
+        w.publish(TokenEvent(job_id=job.job_id, text="A", seq=1))
+        # seq 2 never arrives (lost); seq 3 would come out of order, so the stream holds it
+        w.publish(TokenEvent(job_id=job.job_id, text="C", seq=3))
+        w.publish(TokenEvent(job_id=job.job_id, text="D", seq=4))
+        w.finish(job, "ABCD", publish=False)  # and the done message is lost too: the job record has the text
+
+    running = worker.in_thread(script)
+    with client.stream("POST", "/api/v1/generate", json=chat_body()) as response:
+        events = list(read_sse(response.iter_lines()))
+    running.result()
+    tokens = [data for name, data in events if name == "token"]
+    assert [(t["text"], t["seq"]) for t in tokens] == [("A", 1), ("BCD", 2)]
+    assert events[-1][0] == "done" and events[-1][1]["text"] == "ABCD"
