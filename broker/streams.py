@@ -10,6 +10,7 @@ final text. A follower that is closed before the final event cancels the job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -197,12 +198,13 @@ class _JobFollower:
         return None
 
     async def events(self) -> AsyncIterator[StreamEvent]:
-        async for event in self._events():
-            if isinstance(event, (DoneEvent, ErrorEvent)):
-                missed = self.catch_up(event)
-                if missed is not None:
-                    yield missed
-            yield event
+        async with contextlib.aclosing(self._events()) as events:
+            async for event in events:
+                if isinstance(event, (DoneEvent, ErrorEvent)):
+                    missed = self.catch_up(event)
+                    if missed is not None:
+                        yield missed
+                yield event
 
     async def _events(self) -> AsyncIterator[StreamEvent]:
         timings = self.ctx.timings
