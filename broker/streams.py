@@ -1,13 +1,16 @@
 """Submitting a job and following it to its end: the events a client sees, whatever the wire format.
 
-`submit_job` registers the job with the relay before enqueueing it (so no event can be published unheard);
-`follow_job` yields its events until the final `done` or `error`, and never hangs: silence makes it read the job
-record (a final outcome there ends the stream), and a job left queued with no live worker ends as `no_worker`.
-A follower that is closed before the final event cancels the job.
+`submit_job` subscribes to the job's channel (confirmed by Redis) before enqueueing it, so no event can be
+published unheard; `follow_job` yields its events until the final `done` or `error`, and never hangs. Its first
+event is always `queued` (the client learns the job id at once); silence makes it read the job record (a final
+outcome there ends the stream, and a job requeued from a dead worker goes back to `queued` events); a job left
+queued with no live worker ends as `no_worker`. Token events lost across a relay reconnect are made up from the
+final text. A follower that is closed before the final event cancels the job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -37,10 +40,10 @@ StreamEvent = QueuedEvent | TokenEvent | DoneEvent | ErrorEvent
 
 async def submit_job(ctx: ControllerContext, request: JobRequest) -> Subscription:
     """Subscribe to the job's events, then enqueue it; QueueFull (429) and RedisUnavailable (503) propagate."""
-    if not await ctx.relay.wait_connected(ctx.timings.relay_wait_s):
-        raise RedisUnavailable("the controller's Redis subscription is down; retry shortly")
     sub = ctx.relay.register(request.job_id)
     try:
+        if not await sub.wait_subscribed(ctx.timings.relay_wait_s):
+            raise RedisUnavailable("the controller's Redis subscription is down; retry shortly")
         await ctx.run_sync(
             jobs.enqueue,
             ctx.redis_sync,
@@ -83,12 +86,17 @@ class _JobFollower:
         self.no_worker_since: float | None = None
         self.last_position: int | None = None
         self.redis_down_since: float | None = None
+        self.last_seq = 0  # of the latest token event heard
+        self.sent_seq = 0  # of the latest token event the client got
+        self.gap = False  # a token event was lost: later ones are held back until the final event
 
-    async def first_position(self) -> QueuedEvent | None:
+    async def first_position(self) -> QueuedEvent:
+        """The first event of every stream, so that its client learns the job id at once (to Stop it): the
+        position in the queue, or 0 when a worker has already claimed the job."""
         position = await self.ctx.queue_position(self.model, self.job_id)
         if position is None:
             self.waiting = False
-            return None
+            return QueuedEvent(job_id=self.job_id, position=0)
         self.last_position = position
         return QueuedEvent(job_id=self.job_id, position=position)
 
@@ -129,6 +137,13 @@ class _JobFollower:
                 status_code=404,
                 text=self.text,
             )
+        if view.status == "queued" and view.position is not None:
+            # Back in the queue (the sweeper requeued it from a frozen or dead worker): positions and the
+            # no-worker timeout apply again.
+            self.waiting = True
+            self.no_worker_since = None
+            self.last_position = view.position
+            return QueuedEvent(job_id=self.job_id, position=view.position)
         if view.outcome is not None and view.status in {"finished", "failed", "canceled", "stopped"}:
             return event_from_outcome(view.outcome)
         if view.status in {"failed", "canceled", "stopped"}:
@@ -156,12 +171,44 @@ class _JobFollower:
         self.redis_down_since = None
         return event
 
+    def take_token(self, event: TokenEvent) -> bool:
+        """Whether a token event goes to the client now. After a gap in `seq` (events lost across a relay
+        reconnect, or dropped for a stalled client) later text would come out of order: it is held back, and the
+        final event's whole text makes up for it (`catch_up`)."""
+        if event.seq and event.seq <= self.last_seq:
+            return False  # heard twice
+        if event.seq and event.seq != self.last_seq + 1:
+            self.gap = True
+        self.last_seq = max(self.last_seq, event.seq)
+        if self.gap:
+            return False
+        self.text += event.text
+        self.sent_seq = event.seq
+        return True
+
+    def catch_up(self, final: DoneEvent | ErrorEvent) -> TokenEvent | None:
+        """The text the client missed, from the final event (or the job record it was read from), as one token
+        event before it: the client's tokens then add up to the final text."""
+        if len(final.text) > len(self.text) and final.text.startswith(self.text):
+            missed = final.text[len(self.text) :]
+            self.text = final.text
+            self.sent_seq += 1  # the client's seq stay 1, 2, 3, ...
+            return TokenEvent(job_id=self.job_id, text=missed, seq=self.sent_seq)
+        return None
+
     async def events(self) -> AsyncIterator[StreamEvent]:
+        async with contextlib.aclosing(self._events()) as events:
+            async for event in events:
+                if isinstance(event, (DoneEvent, ErrorEvent)):
+                    missed = self.catch_up(event)
+                    if missed is not None:
+                        yield missed
+                yield event
+
+    async def _events(self) -> AsyncIterator[StreamEvent]:
         timings = self.ctx.timings
         interval = self.ctx.settings.queued_update_interval
-        first = await self.first_position()
-        if first is not None:
-            yield first
+        yield await self.first_position()
         while True:
             raw = await self.sub.get(interval if self.waiting else timings.stall_check_s)
             if raw is not None:
@@ -173,8 +220,8 @@ class _JobFollower:
                 if isinstance(event, QueuedEvent):
                     continue  # positions come from the queue itself
                 self.waiting = False
-                if isinstance(event, TokenEvent):
-                    self.text += event.text
+                if isinstance(event, TokenEvent) and not self.take_token(event):
+                    continue
                 yield event
                 if isinstance(event, (DoneEvent, ErrorEvent)):
                     return

@@ -50,7 +50,7 @@ def chunks(job_id: str) -> str:
 
 
 def chunks_pattern() -> str:
-    """Pattern matching every job's chunk channel (one PSUBSCRIBE per controller process)."""
+    """Pattern matching every job's chunk channel (to watch with redis-cli; controllers subscribe per job)."""
     return f"{PREFIX}job:*:chunks"
 
 
