@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from broker import images, jobs
 from broker.context import ControllerContext
-from broker.streams import StreamEvent, follow_job, submit_job
+from broker.streams import follow_job, submit_job
 from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model
 from contract.errors import JobNotFound, RedisUnavailable, RequestInvalid
 from contract.messages import (
@@ -25,6 +25,7 @@ from contract.messages import (
     JobRequest,
     JobText,
     JobView,
+    StreamEvent,
     TextPart,
 )
 from contract.replies import CancelReply, ModelInfo, ModelList, WorkerList

@@ -23,10 +23,18 @@ from starlette.types import Receive, Scope, Send
 from broker import images
 from broker.context import ControllerContext
 from broker.routes_api import checked_images, context, image_limits, new_job_id, require_live_model
-from broker.streams import StreamEvent, follow_job, submit_job
+from broker.streams import follow_job, submit_job
 from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model, require_prompt
 from contract.errors import EndpointGone, InvalidRequest, LlavaError, LlavaWireCode, llava_wire_code
-from contract.messages import MAX_NEW_TOKENS, MAX_TEMPERATURE, DoneEvent, ErrorEvent, JobRequest, TokenEvent
+from contract.messages import (
+    MAX_NEW_TOKENS,
+    MAX_TEMPERATURE,
+    DoneEvent,
+    ErrorEvent,
+    JobRequest,
+    StreamEvent,
+    TokenEvent,
+)
 
 router = APIRouter(tags=["LLaVA compatibility"])
 

@@ -21,7 +21,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from broker.context import ControllerContext
 from broker.remote_images import RemoteImagePolicy, inline_remote_images
 from broker.routes_api import context, image_sources, new_job_id, prepare_job, require_live_model
-from broker.streams import StreamEvent, follow_job, submit_job
+from broker.streams import follow_job, submit_job
 from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model, require_prompt
 from contract.errors import GenerationFailed, RequestInvalid
 from contract.messages import (
@@ -30,6 +30,7 @@ from contract.messages import (
     GenerateRequest,
     ImageUrlPart,
     JobRequest,
+    StreamEvent,
     TokenEvent,
     error_from_event,
 )

@@ -28,14 +28,13 @@ from contract.messages import (
     JobOutcome,
     JobRequest,
     QueuedEvent,
+    StreamEvent,
     TokenEvent,
     error_event,
     parse_event,
 )
 
 log = logging.getLogger(__name__)
-
-StreamEvent = QueuedEvent | TokenEvent | DoneEvent | ErrorEvent
 
 
 async def submit_job(ctx: ControllerContext, request: JobRequest) -> Subscription:
