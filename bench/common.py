@@ -120,8 +120,8 @@ def served_system(
 ):
     """Embedded Redis, a controller and one worker, as `llava-serve up` would run them; `threads` sets the
     worker's OMP_NUM_THREADS (None: inherit)."""
+    from cli.processes import start_controller, start_worker, wait_for_workers
     from infra.embedded_redis import EmbeddedRedis
-    from infra.process import start_controller, start_worker, wait_for_workers
 
     redis = EmbeddedRedis(workdir / "redis", persist=False).start()
     procs = []

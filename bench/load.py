@@ -35,8 +35,8 @@ import httpx
 
 from bench.common import percentile
 from bench.load_checks import ENGINE_NOTE, MODEL, Arrival, StreamResult, check_stream, leftover_jobs, load_request
+from cli.processes import Proc, cli, env_for, start_controller, wait_for_workers
 from contract.messages import TokenEvent, parse_event
-from infra.process import Proc, cli, env_for, start_controller, wait_for_workers
 from workers.cli import SCRIPTED_STEP_DELAY_S
 
 # ---- the client: every stream at once --------------------------------------------------------------------------

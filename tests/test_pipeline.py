@@ -12,10 +12,10 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
+from cli.processes import Proc, start_controller, start_worker, wait_for_workers
 from contract import keys
 from contract.messages import GenerateRequest
 from frontend.client import ControllerClient, ControllerError
-from infra.process import Proc, start_controller, start_worker, wait_for_workers
 from infra.redis import connect
 
 pytestmark = pytest.mark.pipeline

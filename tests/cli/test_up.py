@@ -14,11 +14,11 @@ import httpx
 import psutil
 import pytest
 
+from cli.processes import ROOT, wait_until
 from contract.messages import GenerateRequest
 from frontend.app import EXAMPLES_DIR
 from frontend.client import ControllerClient
 from infra.embedded_redis import free_port
-from infra.process import ROOT, wait_until
 
 pytestmark = pytest.mark.pipeline
 

@@ -1,0 +1,111 @@
+"""llava-serve processes started through the CLI and waited on until they serve: for `up`, benchmarks and
+end-to-end tests. Each child runs in its own process group, never outlives this process, and is stopped and
+reaped by `stop()`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from infra.embedded_redis import free_port
+from infra.process import die_with_parent
+
+# the directory holding the packages, so `python -m cli.main` resolves from a source checkout too
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Proc:
+    """A llava-serve child process whose output goes to `<log_dir>/<name>.log`."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            argv, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+
+def cli(*args: str) -> list[str]:
+    """The argv that runs `llava-serve ARGS...` with this interpreter."""
+    return [sys.executable, "-m", "cli.main", *args]
+
+
+def env_for(redis_url: str) -> dict[str, str]:
+    return {**os.environ, "LLAVA_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, procs: list[Proc] = ()) -> None:
+    """Return once `predicate()` is true; AssertionError, with the children's logs, if one of `procs` exits or
+    `timeout` seconds pass first. HTTP and OS errors of the predicate count as false."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if not proc.alive():
+                raise AssertionError(f"{proc.name} exited with {proc.popen.returncode} while waiting for {what}:\n"
+                                     f"{proc.log()}")  # fmt: skip
+        try:
+            if predicate():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.1)
+    logs = "\n".join(f"--- {p.name}\n{p.log()}" for p in procs)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
+
+
+def start_controller(redis_url: str, log_dir: Path, *extra: str) -> tuple[Proc, str]:
+    port = free_port()
+    proc = Proc(f"controller-{port}", cli("controller", "--port", str(port), *extra), env_for(redis_url), log_dir)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200, 60, "the controller", [proc])
+    return proc, url
+
+
+def start_worker(redis_url: str, log_dir: Path, name: str, *args: str) -> Proc:
+    return Proc(name, cli("worker", *args), env_for(redis_url), log_dir)
+
+
+def live_workers(controller_url: str, model: str, headers: dict[str, str] | None = None) -> int:
+    """How many live workers the controller lists for `model` (0 when it lists none or not the model)."""
+    models = httpx.get(f"{controller_url}/api/v1/models", headers=headers, timeout=2).json()
+    for entry in models.get("models", models.get("data", [])):
+        if entry.get("name", entry.get("id")) == model:
+            return int(entry.get("workers", entry.get("live_workers", 0)))
+    return 0
+
+
+def wait_for_workers(controller_url: str, model: str, count: int, procs: list[Proc], timeout: float = 90) -> None:
+    wait_until(lambda: live_workers(controller_url, model) >= count, timeout, f"{count} worker(s) of {model}", procs)
