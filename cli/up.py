@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from cli.processes import live_workers
 from infra.embedded_redis import EmbeddedRedis
 from infra.process import die_with_parent
 from infra.settings import CONTROLLER_PORT, WEB_PORT, default_cache_dir
@@ -21,6 +22,7 @@ from infra.settings import CONTROLLER_PORT, WEB_PORT, default_cache_dir
 log = logging.getLogger("llava.up")
 
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+HEALTHY_RUN_S = 60.0
 
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +79,15 @@ class Child:
         self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def restart_delay_s(self, exited_at: float) -> int:
+        """Seconds to wait before restarting the child that exited at `exited_at` (monotonic); counts the restart.
+        The back-off grows while the child keeps exiting soon after its start, and starts over after a healthy run."""
+        if exited_at - self.started_at >= HEALTHY_RUN_S:
+            self.restarts = 0
+        delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+        self.restarts += 1
+        return delay
 
     def stop(self, timeout: float) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -135,6 +146,16 @@ def _cpu_threads_per_worker(device: str, workers: int) -> int | None:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+def _model_served(controller_url: str, model: str, api_keys_file: Path | None, env: dict[str, str]) -> bool:
+    """True once a worker of `model` has registered (the controller lists it with a live worker)."""
+    api_key = _web_env(env, api_keys_file).get("LLAVA_WEB_API_KEY")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    try:
+        return live_workers(controller_url, model, headers) >= 1
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
 def _web_env(env: dict[str, str], api_keys_file: Path | None) -> dict[str, str]:
     """The UI's environment: with API keys required and no key of its own, it uses the first one."""
     from broker.auth import load_api_keys
@@ -143,6 +164,15 @@ def _web_env(env: dict[str, str], api_keys_file: Path | None) -> dict[str, str]:
     if keys and not env.get("LLAVA_WEB_API_KEY"):
         return {**env, "LLAVA_WEB_API_KEY": keys[0]}
     return env
+
+
+def _print_banner(args: argparse.Namespace, controller_url: str, redis_url: str, model: str) -> None:
+    print(f"\nllava-serve is up\n  controller  {controller_url}  (API: {controller_url}/docs)", flush=True)
+    if not args.no_web:
+        print(f"  web UI      http://{args.host}:{args.web_port}", flush=True)
+    print(f"  redis       {redis_url}", flush=True)
+    print(f"  model       {model} ({args.workers} worker(s))", flush=True)
+    print("Press Ctrl-C to stop.\n", flush=True)
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -194,22 +224,21 @@ def run_up(args: argparse.Namespace) -> int:
         if not _wait_ready(f"{controller_url}/readyz", children[:1], timeout=60):
             log.error("the controller did not become ready; see its log above")
             return 1
-        print(f"\nllava-serve is up\n  controller  {controller_url}  (API: {controller_url}/docs)", flush=True)
-        if not args.no_web:
-            print(f"  web UI      http://{args.host}:{args.web_port}", flush=True)
-        print(f"  redis       {redis_url}", flush=True)
-        print(f"  model       {model_name or model_path} ({args.workers} worker(s))", flush=True)
-        print("Press Ctrl-C to stop.\n", flush=True)
+        served_name = model_name or model_path.rstrip("/").split("/")[-1]
+        log.info("the controller is ready; waiting for a worker of %s to load it", served_name)
+        announced = False
         while not stopping:
+            if not announced and _model_served(controller_url, served_name, args.api_keys, env):
+                announced = True
+                _print_banner(args, controller_url, redis_url, served_name)
             time.sleep(0.5)
             for child in children:
                 if child.process is None or child.process.poll() is None or stopping:
                     continue
                 rc = child.process.returncode
-                backoff = RESTART_BACKOFF_S[min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
+                backoff = child.restart_delay_s(exited_at=time.monotonic())
                 log.warning("%s exited with code %s; restarting in %d s", child.name, rc, backoff)
                 time.sleep(backoff)
-                child.restarts += 1
                 if not stopping:
                     child.start()
     finally:
