@@ -45,7 +45,7 @@ async def submit_job(ctx: ControllerContext, request: JobRequest) -> Subscriptio
             ctx.redis_sync,
             request,
             max_queue=ctx.settings.max_queue,
-            result_ttl=ctx.settings.job_result_ttl,
+            result_ttl=ctx.settings.job_result_ttl_s,
         )
     except BaseException:
         sub.close()
@@ -159,7 +159,7 @@ class _JobFollower:
 
     async def events(self) -> AsyncIterator[StreamEvent]:
         timings = self.ctx.timings
-        interval = self.ctx.settings.queued_update_interval
+        interval = self.ctx.settings.queued_update_interval_s
         first = await self.first_position()
         if first is not None:
             yield first
