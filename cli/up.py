@@ -7,14 +7,13 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from cli.processes import live_workers
+from cli.processes import cli, live_workers
 from infra.embedded_redis import EmbeddedRedis
 from infra.process import die_with_parent
 from infra.settings import CONTROLLER_PORT, WEB_PORT, default_cache_dir
@@ -69,11 +68,9 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
-    restart: bool = True
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = 0.0
-    history: list[int] = field(default_factory=list)
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent)
@@ -102,10 +99,6 @@ class Child:
             log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", *args]
 
 
 def _wait_ready(url: str, children: list[Child], timeout: float) -> bool:
@@ -197,7 +190,7 @@ def run_up(args: argparse.Namespace) -> int:
     model_name = args.model_name or model_name
     env = {**os.environ, "LLAVA_REDIS_URL": redis_url}
     controller_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    controller_argv = _cli("controller", "--host", args.host, "--port", str(args.port))
+    controller_argv = cli("controller", "--host", args.host, "--port", str(args.port))
     if args.api_keys:
         controller_argv += ["--api-keys", str(args.api_keys)]
     children = [Child("controller", controller_argv, env)]
@@ -206,7 +199,7 @@ def run_up(args: argparse.Namespace) -> int:
         device = args.device
         if device == "cuda" and args.workers > 1:
             device = f"cuda:{i}"
-        argv = _cli("worker", "--model-path", model_path, "--device", device, "--dtype", args.dtype,
+        argv = cli("worker", "--model-path", model_path, "--device", device, "--dtype", args.dtype,
                     "--max-batch", str(args.max_batch))  # fmt: skip
         if cpu_threads:
             argv += ["--threads", str(cpu_threads)]
@@ -214,10 +207,9 @@ def run_up(args: argparse.Namespace) -> int:
             argv += ["--model-name", model_name]
         children.append(Child(f"worker-{i + 1}", argv, env))
     if not args.no_web:
-        web_argv = _cli("web", "--controller-url", controller_url, "--host", args.host, "--port", str(args.web_port))
+        web_argv = cli("web", "--controller-url", controller_url, "--host", args.host, "--port", str(args.web_port))
         children.append(Child("web", web_argv, _web_env(env, args.api_keys)))
 
-    code = 0
     try:
         for child in children:
             child.start()
@@ -247,4 +239,4 @@ def run_up(args: argparse.Namespace) -> int:
             child.stop(timeout=45 if child.name.startswith("worker") else 10)
         if redis_server is not None:
             redis_server.stop()
-    return code
+    return 0
