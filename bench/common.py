@@ -132,7 +132,7 @@ def served_system(
             worker = start_worker(redis.url, workdir, f"worker-b{max_batch}", "--model-path", model_path,
                                   "--max-batch", str(max_batch), *worker_args)  # fmt: skip
         procs.append(worker)
-        wait_for_workers(url, Path(model_path).name, 1, procs, timeout=timeout)
+        wait_for_workers(url, Path(model_path).name, 1, procs, timeout_s=timeout)
     except BaseException:
         stop_system(redis, procs)
         raise

@@ -136,14 +136,14 @@ def start_scripted_system(
     returns the processes (controller first) and the controller's URL once every worker is live."""
     flags = ["worker", "--engine", "scripted", "--model-path", MODEL, "--max-batch", str(max_batch)]
     if step_delay is not None:
-        flags += ["--scripted-step-delay", str(step_delay)]
+        flags += ["--scripted-step-delay-s", str(step_delay)]
     argv = cli(*flags)
     # workers first: they need only Redis, and start while the controller does
     procs = [Proc(f"scripted-worker-{k}", argv, env_for(redis_url), log_dir) for k in range(workers)]
     try:
         controller, url = start_controller(redis_url, log_dir, "--max-queue", str(max_queue))
         procs.insert(0, controller)
-        wait_for_workers(url, MODEL, workers, procs, timeout=120)
+        wait_for_workers(url, MODEL, workers, procs, timeout_s=120)
     except BaseException:
         stop_processes(procs)
         raise

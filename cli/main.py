@@ -19,7 +19,7 @@ def _worker(args: argparse.Namespace) -> int:
     from workers.cli import run_worker, worker_settings_from_args
 
     return run_worker(
-        worker_settings_from_args(args), engine_kind=args.engine, scripted_step_delay=args.scripted_step_delay
+        worker_settings_from_args(args), engine_kind=args.engine, scripted_step_delay_s=args.scripted_step_delay_s
     )
 
 

@@ -46,11 +46,11 @@ class Proc:
         if self.alive():
             os.killpg(self.popen.pid, sig)
 
-    def stop(self, timeout: float = 20.0) -> int | None:
+    def stop(self, timeout_s: float = 20.0) -> int | None:
         if self.alive():
             self.signal(signal.SIGTERM)
             try:
-                self.popen.wait(timeout)
+                self.popen.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.signal(signal.SIGKILL)
                 self.popen.wait()
@@ -67,10 +67,10 @@ def env_for(redis_url: str) -> dict[str, str]:
     return {**os.environ, "LLAVA_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, procs: list[Proc] = ()) -> None:
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, procs: list[Proc] = ()) -> None:
     """Return once `predicate()` is true; AssertionError, with the children's logs, if one of `procs` exits or
-    `timeout` seconds pass first. HTTP and OS errors of the predicate count as false."""
-    deadline = time.monotonic() + timeout
+    `timeout_s` seconds pass first. HTTP and OS errors of the predicate count as false."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for proc in procs:
             if not proc.alive():
@@ -83,7 +83,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, procs: 
             pass
         time.sleep(0.1)
     logs = "\n".join(f"--- {p.name}\n{p.log()}" for p in procs)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{logs}")
 
 
 def start_controller(redis_url: str, log_dir: Path, *extra: str) -> tuple[Proc, str]:
@@ -107,5 +107,5 @@ def live_workers(controller_url: str, model: str, headers: dict[str, str] | None
     return 0
 
 
-def wait_for_workers(controller_url: str, model: str, count: int, procs: list[Proc], timeout: float = 90) -> None:
-    wait_until(lambda: live_workers(controller_url, model) >= count, timeout, f"{count} worker(s) of {model}", procs)
+def wait_for_workers(controller_url: str, model: str, count: int, procs: list[Proc], timeout_s: float = 90) -> None:
+    wait_until(lambda: live_workers(controller_url, model) >= count, timeout_s, f"{count} worker(s) of {model}", procs)

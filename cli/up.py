@@ -86,7 +86,7 @@ class Child:
         self.restarts += 1
         return delay
 
-    def stop(self, timeout: float) -> None:
+    def stop(self, timeout_s: float) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         try:
@@ -94,15 +94,15 @@ class Child:
         except ProcessLookupError:
             return
         try:
-            self.process.wait(timeout)
+            self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
+            log.warning("%s did not stop within %.0f s; killing it", self.name, timeout_s)
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
 
-def _wait_ready(url: str, children: list[Child], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
+def _wait_ready(url: str, children: list[Child], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if any(c.process is not None and c.process.poll() is not None for c in children):
             return False
@@ -213,7 +213,7 @@ def run_up(args: argparse.Namespace) -> int:
     try:
         for child in children:
             child.start()
-        if not _wait_ready(f"{controller_url}/readyz", children[:1], timeout=60):
+        if not _wait_ready(f"{controller_url}/readyz", children[:1], timeout_s=60):
             log.error("the controller did not become ready; see its log above")
             return 1
         served_name = model_name or model_path.rstrip("/").split("/")[-1]
@@ -236,7 +236,7 @@ def run_up(args: argparse.Namespace) -> int:
     finally:
         log.info("stopping")
         for child in reversed(children):
-            child.stop(timeout=45 if child.name.startswith("worker") else 10)
+            child.stop(timeout_s=45 if child.name.startswith("worker") else 10)
         if redis_server is not None:
             redis_server.stop()
     return 0

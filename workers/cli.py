@@ -62,11 +62,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="'scripted' is a fake engine for load and fault tests of the broker, not a model",
     )
     parser.add_argument(
-        "--scripted-step-delay",
+        "--scripted-step-delay-s",
         type=float,
         default=SCRIPTED_STEP_DELAY_S,
         help=f"--engine scripted: seconds per decode step (default {SCRIPTED_STEP_DELAY_S})",
     )
+    parser.add_argument("--scripted-step-delay", dest="scripted_step_delay_s", type=float, help=argparse.SUPPRESS)
     return parser
 
 
@@ -80,14 +81,14 @@ def worker_settings_from_args(args: argparse.Namespace) -> WorkerSettings:
 
 
 def build_engine(
-    settings: WorkerSettings, engine_kind: str, *, scripted_step_delay: float = SCRIPTED_STEP_DELAY_S
+    settings: WorkerSettings, engine_kind: str, *, scripted_step_delay_s: float = SCRIPTED_STEP_DELAY_S
 ) -> tuple[Any, str]:
     """The engine and the device name it runs on."""
     if engine_kind == "scripted":
         from workers.scripted import ScriptedEngine
 
         engine = ScriptedEngine(
-            max_batch=settings.max_batch, token_budget=settings.token_budget, step_delay=scripted_step_delay
+            max_batch=settings.max_batch, token_budget=settings.token_budget, step_delay=scripted_step_delay_s
         )
         return engine, "scripted"
     if engine_kind != "transformers":
@@ -126,7 +127,7 @@ def run_worker(
     settings: WorkerSettings,
     *,
     engine_kind: str = "transformers",
-    scripted_step_delay: float = SCRIPTED_STEP_DELAY_S,
+    scripted_step_delay_s: float = SCRIPTED_STEP_DELAY_S,
     sweep_interval_s: float = SWEEP_INTERVAL_S,
 ) -> int:
     """Serve `settings.model_path` until SIGTERM/SIGINT (exit 0) or an unrecoverable device error (non-zero).
@@ -135,7 +136,7 @@ def run_worker(
     from infra.redis import connect
     from workers.worker import Worker
 
-    engine, device = build_engine(settings, engine_kind, scripted_step_delay=scripted_step_delay)
+    engine, device = build_engine(settings, engine_kind, scripted_step_delay_s=scripted_step_delay_s)
     client = connect(settings.redis_url)
     metrics, stop_metrics = _start_metrics(settings, engine, device)
     worker = Worker(

@@ -77,16 +77,16 @@ def test_scripted_step_delay_reaches_the_scripted_engine(monkeypatch):
     from cli.main import build_parser
 
     args = build_parser().parse_args(
-        ["worker", "--engine", "scripted", "--model-path", "m", "--scripted-step-delay", "0.01"]
+        ["worker", "--engine", "scripted", "--model-path", "m", "--scripted-step-delay-s", "0.01"]
     )
     seen = {}
 
-    def run_worker(settings, *, engine_kind, scripted_step_delay):
-        engine, _ = build_engine(settings, engine_kind, scripted_step_delay=scripted_step_delay)
+    def run_worker(settings, *, engine_kind, scripted_step_delay_s):
+        engine, _ = build_engine(settings, engine_kind, scripted_step_delay_s=scripted_step_delay_s)
         seen["delay"] = engine.step_delay
         return 0
 
     monkeypatch.setattr(workers.cli, "run_worker", run_worker)
     assert args.run(args) == 0 and seen["delay"] == 0.01
     default = build_parser().parse_args(["worker", "--engine", "scripted", "--model-path", "m"])
-    assert default.scripted_step_delay == workers.cli.SCRIPTED_STEP_DELAY_S
+    assert default.scripted_step_delay_s == workers.cli.SCRIPTED_STEP_DELAY_S
