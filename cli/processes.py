@@ -21,6 +21,10 @@ from infra.process import die_with_parent
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class WaitFailed(RuntimeError):
+    """A child exited, or what was waited for did not happen in time; the message holds the children's logs."""
+
+
 class Proc:
     """A llava-serve child process whose output goes to `<log_dir>/<name>.log`."""
 
@@ -68,13 +72,13 @@ def env_for(redis_url: str) -> dict[str, str]:
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, procs: list[Proc] = ()) -> None:
-    """Return once `predicate()` is true; AssertionError, with the children's logs, if one of `procs` exits or
+    """Return once `predicate()` is true; WaitFailed, with the children's logs, if one of `procs` exits or
     `timeout_s` seconds pass first. HTTP and OS errors of the predicate count as false."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for proc in procs:
             if not proc.alive():
-                raise AssertionError(f"{proc.name} exited with {proc.popen.returncode} while waiting for {what}:\n"
+                raise WaitFailed(f"{proc.name} exited with {proc.popen.returncode} while waiting for {what}:\n"
                                      f"{proc.log()}")  # fmt: skip
         try:
             if predicate():
@@ -83,7 +87,7 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, procs
             pass
         time.sleep(0.1)
     logs = "\n".join(f"--- {p.name}\n{p.log()}" for p in procs)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{logs}")
+    raise WaitFailed(f"timed out after {timeout_s:.0f} s waiting for {what}\n{logs}")
 
 
 def start_controller(redis_url: str, log_dir: Path, *extra: str) -> tuple[Proc, str]:
