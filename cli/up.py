@@ -82,9 +82,9 @@ class Child:
         The back-off grows while the child keeps exiting soon after its start, and starts over after a healthy run."""
         if exited_at - self.started_at >= HEALTHY_RUN_S:
             self.restarts = 0
-        delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+        delay_s = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
         self.restarts += 1
-        return delay
+        return delay_s
 
     def stop(self, timeout_s: float) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -228,9 +228,9 @@ def run_up(args: argparse.Namespace) -> int:
                 if child.process is None or child.process.poll() is None or stopping:
                     continue
                 rc = child.process.returncode
-                backoff = child.restart_delay_s(exited_at=time.monotonic())
-                log.warning("%s exited with code %s; restarting in %d s", child.name, rc, backoff)
-                time.sleep(backoff)
+                backoff_s = child.restart_delay_s(exited_at=time.monotonic())
+                log.warning("%s exited with code %s; restarting in %d s", child.name, rc, backoff_s)
+                time.sleep(backoff_s)
                 if not stopping:
                     child.start()
     finally:
