@@ -120,8 +120,8 @@ def served_system(
 ):
     """Embedded Redis, a controller and one worker, as `llava-serve up` would run them; `threads` sets the
     worker's OMP_NUM_THREADS (None: inherit)."""
+    from cli.processes import start_controller, start_worker, wait_for_workers
     from infra.embedded_redis import EmbeddedRedis
-    from infra.process import start_controller, start_worker, wait_for_workers
 
     redis = EmbeddedRedis(workdir / "redis", persist=False).start()
     procs = []
@@ -132,7 +132,7 @@ def served_system(
             worker = start_worker(redis.url, workdir, f"worker-b{max_batch}", "--model-path", model_path,
                                   "--max-batch", str(max_batch), *worker_args)  # fmt: skip
         procs.append(worker)
-        wait_for_workers(url, Path(model_path).name, 1, procs, timeout=timeout)
+        wait_for_workers(url, Path(model_path).name, 1, procs, timeout_s=timeout)
     except BaseException:
         stop_system(redis, procs)
         raise

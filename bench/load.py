@@ -35,9 +35,9 @@ import httpx
 
 from bench.common import percentile
 from bench.load_checks import ENGINE_NOTE, MODEL, Arrival, StreamResult, check_stream, leftover_jobs, load_request
+from cli.processes import Proc, cli, env_for, start_controller, wait_for_workers
 from contract.client import aiter_events, error_from_response
 from contract.messages import TokenEvent
-from infra.process import Proc, cli, env_for, start_controller, wait_for_workers
 from workers.cli import SCRIPTED_STEP_DELAY_S
 
 # ---- the client: every stream at once --------------------------------------------------------------------------
@@ -132,14 +132,14 @@ def start_scripted_system(
     returns the processes (controller first) and the controller's URL once every worker is live."""
     flags = ["worker", "--engine", "scripted", "--model-path", MODEL, "--max-batch", str(max_batch)]
     if step_delay is not None:
-        flags += ["--scripted-step-delay", str(step_delay)]
+        flags += ["--scripted-step-delay-s", str(step_delay)]
     argv = cli(*flags)
     # workers first: they need only Redis, and start while the controller does
     procs = [Proc(f"scripted-worker-{k}", argv, env_for(redis_url), log_dir) for k in range(workers)]
     try:
         controller, url = start_controller(redis_url, log_dir, "--max-queue", str(max_queue))
         procs.insert(0, controller)
-        wait_for_workers(url, MODEL, workers, procs, timeout=120)
+        wait_for_workers(url, MODEL, workers, procs, timeout_s=120)
     except BaseException:
         stop_processes(procs)
         raise

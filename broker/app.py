@@ -90,7 +90,7 @@ def _start_sweeper(settings: ControllerSettings) -> tuple[threading.Thread, thre
     stop = threading.Event()
     thread = threading.Thread(
         target=sweeper.run_sweeper,
-        args=(settings.redis_url, settings.sweep_interval, stop),
+        args=(settings.redis_url, settings.sweep_interval_s, stop),
         name="llava-sweeper",
         daemon=True,
     )
@@ -135,7 +135,7 @@ def create_app(
             if sweeper is not None:
                 thread, stop = sweeper
                 stop.set()
-                thread.join(timeout=max(5.0, settings.sweep_interval * 2))
+                thread.join(timeout=max(5.0, settings.sweep_interval_s * 2))
             await relay.stop()
             await stats.drain()
             await redis.aclose()
@@ -195,9 +195,11 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-bytes", type=int, default=None)
     parser.add_argument("--max-image-pixels", type=int, default=None, help="width x height limit per image")
     parser.add_argument("--max-body-bytes", type=int, default=None)
-    parser.add_argument("--job-result-ttl", type=int, default=None, help="seconds a finished job record is kept")
-    parser.add_argument("--sweep-interval", type=float, default=None)
-    parser.add_argument("--ping-interval", type=int, default=None, help="SSE keep-alive ping, seconds")
+    parser.add_argument("--job-result-ttl-s", type=int, default=None, help="seconds a finished job record is kept")
+    parser.add_argument("--sweep-interval-s", type=float, default=None)
+    parser.add_argument("--ping-interval-s", type=int, default=None, help="SSE keep-alive ping, seconds")
+    for old_flag, kind in (("--job-result-ttl", int), ("--sweep-interval", float), ("--ping-interval", int)):
+        parser.add_argument(old_flag, dest=f"{old_flag[2:].replace('-', '_')}_s", type=kind, help=argparse.SUPPRESS)
     parser.add_argument(
         "--api-keys",
         dest="api_keys_file",
@@ -212,7 +214,8 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="fetch http(s) image_url images (public addresses only; size and time limited). Default: off",
     )
-    parser.add_argument("--remote-image-timeout", type=float, default=None, help="seconds per remote image (5)")
+    parser.add_argument("--remote-image-timeout-s", type=float, default=None, help="seconds per remote image (5)")
+    parser.add_argument("--remote-image-timeout", dest="remote_image_timeout_s", type=float, help=argparse.SUPPRESS)
 
 
 _CONTROLLER_FLAGS = (
@@ -225,12 +228,12 @@ _CONTROLLER_FLAGS = (
     "max_image_bytes",
     "max_image_pixels",
     "max_body_bytes",
-    "job_result_ttl",
-    "sweep_interval",
-    "ping_interval",
+    "job_result_ttl_s",
+    "sweep_interval_s",
+    "ping_interval_s",
     "api_keys_file",
     "allow_remote_images",
-    "remote_image_timeout",
+    "remote_image_timeout_s",
 )
 
 

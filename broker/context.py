@@ -38,8 +38,8 @@ class StreamTimings:
     @classmethod
     def from_settings(cls, settings: ControllerSettings) -> StreamTimings:
         return cls(
-            stall_check_s=settings.stall_check_interval,
-            no_worker_timeout_s=settings.no_worker_timeout,
+            stall_check_s=settings.stall_check_interval_s,
+            no_worker_timeout_s=settings.no_worker_timeout_s,
         )
 
 

@@ -170,7 +170,7 @@ async def generate(request: Request) -> EventSourceResponse:
     sub = await submit_job(ctx, job)
     return EventSourceResponse(
         sse_events(follow_job(ctx, sub, job.model)),
-        ping=ctx.settings.ping_interval,
+        ping=ctx.settings.ping_interval_s,
         headers={"X-Job-Id": job.job_id},
     )
 

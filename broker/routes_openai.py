@@ -65,7 +65,7 @@ def remote_image_policy(request: Request, ctx: ControllerContext) -> RemoteImage
         return None
     custom = getattr(request.app.state, "remote_image_policy", None)
     return custom or RemoteImagePolicy(
-        max_bytes=s.max_image_bytes, timeout_s=s.remote_image_timeout, max_redirects=s.remote_image_max_redirects
+        max_bytes=s.max_image_bytes, timeout_s=s.remote_image_timeout_s, max_redirects=s.remote_image_max_redirects
     )
 
 
@@ -246,7 +246,7 @@ async def respond(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = stream(events, include_usage=include_usage, **ids)
-        return EventSourceResponse(chunks, ping=ctx.settings.ping_interval, headers=headers)
+        return EventSourceResponse(chunks, ping=ctx.settings.ping_interval_s, headers=headers)
     completion = await whole(events, **ids)
     return JSONResponse(completion.model_dump(mode="json"), headers=headers)
 

@@ -48,7 +48,7 @@ async def submit_job(ctx: ControllerContext, request: JobRequest) -> Subscriptio
             ctx.redis_sync,
             request,
             max_queue=ctx.settings.max_queue,
-            result_ttl=ctx.settings.job_result_ttl,
+            result_ttl=ctx.settings.job_result_ttl_s,
         )
     except BaseException:
         sub.close()
@@ -206,7 +206,7 @@ class _JobFollower:
 
     async def _events(self) -> AsyncIterator[StreamEvent]:
         timings = self.ctx.timings
-        interval = self.ctx.settings.queued_update_interval
+        interval = self.ctx.settings.queued_update_interval_s
         yield await self.first_position()
         while True:
             raw = await self.sub.get(interval if self.waiting else timings.stall_check_s)

@@ -7,13 +7,14 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from cli.processes import cli, live_workers
+from contract.errors import LlavaError
 from infra.embedded_redis import EmbeddedRedis
 from infra.process import die_with_parent
 from infra.settings import CONTROLLER_PORT, WEB_PORT, default_cache_dir
@@ -21,6 +22,7 @@ from infra.settings import CONTROLLER_PORT, WEB_PORT, default_cache_dir
 log = logging.getLogger("llava.up")
 
 RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+HEALTHY_RUN_S = 60.0
 
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,18 +69,25 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
-    restart: bool = True
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = 0.0
-    history: list[int] = field(default_factory=list)
 
     def start(self) -> None:
         self.process = subprocess.Popen(self.argv, env=self.env, preexec_fn=die_with_parent)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
-    def stop(self, timeout: float) -> None:
+    def restart_delay_s(self, exited_at: float) -> int:
+        """Seconds to wait before restarting the child that exited at `exited_at` (monotonic); counts the restart.
+        The back-off grows while the child keeps exiting soon after its start, and starts over after a healthy run."""
+        if exited_at - self.started_at >= HEALTHY_RUN_S:
+            self.restarts = 0
+        delay_s = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+        self.restarts += 1
+        return delay_s
+
+    def stop(self, timeout_s: float) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         try:
@@ -86,19 +95,15 @@ class Child:
         except ProcessLookupError:
             return
         try:
-            self.process.wait(timeout)
+            self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
+            log.warning("%s did not stop within %.0f s; killing it", self.name, timeout_s)
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", *args]
-
-
-def _wait_ready(url: str, children: list[Child], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
+def _wait_ready(url: str, children: list[Child], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if any(c.process is not None and c.process.poll() is not None for c in children):
             return False
@@ -135,6 +140,15 @@ def _cpu_threads_per_worker(device: str, workers: int) -> int | None:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+def _model_served(controller_url: str, model: str, api_keys_file: Path | None, env: dict[str, str]) -> bool:
+    """True once a worker of `model` has registered (the controller lists it with a live worker)."""
+    api_key = _web_env(env, api_keys_file).get("LLAVA_WEB_API_KEY")
+    try:
+        return live_workers(controller_url, model, api_key) >= 1
+    except LlavaError:  # not up yet, or refusing: not served yet
+        return False
+
+
 def _web_env(env: dict[str, str], api_keys_file: Path | None) -> dict[str, str]:
     """The UI's environment: with API keys required and no key of its own, it uses the first one."""
     from broker.auth import load_api_keys
@@ -143,6 +157,15 @@ def _web_env(env: dict[str, str], api_keys_file: Path | None) -> dict[str, str]:
     if keys and not env.get("LLAVA_WEB_API_KEY"):
         return {**env, "LLAVA_WEB_API_KEY": keys[0]}
     return env
+
+
+def _print_banner(args: argparse.Namespace, controller_url: str, redis_url: str, model: str) -> None:
+    print(f"\nllava-serve is up\n  controller  {controller_url}  (API: {controller_url}/docs)", flush=True)
+    if not args.no_web:
+        print(f"  web UI      http://{args.host}:{args.web_port}", flush=True)
+    print(f"  redis       {redis_url}", flush=True)
+    print(f"  model       {model} ({args.workers} worker(s))", flush=True)
+    print("Press Ctrl-C to stop.\n", flush=True)
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -167,7 +190,7 @@ def run_up(args: argparse.Namespace) -> int:
     model_name = args.model_name or model_name
     env = {**os.environ, "LLAVA_REDIS_URL": redis_url}
     controller_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
-    controller_argv = _cli("controller", "--host", args.host, "--port", str(args.port))
+    controller_argv = cli("controller", "--host", args.host, "--port", str(args.port))
     if args.api_keys:
         controller_argv += ["--api-keys", str(args.api_keys)]
     children = [Child("controller", controller_argv, env)]
@@ -176,7 +199,7 @@ def run_up(args: argparse.Namespace) -> int:
         device = args.device
         if device == "cuda" and args.workers > 1:
             device = f"cuda:{i}"
-        argv = _cli("worker", "--model-path", model_path, "--device", device, "--dtype", args.dtype,
+        argv = cli("worker", "--model-path", model_path, "--device", device, "--dtype", args.dtype,
                     "--max-batch", str(args.max_batch))  # fmt: skip
         if cpu_threads:
             argv += ["--threads", str(cpu_threads)]
@@ -184,38 +207,36 @@ def run_up(args: argparse.Namespace) -> int:
             argv += ["--model-name", model_name]
         children.append(Child(f"worker-{i + 1}", argv, env))
     if not args.no_web:
-        web_argv = _cli("web", "--controller-url", controller_url, "--host", args.host, "--port", str(args.web_port))
+        web_argv = cli("web", "--controller-url", controller_url, "--host", args.host, "--port", str(args.web_port))
         children.append(Child("web", web_argv, _web_env(env, args.api_keys)))
 
-    code = 0
     try:
         for child in children:
             child.start()
-        if not _wait_ready(f"{controller_url}/readyz", children[:1], timeout=60):
+        if not _wait_ready(f"{controller_url}/readyz", children[:1], timeout_s=60):
             log.error("the controller did not become ready; see its log above")
             return 1
-        print(f"\nllava-serve is up\n  controller  {controller_url}  (API: {controller_url}/docs)", flush=True)
-        if not args.no_web:
-            print(f"  web UI      http://{args.host}:{args.web_port}", flush=True)
-        print(f"  redis       {redis_url}", flush=True)
-        print(f"  model       {model_name or model_path} ({args.workers} worker(s))", flush=True)
-        print("Press Ctrl-C to stop.\n", flush=True)
+        served_name = model_name or model_path.rstrip("/").split("/")[-1]
+        log.info("the controller is ready; waiting for a worker of %s to load it", served_name)
+        announced = False
         while not stopping:
+            if not announced and _model_served(controller_url, served_name, args.api_keys, env):
+                announced = True
+                _print_banner(args, controller_url, redis_url, served_name)
             time.sleep(0.5)
             for child in children:
                 if child.process is None or child.process.poll() is None or stopping:
                     continue
                 rc = child.process.returncode
-                backoff = RESTART_BACKOFF_S[min(child.restarts, len(RESTART_BACKOFF_S) - 1)]
-                log.warning("%s exited with code %s; restarting in %d s", child.name, rc, backoff)
-                time.sleep(backoff)
-                child.restarts += 1
+                backoff_s = child.restart_delay_s(exited_at=time.monotonic())
+                log.warning("%s exited with code %s; restarting in %d s", child.name, rc, backoff_s)
+                time.sleep(backoff_s)
                 if not stopping:
                     child.start()
     finally:
         log.info("stopping")
         for child in reversed(children):
-            child.stop(timeout=45 if child.name.startswith("worker") else 10)
+            child.stop(timeout_s=45 if child.name.startswith("worker") else 10)
         if redis_server is not None:
             redis_server.stop()
-    return code
+    return 0

@@ -1,18 +1,10 @@
-"""Child processes that never outlive the process that started them, and llava-serve processes started through
-the CLI for end-to-end tests and benchmarks (stopped and reaped after)."""
+"""Children that never outlive the process that started them."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import signal
-import subprocess
-import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
-
-import httpx
 
 _PR_SET_PDEATHSIG = 1
 
@@ -24,92 +16,3 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except OSError:  # not Linux: the launcher's own shutdown still stops its children
         pass
-
-
-# the directory holding the packages, so `python -m cli.main` resolves from a source checkout too
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class Proc:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
-        self.name = name
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            argv, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            os.killpg(self.popen.pid, sig)
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.alive():
-            self.signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.signal(signal.SIGKILL)
-                self.popen.wait()
-        self._log.close()
-        return self.popen.returncode
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", *args]
-
-
-def env_for(redis_url: str) -> dict[str, str]:
-    return {**os.environ, "LLAVA_REDIS_URL": redis_url, "PYTHONUNBUFFERED": "1"}
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, procs: list[Proc] = ()) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if not proc.alive():
-                raise AssertionError(f"{proc.name} exited with {proc.popen.returncode} while waiting for {what}:\n"
-                                     f"{proc.log()}")  # fmt: skip
-        try:
-            if predicate():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        time.sleep(0.1)
-    logs = "\n".join(f"--- {p.name}\n{p.log()}" for p in procs)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
-
-
-def start_controller(redis_url: str, log_dir: Path, *extra: str) -> tuple[Proc, str]:
-    from infra.embedded_redis import free_port  # it imports this module
-
-    port = free_port()
-    proc = Proc(f"controller-{port}", cli("controller", "--port", str(port), *extra), env_for(redis_url), log_dir)
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: httpx.get(f"{url}/readyz", timeout=1).status_code == 200, 60, "the controller", [proc])
-    return proc, url
-
-
-def start_worker(redis_url: str, log_dir: Path, name: str, *args: str) -> Proc:
-    return Proc(name, cli("worker", *args), env_for(redis_url), log_dir)
-
-
-def wait_for_workers(controller_url: str, model: str, count: int, procs: list[Proc], timeout: float = 90) -> None:
-    def ready() -> bool:
-        models = httpx.get(f"{controller_url}/api/v1/models", timeout=2).json()
-        for entry in models.get("models", models.get("data", [])):
-            if entry.get("name", entry.get("id")) == model:
-                return int(entry.get("workers", entry.get("live_workers", 0))) >= count
-        return False
-
-    wait_until(ready, timeout, f"{count} worker(s) of {model}", procs)

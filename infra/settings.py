@@ -46,12 +46,12 @@ class ControllerSettings(BaseSettings):
         default=20.0, ge=1, description="longest over shortest side; bounds an image's size after the model's resize"
     )
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
-    job_result_ttl: int = Field(default=600, ge=1, description="seconds a finished job's record is kept")
-    queued_update_interval: float = Field(default=1.0, gt=0)
-    sweep_interval: float = Field(default=2.0, gt=0)
-    ping_interval: int = Field(default=15, ge=1)
-    stall_check_interval: float = Field(default=3.0, gt=0, description="silent stream: read the job record after")
-    no_worker_timeout: float = Field(default=30.0, gt=0, description="queued with no live worker: fail after")
+    job_result_ttl_s: int = Field(default=600, ge=1, description="seconds a finished job's record is kept")
+    queued_update_interval_s: float = Field(default=1.0, gt=0)
+    sweep_interval_s: float = Field(default=2.0, gt=0)
+    ping_interval_s: int = Field(default=15, ge=1)
+    stall_check_interval_s: float = Field(default=3.0, gt=0, description="silent stream: read the job record after")
+    no_worker_timeout_s: float = Field(default=30.0, gt=0, description="queued with no live worker: fail after")
     api_keys: str | None = Field(
         default=None,
         validation_alias=AliasChoices("api_keys", "LLAVA_API_KEYS"),
@@ -59,7 +59,7 @@ class ControllerSettings(BaseSettings):
     )
     api_keys_file: Path | None = Field(default=None, description="file of bearer keys, one per line, # comments")
     allow_remote_images: bool = Field(default=False, description="fetch http(s) image_url (public addresses only)")
-    remote_image_timeout: float = Field(default=5.0, gt=0, description="seconds to fetch one remote image, in all")
+    remote_image_timeout_s: float = Field(default=5.0, gt=0, description="seconds to fetch one remote image, in all")
     remote_image_max_redirects: int = Field(default=3, ge=0)
 
 
@@ -73,8 +73,7 @@ class WorkerSettings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch: int = Field(default=8, ge=1)
     token_budget: int | None = Field(default=None, ge=1)
-    drain_timeout: float = Field(default=30.0, ge=0, description="SIGTERM: seconds to finish in-flight jobs")
-    job_result_ttl: int = Field(default=600, ge=1)
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: seconds to finish in-flight jobs")
     worker_id: str | None = None
     compile: bool = Field(default=False, description="a KV slot per job and a compiled decode step, warmed up at start")
     compile_backend: Literal["inductor", "cudagraphs", "aot_eager", "eager"] = Field(

@@ -12,11 +12,11 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
+from cli.processes import Proc, start_controller, start_worker, wait_for_workers
 from contract import keys
 from contract.client import ControllerClient
 from contract.errors import ModelNotFound
 from contract.messages import GenerateRequest
-from infra.process import Proc, start_controller, start_worker, wait_for_workers
 from infra.redis import connect
 
 pytestmark = pytest.mark.pipeline

@@ -28,7 +28,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--max-batch", type=int, help="jobs generated together at most")
     parser.add_argument("--token-budget", type=int, help="KV cache tokens across the batch (default: from memory)")
     parser.add_argument("--redis-url", help="redis://host:port/db (default: LLAVA_REDIS_URL, else local)")
-    parser.add_argument("--drain-timeout", type=float, help="seconds to finish in-flight jobs on SIGTERM")
+    parser.add_argument("--drain-timeout-s", type=float, help="seconds to finish in-flight jobs on SIGTERM")
+    parser.add_argument("--drain-timeout", dest="drain_timeout_s", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--worker-id", help="a stable id for this worker (default: host-pid-random)")
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off; 0 picks a free port)"
@@ -61,32 +62,33 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="'scripted' is a fake engine for load and fault tests of the broker, not a model",
     )
     parser.add_argument(
-        "--scripted-step-delay",
+        "--scripted-step-delay-s",
         type=float,
         default=SCRIPTED_STEP_DELAY_S,
         help=f"--engine scripted: seconds per decode step (default {SCRIPTED_STEP_DELAY_S})",
     )
+    parser.add_argument("--scripted-step-delay", dest="scripted_step_delay_s", type=float, help=argparse.SUPPRESS)
     return parser
 
 
 def worker_settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     """WorkerSettings from parsed flags; flags left unset keep the environment's or the default value."""
     fields = ("model_path", "model_name", "device", "dtype", "max_batch", "token_budget", "redis_url")
-    extra = ("drain_timeout", "worker_id", "metrics_port", "metrics_host", "compile", "compile_backend", "threads",
+    extra = ("drain_timeout_s", "worker_id", "metrics_port", "metrics_host", "compile", "compile_backend", "threads",
              "prefill_tokens")  # fmt: skip
     values: dict[str, Any] = {f: getattr(args, f, None) for f in (*fields, *extra)}
     return WorkerSettings(**{k: v for k, v in values.items() if v is not None})
 
 
 def build_engine(
-    settings: WorkerSettings, engine_kind: str, *, scripted_step_delay: float = SCRIPTED_STEP_DELAY_S
+    settings: WorkerSettings, engine_kind: str, *, scripted_step_delay_s: float = SCRIPTED_STEP_DELAY_S
 ) -> tuple[Any, str]:
     """The engine and the device name it runs on."""
     if engine_kind == "scripted":
         from workers.scripted import ScriptedEngine
 
         engine = ScriptedEngine(
-            max_batch=settings.max_batch, token_budget=settings.token_budget, step_delay=scripted_step_delay
+            max_batch=settings.max_batch, token_budget=settings.token_budget, step_delay=scripted_step_delay_s
         )
         return engine, "scripted"
     if engine_kind != "transformers":
@@ -125,8 +127,8 @@ def run_worker(
     settings: WorkerSettings,
     *,
     engine_kind: str = "transformers",
-    scripted_step_delay: float = SCRIPTED_STEP_DELAY_S,
-    sweep_interval: float = SWEEP_INTERVAL_S,
+    scripted_step_delay_s: float = SCRIPTED_STEP_DELAY_S,
+    sweep_interval_s: float = SWEEP_INTERVAL_S,
 ) -> int:
     """Serve `settings.model_path` until SIGTERM/SIGINT (exit 0) or an unrecoverable device error (non-zero).
 
@@ -134,7 +136,7 @@ def run_worker(
     from infra.redis import connect
     from workers.worker import Worker
 
-    engine, device = build_engine(settings, engine_kind, scripted_step_delay=scripted_step_delay)
+    engine, device = build_engine(settings, engine_kind, scripted_step_delay_s=scripted_step_delay_s)
     client = connect(settings.redis_url)
     metrics, stop_metrics = _start_metrics(settings, engine, device)
     worker = Worker(
@@ -153,7 +155,7 @@ def run_worker(
 
     stop_sweeper = threading.Event()
     sweeper = threading.Thread(
-        target=run_sweeper, args=(settings.redis_url, sweep_interval, stop_sweeper), name="llava-sweeper", daemon=True
+        target=run_sweeper, args=(settings.redis_url, sweep_interval_s, stop_sweeper), name="llava-sweeper", daemon=True
     )
     sweeper.start()
     try:

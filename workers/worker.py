@@ -74,7 +74,7 @@ class Worker:
     # ---- control ----------------------------------------------------------------------------------------------
 
     def stop(self, *, now: bool = False) -> None:
-        """Stop claiming and drain in-flight jobs (within `drain_timeout`; at once with `now`). Thread-safe."""
+        """Stop claiming and drain in-flight jobs (within `drain_timeout_s`; at once with `now`). Thread-safe."""
         if now or self._stop.is_set():
             self._drain_deadline = time.monotonic()
         self._stop.set()
@@ -324,9 +324,9 @@ class Worker:
         if not self.draining:
             self.draining = True
             self._drain_deadline = min(
-                self._drain_deadline or float("inf"), time.monotonic() + self.settings.drain_timeout
+                self._drain_deadline or float("inf"), time.monotonic() + self.settings.drain_timeout_s
             )
-            log.info("stopping: draining %d job(s) within %.0f s", len(self.active), self.settings.drain_timeout)
+            log.info("stopping: draining %d job(s) within %.0f s", len(self.active), self.settings.drain_timeout_s)
         if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and self.active:
             log.warning("drain timeout: settling %d unfinished job(s)", len(self.active))
             self._abandon(None, requeue=True)

@@ -174,4 +174,4 @@ FAST = StreamTimings(stall_check_s=0.3, no_worker_timeout_s=0.6, relay_wait_s=2.
 
 
 def settings_for(redis_url: str, **overrides) -> ControllerSettings:
-    return ControllerSettings(redis_url=redis_url, queued_update_interval=0.1, **overrides)
+    return ControllerSettings(redis_url=redis_url, queued_update_interval_s=0.1, **overrides)

@@ -17,7 +17,7 @@ def sweeper_threads() -> list[threading.Thread]:
 
 def test_lifespan_runs_the_sweeper_and_stops_it(redis_url: str, redis_client) -> None:
     before = len(sweeper_threads())
-    with TestClient(create_app(settings_for(redis_url, sweep_interval=0.1), timings=FAST)) as client:
+    with TestClient(create_app(settings_for(redis_url, sweep_interval_s=0.1), timings=FAST)) as client:
         assert client.get("/readyz").status_code == 200
         assert len(sweeper_threads()) == before + 1
     assert len(sweeper_threads()) == before

@@ -14,11 +14,11 @@ import httpx
 import psutil
 import pytest
 
+from cli.processes import ROOT, wait_until
 from contract.client import ControllerClient
 from contract.messages import GenerateRequest
 from frontend.app import EXAMPLES_DIR
 from infra.embedded_redis import free_port
-from infra.process import ROOT, wait_until
 
 pytestmark = pytest.mark.pipeline
 
@@ -47,7 +47,7 @@ def test_up_serves_the_demo_model_and_ctrl_c_stops_everything(tmp_path: Path) ->
         while time.monotonic() < deadline and up.poll() is None and "llava-serve is up" not in output():
             time.sleep(0.2)
         assert "llava-serve is up" in output(), output()
-        wait_until(serving, 90, "the worker to register")
+        assert serving(), "up said it was up before a worker of the model registered"
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{web_port}/", timeout=2).status_code == 200, 60, "the UI")
 
         # the default model is the shipped demo, which sees: ask about the UI's first example image
@@ -88,3 +88,17 @@ def test_the_ui_gets_the_first_api_key_when_keys_are_required(tmp_path: Path) ->
     assert _web_env({"LLAVA_API_KEYS": "env-key"}, None)["LLAVA_WEB_API_KEY"] == "env-key"
     assert _web_env({"LLAVA_API_KEYS": "a", "LLAVA_WEB_API_KEY": "own"}, None)["LLAVA_WEB_API_KEY"] == "own"
     assert "LLAVA_WEB_API_KEY" not in _web_env({}, None)
+
+
+def test_restart_back_off_grows_with_quick_exits_and_resets_after_a_healthy_run() -> None:
+    from cli.up import HEALTHY_RUN_S, RESTART_BACKOFF_S, Child
+
+    child = Child("worker-1", ["true"], {})
+    child.started_at = 1000.0
+    delays = []
+    for _ in range(3):  # exits right after each start
+        delays.append(child.restart_delay_s(exited_at=child.started_at + 1))
+    assert delays == list(RESTART_BACKOFF_S[:3])
+    # killed again minutes later, after running healthily: the back-off starts over
+    assert child.restart_delay_s(exited_at=child.started_at + HEALTHY_RUN_S + 1) == RESTART_BACKOFF_S[0]
+    assert child.restart_delay_s(exited_at=child.started_at + 1) == RESTART_BACKOFF_S[1]

@@ -99,7 +99,7 @@ class ServerThread:
 @pytest.fixture
 def controller_url(redis_client: redis.Redis, redis_url: str) -> Iterator[str]:
     """The controller on a free port over the emptied test database (max_queue 2, so 429 is reachable)."""
-    settings = ControllerSettings(redis_url=redis_url, max_queue=2, queued_update_interval=0.1)
+    settings = ControllerSettings(redis_url=redis_url, max_queue=2, queued_update_interval_s=0.1)
     app = create_app(settings, timings=StreamTimings(stall_check_s=0.5, no_worker_timeout_s=30.0), run_sweeper=False)
     server = ServerThread(app, free_port()).start()
     try:
@@ -122,7 +122,7 @@ def start_worker(redis_url: str, **engine_kwargs) -> WorkerThread:
     from infra.redis import connect
 
     engine_kwargs.setdefault("step_delay", 0.01)
-    settings = WorkerSettings(model_path=MODEL, worker_id=f"ui-test-{time.monotonic_ns()}", drain_timeout=2.0)
+    settings = WorkerSettings(model_path=MODEL, worker_id=f"ui-test-{time.monotonic_ns()}", drain_timeout_s=2.0)
     worker = Worker(settings, ScriptedEngine(**engine_kwargs), connect(redis_url), model_name=MODEL)
     running = WorkerThread(worker)
     running.thread.start()

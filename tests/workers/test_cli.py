@@ -17,20 +17,28 @@ def _parse(*argv: str) -> argparse.Namespace:
 def test_flags_become_settings():
     args = _parse(
         "--model-path", "/models/llava", "--model-name", "llava", "--device", "cpu", "--dtype", "float32",
-        "--max-batch", "3", "--token-budget", "999", "--redis-url", "redis://h:1/2", "--drain-timeout", "7",
+        "--max-batch", "3", "--token-budget", "999", "--redis-url", "redis://h:1/2", "--drain-timeout-s", "7",
         "--engine", "scripted", "--compile", "--compile-backend", "aot_eager",
     )  # fmt: skip
     settings = worker_settings_from_args(args)
     assert settings.compile and settings.compile_backend == "aot_eager"
     assert settings.model_path == "/models/llava" and settings.resolved_model_name() == "llava"
     assert (settings.device, settings.dtype, settings.max_batch, settings.token_budget) == ("cpu", "float32", 3, 999)
-    assert settings.redis_url == "redis://h:1/2" and settings.drain_timeout == 7
+    assert settings.redis_url == "redis://h:1/2" and settings.drain_timeout_s == 7
     assert args.engine == "scripted"
+
+
+def test_the_old_drain_timeout_flag_still_works_and_is_hidden(capsys: pytest.CaptureFixture[str]):
+    assert worker_settings_from_args(_parse("--model-path", "m", "--drain-timeout", "4")).drain_timeout_s == 4
+    with pytest.raises(SystemExit):
+        _parse("--help")
+    out = capsys.readouterr().out
+    assert "--drain-timeout-s" in out and "--drain-timeout " not in out
 
 
 def test_unset_flags_keep_defaults_and_the_scripted_engine_builds():
     settings = worker_settings_from_args(_parse("--model-path", "/m/tiny"))
-    assert settings.max_batch == 8 and settings.drain_timeout == 30 and settings.resolved_model_name() == "tiny"
+    assert settings.max_batch == 8 and settings.drain_timeout_s == 30 and settings.resolved_model_name() == "tiny"
     assert not settings.compile and settings.compile_backend == "inductor"
     engine, device = build_engine(settings, "scripted")
     assert isinstance(engine, ScriptedEngine) and engine.max_batch == 8 and device == "scripted"
@@ -69,16 +77,16 @@ def test_scripted_step_delay_reaches_the_scripted_engine(monkeypatch):
     from cli.main import build_parser
 
     args = build_parser().parse_args(
-        ["worker", "--engine", "scripted", "--model-path", "m", "--scripted-step-delay", "0.01"]
+        ["worker", "--engine", "scripted", "--model-path", "m", "--scripted-step-delay-s", "0.01"]
     )
     seen = {}
 
-    def run_worker(settings, *, engine_kind, scripted_step_delay):
-        engine, _ = build_engine(settings, engine_kind, scripted_step_delay=scripted_step_delay)
+    def run_worker(settings, *, engine_kind, scripted_step_delay_s):
+        engine, _ = build_engine(settings, engine_kind, scripted_step_delay_s=scripted_step_delay_s)
         seen["delay"] = engine.step_delay
         return 0
 
     monkeypatch.setattr(workers.cli, "run_worker", run_worker)
     assert args.run(args) == 0 and seen["delay"] == 0.01
     default = build_parser().parse_args(["worker", "--engine", "scripted", "--model-path", "m"])
-    assert default.scripted_step_delay == workers.cli.SCRIPTED_STEP_DELAY_S
+    assert default.scripted_step_delay_s == workers.cli.SCRIPTED_STEP_DELAY_S

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from cli.processes import start_controller, start_worker, wait_for_workers
 from contract.client import ControllerClient
 from contract.messages import GenerateRequest
-from infra.process import start_controller, start_worker, wait_for_workers
 from infra.redis import connect
 from workers.demo.shapes import draw_scene, single_shape_scene
 from workers.demo.train import DEMO_MODEL_NAME, demo_model_path

@@ -191,7 +191,7 @@ class _QuietEngine(ScriptedEngine):
 
 
 def test_drain_timeout_requeues_unstarted_and_fails_streaming_jobs(redis_client):
-    worker = make_worker(redis_client, drain_timeout=0.0)
+    worker = make_worker(redis_client, drain_timeout_s=0.0)
     worker.engine = _QuietEngine(max_batch=2, reply_tokens=10_000, step_delay=0.005)
     streaming = submit(redis_client, "streaming")
     submit(redis_client, "quiet", subscribe=False)

@@ -24,8 +24,8 @@ def _start_worker_process(redis_url: str, worker_id: str) -> subprocess.Popen:
         "import sys, logging; logging.basicConfig(level=logging.INFO);"
         "from infra.settings import WorkerSettings; from workers.cli import run_worker;"
         f"s = WorkerSettings(model_path={MODEL!r}, redis_url={redis_url!r}, worker_id={worker_id!r}, max_batch=1,"
-        " drain_timeout=20);"
-        "sys.exit(run_worker(s, engine_kind='scripted', scripted_step_delay=0.02))"
+        " drain_timeout_s=20);"
+        "sys.exit(run_worker(s, engine_kind='scripted', scripted_step_delay_s=0.02))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stderr=subprocess.PIPE)
