@@ -1,6 +1,7 @@
 """Iteration-level batching for image-text-to-text models: jobs join and leave the running batch every step.
 
 The engine knows nothing of Redis: it takes prepared jobs and returns per-step text deltas (see `step`).
+`TransformersEngine` implements the `Engine` protocol of `workers.engine_types`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import torch
 from contract.errors import ContextTooLong, DeviceError, InvalidRequest, LlavaError
 from contract.messages import FinishReason, Usage
 from workers.batch import PaddedBatch, Prefilled
-from workers.engine_types import EngineImage, EngineJob, JobUpdate, PreparedJob
+from workers.engine_types import Engine, EngineImage, EngineJob, JobUpdate, PreparedJob
 from workers.model import LoadedModel
 from workers.preprocess import ImageCache, check_prompt, render_messages, stack_image_tensors
 from workers.running import RunningJob
 from workers.sampling import sample_batch
 from workers.slots import SlotBatch, SlotCache, decode_forward
 
-__all__ = ["Completion", "Engine", "EngineImage", "EngineJob", "JobUpdate", "PreparedJob", "run_to_completion"]
+__all__ = [
+    "Completion", "Engine", "EngineImage", "EngineJob", "JobUpdate", "PreparedJob", "TransformersEngine",
+    "run_to_completion",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +40,9 @@ def _is_device_error(exc: BaseException) -> bool:
     return isinstance(exc, (torch.OutOfMemoryError, RuntimeError)) and not isinstance(exc, NotImplementedError)
 
 
-class Engine:
-    """Continuous batching over a model's forward and one left-padded KV cache. Not thread-safe."""
+class TransformersEngine:
+    """The `Engine` of a transformers model: continuous batching over its forward and one left-padded KV cache.
+    Not thread-safe."""
 
     def __init__(
         self,
