@@ -297,10 +297,10 @@ class Worker:
             try:
                 if not job.recorded:
                     jobs.finish(self.redis, self.worker_id, job.outcome())
-                if self.metrics is not None:
-                    self.metrics.on_finished(job)
                     job.recorded = True
                     log.info("job %s %s (%d tokens)", job.job_id, job.status, job.usage.completion_tokens)
+                    if self.metrics is not None:
+                        self.metrics.on_finished(job)
                 self.redis.publish(keys.chunks(job.job_id), job.final_event().model_dump_json())
             except _REDIS_ERRORS as exc:
                 self._backoff.failed("finish", exc)
