@@ -197,6 +197,16 @@ class DecodeBatch:
         )
 
 
+def try_decode(model: Any, batch: DecodeBatch, cache_kwarg: str = "cache") -> Exception | None:
+    """Run one decode step of `batch` (a copy: its cache is thrown away); the exception it raises, if any. How a
+    failed batched step finds the rows that make it fail."""
+    try:
+        model(**batch.decode_inputs(cache_kwarg), use_cache=True, logits_to_keep=1)
+    except Exception as exc:  # noqa: BLE001 - any exception is the answer
+        return exc
+    return None
+
+
 @dataclass
 class Prefilled:
     """One left-padded prefill forward: its cache, which columns are real (`attention_mask` [rows, prompt]),
@@ -217,6 +227,7 @@ class PaddedBatch:
         self.cache_kwarg = cache_kwarg
         self.batch: DecodeBatch | None = None
         self._stepped_cache: Any = None
+        self._lengths_before: list[int] = []  # each layer's cached columns before the last forward
 
     @property
     def rows(self) -> list[Any]:
@@ -238,11 +249,23 @@ class PaddedBatch:
             self.batch = self.batch.filter(indices)
 
     def forward(self, model: Any) -> torch.Tensor:
-        """One decode step of every row: next-token logits [rows, vocab]."""
+        """One decode step of every row: next-token logits [rows, vocab]. After it raises, `rollback`."""
+        self._lengths_before = [layer.length for layer in self.batch.cache.layers]
         out = model(**self.batch.decode_inputs(self.cache_kwarg), use_cache=True, logits_to_keep=1)
         cache = getattr(out, "cache", None)
         self._stepped_cache = cache if cache is not None else out.past_key_values
         return out.logits[:, -1, :]
+
+    def rollback(self) -> None:
+        """Undo what a failed `forward` wrote: the layers it reached drop the column they cached."""
+        for layer, length in zip(self.batch.cache.layers, self._lengths_before, strict=True):
+            layer.length = length
+            layer._view()
+        self._stepped_cache = None
+
+    def try_row(self, model: Any, index: int) -> Exception | None:
+        """Run row `index` alone on a copy of its cache: the exception the step raises for it, if any."""
+        return try_decode(model, self.batch.filter([index]), self.cache_kwarg)
 
     def advance(self, next_tokens: torch.Tensor) -> None:
         self.batch.advance(self._stepped_cache, next_tokens)
