@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from contract.errors import ContextTooLong, InvalidRequest, LlavaError
 from contract.messages import FinishReason, Usage
-from workers.batch import PaddedBatch, Prefilled
+from workers.batch import PaddedBatch, Prefilled, output_cache, prefill_groups, prefill_inputs
 from workers.engine_types import Engine, EngineImage, EngineJob, JobUpdate, PreparedJob
 from workers.faults import device_error, is_device_fault, is_fatal_device_fault, job_error, sample_rows
 from workers.model import LoadedModel
@@ -365,28 +364,12 @@ class TransformersEngine:
         the rows whose sampling raised (their first token is a pad)."""
         from transformers import DynamicCache
 
-        lengths = [r.prepared.prompt_tokens for r in rows]
-        longest = max(lengths)
-        input_ids = torch.full((len(rows), longest), self.loaded.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
-            input_ids[i, longest - n :] = row.prepared.input_ids
-            attention_mask[i, longest - n :] = 1
-        # Positions count real tokens only, so a left-padded row sees the positions it would see alone.
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        inputs: dict[str, Any] = {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention_mask.to(self.device),
-            "position_ids": position_ids.to(self.device),
-        }
-        for key in rows[0].prepared.image_inputs:
-            value = torch.cat([r.prepared.image_inputs[key] for r in rows]).to(self.device)
-            inputs[key] = value.to(self.loaded.dtype) if value.is_floating_point() else value
+        inputs = prefill_inputs([r.prepared for r in rows], self.loaded.pad_token_id, self.device, self.loaded.dtype)
         inputs[self.loaded.cache_kwarg] = DynamicCache()
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         tokens, faults = sample_rows(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
         first = [self.loaded.pad_token_id if t is None else t for t in tokens]
-        return Prefilled(_cache_of(out), inputs["attention_mask"], first, rows, keep=[]), faults
+        return Prefilled(output_cache(out), inputs["attention_mask"], first, rows, keep=[]), faults
 
     def _fail_device(self, rows: list[RunningJob], exc: BaseException, where: str) -> list[JobUpdate]:
         """Fail `rows` with DeviceError, free their memory and decide whether the engine can go on."""
@@ -397,22 +380,6 @@ class TransformersEngine:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
         return [r.finish(FinishReason.error, error=error) for r in rows]
-
-
-def prefill_groups(rows: list[RunningJob]) -> list[list[RunningJob]]:
-    """`rows` split into groups that can share one prefill forward: same image tensor keys, dtypes and per-image
-    shapes (pixel tensors are concatenated along the image dim). Order is kept within and across groups."""
-    groups: dict[tuple, list[RunningJob]] = {}
-    for row in rows:
-        inputs = row.prepared.image_inputs
-        signature = tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in sorted(inputs.items()))
-        groups.setdefault(signature, []).append(row)
-    return list(groups.values())
-
-
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 # ---- in-process use (benchmarks, tests) -------------------------------------------------------------------
