@@ -11,6 +11,7 @@ from contract.messages import FinishReason, JobMessage, JobText, SamplingParams
 from tests.workers.faulty_models import ModelOutOfMemoryOnBatches, ModelRaisingOnMarkedToken
 from tests.workers.tiny_llava import tiny_loaded
 from workers.engine import EngineJob, TransformersEngine, run_to_completion
+from workers.slots import SlotBatch, decode_forward
 
 
 class BrokenGenerator:
@@ -77,11 +78,15 @@ def test_a_model_exception_in_one_prefill_fails_that_job_alone(loaded, clean):
     assert_contained(engine, out, clean, "prefill (ValueError: Image features and image tokens do not match)")
 
 
-def test_a_model_exception_in_one_row_of_a_decode_step_fails_that_job_alone(loaded, clean):
+@pytest.mark.parametrize("slots", [False, True], ids=["padded-batch", "slot-batch"])
+def test_a_model_exception_in_one_row_of_a_decode_step_fails_that_job_alone(loaded, clean, slots):
     fed = {j: set(tokens[:-1]) for j, tokens in clean.items()}  # tokens fed back to a decode step
     others = set().union(*(fed[j.job_id] for j in OTHERS))
     marked = next(t for t in clean[MARKED.job_id][:-1] if t not in others)
-    engine = TransformersEngine(loaded, max_batch=8)
+    engine = TransformersEngine(loaded, max_batch=8, compile=slots, token_budget=8 * 256)
+    if slots:  # the compiled engine's slot batch, stepped without compiling so that the wrapper can raise
+        assert isinstance(engine._running, SlotBatch)
+        engine._running.step = decode_forward
     engine.model = ModelRaisingOnMarkedToken(loaded.model, marked, "decode", ValueError("shape mismatch in row"))
     out = run_to_completion(engine, [OTHERS[0], MARKED, *OTHERS[1:]])
     assert engine.model.raised == 2  # the batch, then the row alone
