@@ -1,7 +1,9 @@
 """Iteration-level batching for image-text-to-text models: jobs join and leave the running batch every step.
 
 The engine knows nothing of Redis: it takes prepared jobs and returns per-step text deltas (see `step`).
-`TransformersEngine` implements the `Engine` protocol of `workers.engine_types`.
+`TransformersEngine` implements the `Engine` protocol of `workers.engine_types`. A fault stays with the job that
+caused it (`workers.faults`): a failing batched forward is split or retried per row to find that job, and only a
+device fault (out of memory, a CUDA error) fails the jobs of the forward it hit.
 """
 
 from __future__ import annotations
