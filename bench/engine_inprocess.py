@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from contract.messages import JobImage, JobMessage, JobText, SamplingParams
-from workers.engine import Engine, EngineImage, EngineJob, run_to_completion
+from workers.engine import EngineImage, EngineJob, TransformersEngine, run_to_completion
 from workers.model import load_model
 from workers.tiny_model import ensure_tiny_model
 
@@ -32,7 +32,7 @@ def make_jobs(n: int, new_tokens: int) -> list[EngineJob]:
     return jobs
 
 
-def measure(engine: Engine, jobs: list[EngineJob]) -> dict[str, float]:
+def measure(engine: TransformersEngine, jobs: list[EngineJob]) -> dict[str, float]:
     start = time.perf_counter()
     results = run_to_completion(engine, jobs)
     seconds = time.perf_counter() - start
@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(model, device=args.device, dtype=args.dtype)
     loaded.eos_token_ids = set()  # fixed-length generations, as in the reference figures
     jobs = make_jobs(args.jobs, args.new_tokens)
-    run_to_completion(Engine(loaded, max_batch=args.max_batch), jobs[:2])  # warm-up
+    run_to_completion(TransformersEngine(loaded, max_batch=args.max_batch), jobs[:2])  # warm-up
     for max_batch in (1, args.max_batch):
         row = {"model": loaded.name, "device": loaded.device, "dtype": str(loaded.dtype), "max_batch": max_batch}
-        row.update(measure(Engine(loaded, max_batch=max_batch), jobs))
+        row.update(measure(TransformersEngine(loaded, max_batch=max_batch), jobs))
         print(json.dumps(row), flush=True)
     return 0
 

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.engine_inprocess import make_jobs
     from bench.models import build_loaded
-    from workers.engine import Engine
+    from workers.engine import TransformersEngine
 
     started = time.perf_counter()
     loaded = build_loaded(args.shape, device, dtype, Path(tempfile.mkdtemp(prefix="llava-gpu-suite-")))
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         compiled = mode != "eager"
         # One engine per mode, as one worker: every batch size runs through the same slots and compiled step.
         torch._dynamo.reset()
-        engine = Engine(
+        engine = TransformersEngine(
             loaded, max_batch=largest, token_budget=largest * 1024, prefill_tokens=largest * 1024, compile=compiled,
             compile_backend=mode.split()[-1] if compiled else "inductor",
         )  # fmt: skip  # the whole batch prefills in the first step

@@ -63,10 +63,10 @@ def summarise(path: str, streams: int, ttfts: list[float], tokens: int, wall: fl
 
 def run_engine(model_path: str, streams: int, requests: int, max_new_tokens: int, max_batch: int) -> Result:
     """Closed loop: `streams` jobs in flight at all times, in-process, no Redis."""
-    from workers.engine import Engine, EngineImage, EngineJob
+    from workers.engine import EngineImage, EngineJob, TransformersEngine
     from workers.model import load_model
 
-    engine = Engine(load_model(model_path, device="auto"), max_batch=max_batch)
+    engine = TransformersEngine(load_model(model_path, device="auto"), max_batch=max_batch)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
 
     def job(i: int) -> EngineJob:

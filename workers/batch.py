@@ -197,6 +197,56 @@ class DecodeBatch:
         )
 
 
+def prefill_inputs(prepared: Sequence[Any], pad_token_id: int, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Model kwargs (no cache) of one prefill forward over the left-padded prompts of `prepared` (PreparedJobs of
+    one `prefill_groups` group), images included."""
+    lengths = [p.prompt_tokens for p in prepared]
+    longest = max(lengths)
+    input_ids = torch.full((len(prepared), longest), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prepared), longest), dtype=torch.long)
+    for i, (p, n) in enumerate(zip(prepared, lengths, strict=True)):
+        input_ids[i, longest - n :] = p.input_ids
+        attention_mask[i, longest - n :] = 1
+    # Positions count real tokens only, so a left-padded row sees the positions it would see alone.
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    inputs: dict[str, Any] = {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "position_ids": position_ids.to(device),
+    }
+    for key in prepared[0].image_inputs:
+        value = torch.cat([p.image_inputs[key] for p in prepared]).to(device)
+        inputs[key] = value.to(dtype) if value.is_floating_point() else value
+    return inputs
+
+
+def prefill_groups(rows: list[Any]) -> list[list[Any]]:
+    """Running jobs `rows` split into groups that can share one prefill forward: same image tensor keys, dtypes and
+    per-image shapes (pixel tensors are concatenated along the image dim). Order is kept within and across groups."""
+    groups: dict[tuple, list[Any]] = {}
+    for row in rows:
+        inputs = row.prepared.image_inputs
+        signature = tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in sorted(inputs.items()))
+        groups.setdefault(signature, []).append(row)
+    return list(groups.values())
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned (`cache`, or `past_key_values` before transformers 5.2x)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def try_decode(model: Any, batch: DecodeBatch, cache_kwarg: str = "cache") -> Exception | None:
+    """Run one decode step of `batch` (a copy: its cache is thrown away); the exception it raises, if any. How a
+    failed batched step finds the rows that make it fail."""
+    try:
+        model(**batch.decode_inputs(cache_kwarg), use_cache=True, logits_to_keep=1)
+    except Exception as exc:  # noqa: BLE001 - any exception is the answer
+        return exc
+    return None
+
+
 @dataclass
 class Prefilled:
     """One left-padded prefill forward: its cache, which columns are real (`attention_mask` [rows, prompt]),
@@ -217,6 +267,7 @@ class PaddedBatch:
         self.cache_kwarg = cache_kwarg
         self.batch: DecodeBatch | None = None
         self._stepped_cache: Any = None
+        self._lengths_before: list[int] = []  # each layer's cached columns before the last forward
 
     @property
     def rows(self) -> list[Any]:
@@ -238,11 +289,22 @@ class PaddedBatch:
             self.batch = self.batch.filter(indices)
 
     def forward(self, model: Any) -> torch.Tensor:
-        """One decode step of every row: next-token logits [rows, vocab]."""
+        """One decode step of every row: next-token logits [rows, vocab]. After it raises, `rollback`."""
+        self._lengths_before = [layer.length for layer in self.batch.cache.layers]
         out = model(**self.batch.decode_inputs(self.cache_kwarg), use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "cache", None)
-        self._stepped_cache = cache if cache is not None else out.past_key_values
+        self._stepped_cache = output_cache(out)
         return out.logits[:, -1, :]
+
+    def rollback(self) -> None:
+        """Undo what a failed `forward` wrote: the layers it reached drop the column they cached."""
+        for layer, length in zip(self.batch.cache.layers, self._lengths_before, strict=True):
+            layer.length = length
+            layer._view()
+        self._stepped_cache = None
+
+    def try_row(self, model: Any, index: int) -> Exception | None:
+        """Run row `index` alone on a copy of its cache: the exception the step raises for it, if any."""
+        return try_decode(model, self.batch.filter([index]), self.cache_kwarg)
 
     def advance(self, next_tokens: torch.Tensor) -> None:
         self.batch.advance(self._stepped_cache, next_tokens)

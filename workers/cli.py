@@ -95,13 +95,13 @@ def build_engine(
         raise ValueError(f"engine must be one of {', '.join(ENGINE_KINDS)}, not {engine_kind!r}")
     import torch
 
-    from workers.engine import Engine
+    from workers.engine import TransformersEngine
     from workers.model import load_model
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     loaded = load_model(settings.model_path, device=settings.device, dtype=settings.dtype)
-    engine = Engine(
+    engine = TransformersEngine(
         loaded,
         max_batch=settings.max_batch,
         token_budget=settings.token_budget,

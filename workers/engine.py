@@ -1,43 +1,42 @@
 """Iteration-level batching for image-text-to-text models: jobs join and leave the running batch every step.
 
 The engine knows nothing of Redis: it takes prepared jobs and returns per-step text deltas (see `step`).
+`TransformersEngine` implements the `Engine` protocol of `workers.engine_types`. A fault stays with the job that
+caused it (`workers.faults`): a failing batched forward is split or retried per row to find that job, and only a
+device fault (out of memory, a CUDA error) fails the jobs of the forward it hit.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from contract.errors import ContextTooLong, DeviceError, InvalidRequest, LlavaError
+from contract.errors import ContextTooLong, InvalidRequest, LlavaError
 from contract.messages import FinishReason, Usage
-from workers.batch import PaddedBatch, Prefilled
-from workers.engine_types import EngineImage, EngineJob, JobUpdate, PreparedJob
+from workers.batch import PaddedBatch, Prefilled, output_cache, prefill_groups, prefill_inputs
+from workers.engine_types import Engine, EngineImage, EngineJob, JobUpdate, PreparedJob
+from workers.faults import device_error, is_device_fault, is_fatal_device_fault, job_error, sample_rows
 from workers.model import LoadedModel
 from workers.preprocess import ImageCache, check_prompt, render_messages, stack_image_tensors
 from workers.running import RunningJob
-from workers.sampling import sample_batch
 from workers.slots import SlotBatch, SlotCache, decode_forward
 
-__all__ = ["Completion", "Engine", "EngineImage", "EngineJob", "JobUpdate", "PreparedJob", "run_to_completion"]
+__all__ = [
+    "Completion", "Engine", "EngineImage", "EngineJob", "JobUpdate", "PreparedJob", "TransformersEngine",
+    "run_to_completion",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 # Prompt tokens prefilled in one step by default: several LLaVA-1.5 prompts (40 text + 576 image tokens).
 DEFAULT_PREFILL_TOKENS = 4096
 
-# Messages of device failures after which the CUDA context cannot be trusted any more.
-_FATAL_DEVICE_MARKERS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS", "ECC")
 
-
-def _is_device_error(exc: BaseException) -> bool:
-    return isinstance(exc, (torch.OutOfMemoryError, RuntimeError)) and not isinstance(exc, NotImplementedError)
-
-
-class Engine:
-    """Continuous batching over a model's forward and one left-padded KV cache. Not thread-safe."""
+class TransformersEngine:
+    """The `Engine` of a transformers model: continuous batching over its forward and one left-padded KV cache.
+    Not thread-safe."""
 
     def __init__(
         self,
@@ -230,23 +229,74 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self) -> list[JobUpdate]:
+        """One decode step of the running batch. A job whose row makes the forward, sampling or detokenising raise
+        fails alone (see `_decode_forward`); a device fault fails the batch."""
+        logits, updates = self._decode_forward(list(self._rows))
         rows = list(self._rows)
+        if logits is None or not rows:
+            return updates
         try:
-            logits = self._running.forward(self.model)
-            tokens = sample_batch(logits, [r.params for r in rows], [r.generator for r in rows])
-        except Exception as exc:
-            if not _is_device_error(exc):
-                raise
+            tokens, faults = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows])
+        except Exception as exc:  # sample_rows raises device faults only
             self._running.clear()
-            return self._fail(rows, exc, "decode step")
-        self._running.advance(torch.tensor(tokens, dtype=torch.long, device=self.device))
-        updates = []
-        for row, token in zip(rows, tokens, strict=True):
-            update = row.accept(token)
+            return updates + self._fail_device(rows, exc, "sampling")
+        fed = [self.loaded.pad_token_id if t is None else t for t in tokens]
+        self._running.advance(torch.tensor(fed, dtype=torch.long, device=self.device))
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+            if token is None:
+                updates.append(row.finish(FinishReason.error, error=job_error(faults[i], "sampling")))
+                continue
+            update = self._accept(row, token)
             if update is not None:
                 updates.append(update)
         self._running.keep([i for i, r in enumerate(rows) if r.finish_reason is None])
         return updates
+
+    def _decode_forward(self, rows: list[RunningJob]) -> tuple[torch.Tensor | None, list[JobUpdate]]:
+        """The batch's next-token logits (None when no row is left), and the final updates of failed jobs.
+
+        When the forward raises (not a device fault), each row is run alone to find the jobs that make it raise;
+        they fail, and the batch without them runs again. A device fault fails every row."""
+        updates: list[JobUpdate] = []
+        try:
+            try:
+                return self._running.forward(self.model), updates
+            except Exception as exc:
+                if is_device_fault(exc):
+                    raise
+                first = exc
+            self._running.rollback()
+            culprits: dict[int, BaseException] = {}
+            for i in range(len(rows)) if len(rows) > 1 else ():
+                fault = self._running.try_row(self.model, i)
+                if fault is not None and is_device_fault(fault):
+                    raise fault
+                if fault is not None:
+                    culprits[i] = fault
+            if not culprits:  # a single row, or no row fails alone: the step's fault is theirs
+                culprits = dict.fromkeys(range(len(rows)), first)
+            log.warning("decode step failed on %d of %d job(s): %s", len(culprits), len(rows), first)
+            for i, fault in culprits.items():
+                updates.append(rows[i].finish(FinishReason.error, error=job_error(fault, "decode step")))
+            self._running.keep([i for i in range(len(rows)) if i not in culprits])
+            if not self._rows:
+                return None, updates
+            return self._running.forward(self.model), updates
+        except Exception as exc:
+            rest = [r for r in self._rows if r.finish_reason is None]
+            self._running.clear()
+            if is_device_fault(exc):
+                return None, updates + self._fail_device(rest, exc, "decode step")
+            error = job_error(exc, "decode step")
+            return None, updates + [r.finish(FinishReason.error, error=error) for r in rest]
+
+    def _accept(self, row: RunningJob, token: int) -> JobUpdate | None:
+        """`row.accept(token)`; a job whose detokenising or stop matching raises fails alone."""
+        try:
+            return row.accept(token)
+        except Exception as exc:
+            log.warning("job %s failed while detokenising: %s", row.job_id, exc)
+            return row.finish(FinishReason.error, error=job_error(exc, "detokenising or stop matching"))
 
     def _take_prefill_work(self) -> list[RunningJob]:
         """Pending jobs, in order, whose prompts fit this step's prefill token budget (at least one)."""
@@ -265,85 +315,73 @@ class Engine:
         updates: list[JobUpdate] = []
         parts: list[Prefilled] = []
         for group in prefill_groups(self._take_prefill_work()):
-            try:
-                part = self._prefill_group(group)
-            except Exception as exc:
-                if not _is_device_error(exc):
-                    raise
-                updates += self._fail(group, exc, "prefill")
-                continue
-            for row, token in zip(group, part.first_tokens, strict=True):
-                update = row.accept(token)
-                if update is not None:
-                    updates.append(update)
-            part.keep = [i for i, r in enumerate(group) if r.finish_reason is None]
-            if part.keep:
-                parts.append(part)
+            done, failed = self._prefill_contained(group)
+            updates += failed
+            for part, faults in done:
+                for i, (row, token) in enumerate(zip(part.rows, part.first_tokens, strict=True)):
+                    if i in faults:
+                        updates.append(row.finish(FinishReason.error, error=job_error(faults[i], "sampling")))
+                        continue
+                    update = self._accept(row, token)
+                    if update is not None:
+                        updates.append(update)
+                part.keep = [i for i, r in enumerate(part.rows) if r.finish_reason is None]
+                if part.keep:
+                    parts.append(part)
         if parts:
+            joining = [p.rows[i] for p in parts for i in p.keep]
             try:
                 self._running.join(parts)
             except Exception as exc:
-                if not _is_device_error(exc):
-                    raise
-                joining = [p.rows[i] for p in parts for i in p.keep]
-                failed = [*self._rows, *(r for r in joining if r not in self._rows)]
-                self._running.clear()
-                updates += self._fail(failed, exc, "batch merge")
+                if is_device_fault(exc):
+                    failed = [*self._rows, *(r for r in joining if r not in self._rows)]
+                    self._running.clear()
+                    updates += self._fail_device(failed, exc, "batch merge")
+                else:
+                    error = job_error(exc, "joining the batch")
+                    updates += [r.finish(FinishReason.error, error=error) for r in joining if r not in self._rows]
         return updates
 
-    def _prefill_group(self, rows: list[RunningJob]) -> Prefilled:
-        """One forward over the left-padded prompts of `rows` (images included): their cache and first tokens."""
+    def _prefill_contained(
+        self, rows: list[RunningJob]
+    ) -> tuple[list[tuple[Prefilled, dict[int, BaseException]]], list[JobUpdate]]:
+        """Prefill `rows` in one forward; when it raises, in halves (bisecting down to the job that raises, or,
+        out of memory, to forwards small enough), so a fault fails only the jobs that cause it. The prefilled
+        parts with their sampling faults, and the final updates of the failed jobs."""
+        try:
+            return [self._prefill_group(rows)], []
+        except Exception as exc:
+            if len(rows) > 1 and not is_fatal_device_fault(exc):
+                half = len(rows) // 2
+                first, first_failed = self._prefill_contained(rows[:half])
+                second, second_failed = self._prefill_contained(rows[half:])
+                return first + second, first_failed + second_failed
+            if is_device_fault(exc):
+                return [], self._fail_device(rows, exc, "prefill")
+            log.warning("prefill of job %s failed: %s", rows[0].job_id, exc)
+            return [], [rows[0].finish(FinishReason.error, error=job_error(exc, "prefill"))]
+
+    def _prefill_group(self, rows: list[RunningJob]) -> tuple[Prefilled, dict[int, BaseException]]:
+        """One forward over the left-padded prompts of `rows` (images included): their cache and first tokens, and
+        the rows whose sampling raised (their first token is a pad)."""
         from transformers import DynamicCache
 
-        lengths = [r.prepared.prompt_tokens for r in rows]
-        longest = max(lengths)
-        input_ids = torch.full((len(rows), longest), self.loaded.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, (row, n) in enumerate(zip(rows, lengths, strict=True)):
-            input_ids[i, longest - n :] = row.prepared.input_ids
-            attention_mask[i, longest - n :] = 1
-        # Positions count real tokens only, so a left-padded row sees the positions it would see alone.
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        inputs: dict[str, Any] = {
-            "input_ids": input_ids.to(self.device),
-            "attention_mask": attention_mask.to(self.device),
-            "position_ids": position_ids.to(self.device),
-        }
-        for key in rows[0].prepared.image_inputs:
-            value = torch.cat([r.prepared.image_inputs[key] for r in rows]).to(self.device)
-            inputs[key] = value.to(self.loaded.dtype) if value.is_floating_point() else value
+        inputs = prefill_inputs([r.prepared for r in rows], self.loaded.pad_token_id, self.device, self.loaded.dtype)
         inputs[self.loaded.cache_kwarg] = DynamicCache()
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        tokens = sample_batch(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
-        return Prefilled(_cache_of(out), inputs["attention_mask"], tokens, rows, keep=[])
+        tokens, faults = sample_rows(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
+        first = [self.loaded.pad_token_id if t is None else t for t in tokens]
+        return Prefilled(output_cache(out), inputs["attention_mask"], first, rows, keep=[]), faults
 
-    def _fail(self, rows: list[RunningJob], exc: BaseException, where: str) -> list[JobUpdate]:
+    def _fail_device(self, rows: list[RunningJob], exc: BaseException, where: str) -> list[JobUpdate]:
         """Fail `rows` with DeviceError, free their memory and decide whether the engine can go on."""
-        fatal = any(marker in str(exc) for marker in _FATAL_DEVICE_MARKERS)
-        if fatal:
+        if is_fatal_device_fault(exc):
             self.healthy = False
-        kind = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else type(exc).__name__
-        log.error("device error during %s (%s), failing %d job(s): %s", where, kind, len(rows), exc)
+        error = device_error(exc, where)
+        log.error("%s; failing %d job(s)", error.message, len(rows))
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
-        error = DeviceError(f"the device failed during {where} ({kind}): {str(exc)[:300]}")
         return [r.finish(FinishReason.error, error=error) for r in rows]
-
-
-def prefill_groups(rows: list[RunningJob]) -> list[list[RunningJob]]:
-    """`rows` split into groups that can share one prefill forward: same image tensor keys, dtypes and per-image
-    shapes (pixel tensors are concatenated along the image dim). Order is kept within and across groups."""
-    groups: dict[tuple, list[RunningJob]] = {}
-    for row in rows:
-        inputs = row.prepared.image_inputs
-        signature = tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in sorted(inputs.items()))
-        groups.setdefault(signature, []).append(row)
-    return list(groups.values())
-
-
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 # ---- in-process use (benchmarks, tests) -------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""The engine's public data: jobs in, prepared jobs, per-step updates out (re-exported by `workers.engine`)."""
+"""The engine's interface and public data: jobs in, prepared jobs, per-step updates out (re-exported by
+`workers.engine`). `Engine` is what the worker drives; the transformers engine (`workers.engine`) and the scripted
+engine (`workers.scripted`, a deterministic fake for load and fault tests) both implement it.
+No engine imports Redis."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from PIL import Image
 
@@ -44,10 +47,10 @@ class PreparedJob:
     """A job templated, tokenized and with its images preprocessed (CPU tensors), ready for `add`."""
 
     job: EngineJob
-    input_ids: torch.Tensor  # [prompt_tokens] long
-    image_inputs: dict[str, torch.Tensor]  # pixel_values (+ image_sizes ...), empty without images
     prompt_tokens: int
     max_new_tokens: int  # after capping by the context length and the token budget
+    input_ids: torch.Tensor | None = None  # [prompt_tokens] long; None from the scripted engine (no tokenizer)
+    image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # pixel_values (+ image_sizes ...)
 
     @property
     def job_id(self) -> str:
@@ -57,3 +60,46 @@ class PreparedJob:
     def kv_tokens(self) -> int:
         """KV cache slots this job may use at most."""
         return self.prompt_tokens + self.max_new_tokens
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A batching engine as the worker drives it: `prepare` a job, `add` it when it `fits`, then `step` until it
+    has no work. Not thread-safe: one loop calls it. A job's own fault ends that job with an error update; only a
+    device that cannot be used any more turns `healthy` False (the worker then exits)."""
+
+    max_batch: int  # jobs running at once, at most
+    healthy: bool
+
+    @property
+    def active_count(self) -> int:
+        """Jobs admitted and not yet finished."""
+        ...
+
+    def free_slots(self) -> int:
+        """Jobs that could be admitted now, slot-wise."""
+        ...
+
+    def has_work(self) -> bool:
+        """True while any admitted job has not returned its final update."""
+        ...
+
+    def prepare(self, job: EngineJob) -> PreparedJob:
+        """Template, tokenize and preprocess; raises a LlavaError (InvalidRequest, ContextTooLong ...) for a bad job."""
+        ...
+
+    def fits(self, prepared: PreparedJob) -> bool:
+        """True when a slot is free and the job's tokens fit next to the admitted jobs' within the budget."""
+        ...
+
+    def add(self, prepared: PreparedJob) -> None:
+        """Admit a prepared job; it starts at the next step."""
+        ...
+
+    def cancel(self, job_id: str) -> None:
+        """Mark a job cancelled; the next step returns its final update. Unknown ids are ignored."""
+        ...
+
+    def step(self) -> list[JobUpdate]:
+        """One iteration over every admitted job: new text, and a final update for each job that ended."""
+        ...

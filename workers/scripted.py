@@ -1,6 +1,6 @@
 """A scripted engine for load and fault tests of the broker. It is NOT a model and generates nothing real.
 
-`ScriptedEngine` has the interface of `workers.engine.Engine` (prepare, fits, add, cancel, step, ...) and
+`ScriptedEngine` implements the `Engine` protocol of `workers.engine_types` (prepare, fits, add, cancel, step, ...) and
 "generates" a deterministic reply: the words of the prompt, cycled, one word per token, at a set pace. Markers in
 the prompt text script the faults a broker must survive:
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from contract.errors import ContextTooLong, DeviceError, InvalidRequest
 from contract.messages import FinishReason, JobText, Usage
-from workers.engine_types import EngineJob, JobUpdate
+from workers.engine_types import EngineJob, JobUpdate, PreparedJob
 
 INVALID_MARKER = "[[invalid]]"
 CRASH_MARKER = "[[crash]]"
@@ -29,26 +29,29 @@ _ANY_MARKER = re.compile(r"\[\[[^\]]*\]\]")
 
 
 @dataclass
-class ScriptedPrepared:
-    job: EngineJob
+class _Script:
+    """What a job's prompt scripts: the words replied, how many tokens, and the fault to inject."""
+
     words: list[str]
-    prompt_tokens: int
-    max_new_tokens: int
     reply_tokens: int
-    fault: str | None = None
+    fault: str | None
 
-    @property
-    def job_id(self) -> str:
-        return self.job.job_id
-
-    @property
-    def kv_tokens(self) -> int:
-        return self.prompt_tokens + self.max_new_tokens
+    @classmethod
+    def of(cls, job: EngineJob, default_tokens: int) -> _Script:
+        text = job_text(job)
+        found = _TOKENS_MARKER.search(text)
+        reply = int(found.group(1)) if found else default_tokens
+        return cls(
+            words=_ANY_MARKER.sub(" ", text).split() or ["ok"],
+            reply_tokens=max(reply, 1),
+            fault=next((m for m in (DEVICE_LOST_MARKER, DEVICE_ERROR_MARKER) if m in text), None),
+        )
 
 
 @dataclass
 class _Row:
-    prepared: ScriptedPrepared
+    prepared: PreparedJob
+    script: _Script
     emitted: str = ""  # text already returned in updates
     held: str = ""  # text held back because it may be the start of a stop string
     tokens: int = 0
@@ -124,14 +127,14 @@ class ScriptedEngine:
     def reserved_tokens(self) -> int:
         return sum(r.prepared.kv_tokens for r in self._rows)
 
-    def fits(self, prepared: ScriptedPrepared) -> bool:
+    def fits(self, prepared: PreparedJob) -> bool:
         if not self.healthy or self.free_slots() == 0:
             return False
         return self.reserved_tokens() + prepared.kv_tokens <= self.token_budget
 
     # ---- admission --------------------------------------------------------------------------------------------
 
-    def prepare(self, job: EngineJob) -> ScriptedPrepared:
+    def prepare(self, job: EngineJob) -> PreparedJob:
         if (job.messages is None) == (job.prompt is None):
             raise InvalidRequest("exactly one of messages and prompt must be set")
         text = job_text(job)
@@ -139,27 +142,19 @@ class ScriptedEngine:
             raise InvalidRequest(f"the prompt contains the scripted marker {INVALID_MARKER}")
         if CRASH_MARKER in text:
             raise RuntimeError(f"scripted crash in prepare ({CRASH_MARKER})")
-        words = _ANY_MARKER.sub(" ", text).split() or ["ok"]
         prompt_tokens = len(text.split()) + self.image_tokens * len(job.images)
         limit = min(self.context_length, self.token_budget)
         if prompt_tokens >= limit:
             raise ContextTooLong(f"prompt is {prompt_tokens} tokens; the scripted context length is {limit}")
-        found = _TOKENS_MARKER.search(text)
-        reply = int(found.group(1)) if found else self.reply_tokens
-        fault = next((m for m in (DEVICE_LOST_MARKER, DEVICE_ERROR_MARKER) if m in text), None)
-        return ScriptedPrepared(
-            job=job,
-            words=words,
-            prompt_tokens=prompt_tokens,
-            max_new_tokens=min(job.params.max_new_tokens, limit - prompt_tokens),
-            reply_tokens=max(reply, 1),
-            fault=fault,
+        return PreparedJob(
+            job=job, prompt_tokens=prompt_tokens, max_new_tokens=min(job.params.max_new_tokens, limit - prompt_tokens)
         )
 
-    def add(self, prepared: ScriptedPrepared) -> None:
+    def add(self, prepared: PreparedJob) -> None:
         if any(r.job_id == prepared.job_id for r in self._rows):
             raise InvalidRequest(f"job {prepared.job_id} is already running")
-        self._rows.append(_Row(prepared, stops=list(prepared.job.params.stop)))
+        script = _Script.of(prepared.job, self.reply_tokens)
+        self._rows.append(_Row(prepared, script, stops=list(prepared.job.params.stop)))
 
     def cancel(self, job_id: str) -> None:
         for r in self._rows:
@@ -182,7 +177,7 @@ class ScriptedEngine:
             if row.cancelled:
                 updates.append(JobUpdate(row.job_id, "", FinishReason.cancelled, row.usage()))
                 continue
-            fault = row.prepared.fault
+            fault = row.script.fault
             if fault and row.tokens >= self.error_after_tokens:
                 lost = lost or fault == DEVICE_LOST_MARKER
                 error = DeviceError(f"scripted device error ({fault}) after {row.tokens} tokens")
@@ -202,8 +197,8 @@ class ScriptedEngine:
         return [u for u in updates if u.text or u.finish_reason is not None]
 
     def _next_token(self, row: _Row) -> JobUpdate:
-        prepared = row.prepared
-        word = prepared.words[row.tokens % len(prepared.words)]
+        prepared, script = row.prepared, row.script
+        word = script.words[row.tokens % len(script.words)]
         row.tokens += 1
         text = row.held + ("" if row.tokens == 1 else " ") + word
         for stop in row.stops:
@@ -215,7 +210,7 @@ class ScriptedEngine:
         reason = None
         if row.tokens >= prepared.max_new_tokens:
             reason = FinishReason.length
-        elif row.tokens >= prepared.reply_tokens:
+        elif row.tokens >= script.reply_tokens:
             reason = FinishReason.eos
         hold = 0 if reason else min(_held_suffix(row.emitted + text, row.stops), len(text))
         row.held = text[len(text) - hold :] if hold else ""

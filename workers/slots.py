@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from workers.batch import Prefilled, cache_tensors
+from workers.batch import DecodeBatch, Prefilled, cache_from_tensors, cache_tensors, try_decode
 
 # Smallest column bucket: short conversations share one shape.
 MIN_COLUMNS = 256
@@ -235,6 +235,25 @@ class SlotBatch:
         if cache.column_index.is_cuda:  # a new step for CUDA graph trees: the last step's outputs are consumed
             torch.compiler.cudagraph_mark_step_begin()
         return self.step(model, cache, cache.tokens[:rows], cache.lengths[:rows], cache.step_columns, self.cache_kwarg)
+
+    def rollback(self) -> None:
+        """After a failed step: nothing to undo (a step writes each row's new column past its length, and only
+        `advance` moves the lengths)."""
+
+    def try_row(self, model: Any, index: int) -> Exception | None:
+        """Run row `index` alone, eagerly, on a copy of its slot: the exception the step raises for it, if any."""
+        length = self._lengths[index]
+        tensors = [(layer.kbuf[index : index + 1, :, :length], layer.vbuf[index : index + 1, :, :length])
+                   for layer in self.cache.layers]  # fmt: skip
+        device = self.cache.tokens.device
+        alone = DecodeBatch(
+            cache=cache_from_tensors(tensors),
+            attention_mask=torch.ones((1, length), dtype=torch.long, device=device),
+            positions=torch.tensor([length], dtype=torch.long, device=device),
+            last_tokens=self.cache.tokens[index : index + 1].clone(),
+            rows=[self.rows[index]],
+        )
+        return try_decode(model, alone, self.cache_kwarg)
 
     def advance(self, next_tokens: torch.Tensor) -> None:
         """After a step: every running row cached its fed token; `next_tokens` [n] are fed next."""

@@ -23,6 +23,7 @@ from contract import keys
 from contract.errors import DeviceError, GenerationFailed, LlavaError
 from contract.messages import FinishReason, JobRequest, TokenEvent, WorkerInfo, error_from_event
 from infra.settings import WorkerSettings
+from workers.engine_types import Engine, JobUpdate
 from workers.heartbeat import Heartbeat, deregister, register
 from workers.jobstate import ActiveJob, Backoff, failure_update, load_images
 
@@ -42,7 +43,7 @@ class Worker:
     def __init__(
         self,
         settings: WorkerSettings,
-        engine: Any,
+        engine: Engine,
         redis: Redis,
         *,
         model_name: str,
@@ -210,9 +211,7 @@ class Worker:
         if not self.engine.fits(prepared):
             if self.engine.has_work():
                 return False
-            raise GenerationFailed(
-                f"job needs {getattr(prepared, 'kv_tokens', '?')} KV tokens, more than this worker's token budget"
-            )
+            raise GenerationFailed(f"job needs {prepared.kv_tokens} KV tokens, more than this worker's token budget")
         job.started_at = time.time()
         if jobs.start_claimed(self.redis, self.worker_id, request):
             job.end(FinishReason.cancelled)
@@ -224,7 +223,7 @@ class Worker:
 
     # ---- generate ---------------------------------------------------------------------------------------------
 
-    def _generate(self) -> list[Any]:
+    def _generate(self) -> list[JobUpdate]:
         try:
             return self.engine.step()
         except Exception as exc:  # the batch state is unknown after this: fail its jobs and restart the worker
@@ -235,7 +234,7 @@ class Worker:
 
     # ---- publish ----------------------------------------------------------------------------------------------
 
-    def _publish(self, updates: list[Any]) -> None:
+    def _publish(self, updates: list[JobUpdate]) -> None:
         """Fold the step's updates into job state, then one pipelined round trip: new text, first-token notes,
         cancel checks of running jobs and the claim of jobs for free slots. Final events go out in `_finish`, after
         the job record is written."""
@@ -298,10 +297,10 @@ class Worker:
             try:
                 if not job.recorded:
                     jobs.finish(self.redis, self.worker_id, job.outcome())
-                if self.metrics is not None:
-                    self.metrics.on_finished(job)
                     job.recorded = True
                     log.info("job %s %s (%d tokens)", job.job_id, job.status, job.usage.completion_tokens)
+                    if self.metrics is not None:
+                        self.metrics.on_finished(job)
                 self.redis.publish(keys.chunks(job.job_id), job.final_event().model_dump_json())
             except _REDIS_ERRORS as exc:
                 self._backoff.failed("finish", exc)

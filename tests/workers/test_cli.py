@@ -61,12 +61,12 @@ def test_threads_and_prefill_tokens_flags():
 
 
 def test_a_compile_that_fails_names_the_backend_and_the_way_out(tiny_model_path, monkeypatch):
-    from workers.engine import Engine
+    from workers.engine import TransformersEngine
 
     def broken(self):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(Engine, "warmup", broken)
+    monkeypatch.setattr(TransformersEngine, "warmup", broken)
     args = _parse("--model-path", str(tiny_model_path), "--device", "cpu", "--compile")
     with pytest.raises(RuntimeError, match="compiled decode step with inductor failed .*no C\\+\\+ compiler.*without"):
         build_engine(worker_settings_from_args(args), "transformers")

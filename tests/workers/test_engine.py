@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 from PIL import Image
@@ -5,7 +8,7 @@ from PIL import Image
 from contract.errors import ContextTooLong, DeviceError, ImageInvalid, InvalidRequest
 from contract.messages import FinishReason, JobImage, JobMessage, JobText, SamplingParams
 from tests.workers.tiny_llava import tiny_loaded
-from workers.engine import Engine, EngineImage, EngineJob, run_to_completion
+from workers.engine import Engine, EngineImage, EngineJob, TransformersEngine, run_to_completion
 
 RED = EngineImage("sha-red", Image.new("RGB", (60, 40), (200, 10, 10)))
 BLUE = EngineImage("sha-blue", Image.new("RGB", (30, 70), (10, 10, 200)))
@@ -47,8 +50,8 @@ def test_greedy_batch_matches_alone_and_generate(loaded):
         chat_job("d", "Café 🙂 naïve"),
         chat_job("e", "describe", [BLUE], greedy(max_new_tokens=5)),
     ]
-    batched = run_to_completion(Engine(loaded, max_batch=8), jobs)
-    engine = Engine(loaded, max_batch=1)
+    batched = run_to_completion(TransformersEngine(loaded, max_batch=8), jobs)
+    engine = TransformersEngine(loaded, max_batch=1)
     for job in jobs:
         alone = run_to_completion(engine, [job])[job.job_id]
         together = batched[job.job_id]
@@ -59,7 +62,7 @@ def test_greedy_batch_matches_alone_and_generate(loaded):
 
 
 def test_jobs_join_mid_batch_and_leave_early(loaded):
-    engine = Engine(loaded, max_batch=4)
+    engine = TransformersEngine(loaded, max_batch=4)
     first = chat_job("first", "a long prompt that has quite a few words in it", [RED], greedy(24))
     short = chat_job("short", "hi", params=greedy(3))
     late = chat_job("late", "late arrival", [BLUE], greedy(10))
@@ -74,13 +77,13 @@ def test_jobs_join_mid_batch_and_leave_early(loaded):
         if not engine.has_work():
             break
     assert not engine.has_work() and engine.active_count == 0
-    alone = Engine(loaded, max_batch=1)
+    alone = TransformersEngine(loaded, max_batch=1)
     for job in (first, short, late):
         assert tokens[job.job_id] == run_to_completion(alone, [job])[job.job_id].token_ids
 
 
 def test_prompt_path_equals_messages_path(loaded):
-    engine = Engine(loaded)
+    engine = TransformersEngine(loaded)
     by_messages = chat_job("m", "What is this?", [RED])
     by_prompt = EngineJob("p", greedy(), prompt="<s>USER: <image>\nWhat is this? ASSISTANT:", images=[RED])
     a, b = engine.prepare(by_messages), engine.prepare(by_prompt)
@@ -94,7 +97,7 @@ def test_prompt_path_equals_messages_path(loaded):
 
 
 def test_image_preprocessing_cached_by_digest(loaded):
-    engine = Engine(loaded)
+    engine = TransformersEngine(loaded)
     engine.prepare(chat_job("1", "turn one", [RED]))
     engine.prepare(chat_job("2", "turn two", [RED, BLUE]))
     assert (engine.images.misses, engine.images.hits) == (2, 1)
@@ -104,21 +107,21 @@ def test_sampling_same_seed_same_output(loaded):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=1234)
     jobs = [chat_job("s1", "tell me", params=params), chat_job("s2", "tell me", params=params)]
     filler = chat_job("f", "another prompt entirely", [RED], SamplingParams(temperature=0.8, seed=7, max_new_tokens=12))
-    out = run_to_completion(Engine(loaded), [*jobs, filler])
-    alone = run_to_completion(Engine(loaded), [jobs[0]])["s1"]
+    out = run_to_completion(TransformersEngine(loaded), [*jobs, filler])
+    alone = run_to_completion(TransformersEngine(loaded), [jobs[0]])["s1"]
     assert out["s1"].token_ids == out["s2"].token_ids == alone.token_ids
     other = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=99)
-    assert run_to_completion(Engine(loaded), [chat_job("o", "tell me", params=other)])["o"].token_ids != (
+    assert run_to_completion(TransformersEngine(loaded), [chat_job("o", "tell me", params=other)])["o"].token_ids != (
         alone.token_ids
     )
 
 
 def test_eos_finishes_job(loaded):
-    engine = Engine(loaded)
+    engine = TransformersEngine(loaded)
     job = chat_job("x", "hello")
     tokens = run_to_completion(engine, [job])["x"].token_ids
     loaded_eos = type(loaded)(**{**loaded.__dict__, "eos_token_ids": {tokens[4]}})
-    result = run_to_completion(Engine(loaded_eos), [job])["x"]
+    result = run_to_completion(TransformersEngine(loaded_eos), [job])["x"]
     stop_at = tokens.index(tokens[4])
     assert result.finish_reason == FinishReason.eos
     assert result.token_ids == tokens[: stop_at + 1]
@@ -126,7 +129,7 @@ def test_eos_finishes_job(loaded):
 
 
 def test_stop_string_spanning_tokens(loaded):
-    engine = Engine(loaded)
+    engine = TransformersEngine(loaded)
     full = run_to_completion(engine, [chat_job("x", "Café 🙂", params=greedy(20))])["x"]
     tok = loaded.tokenizer
     pieces = [tok.decode(full.token_ids[:n]) for n in range(len(full.token_ids) + 1)]
@@ -141,13 +144,13 @@ def test_stop_string_spanning_tokens(loaded):
 
 
 def test_cancel_leaves_others_undisturbed(loaded):
-    engine = Engine(loaded, max_batch=3)
+    engine = TransformersEngine(loaded, max_batch=3)
     jobs = [
         chat_job("keep1", "one", [RED]),
         chat_job("gone", "two two two", params=greedy(30)),
         chat_job("keep2", "three", [BLUE]),
     ]
-    expected = {j.job_id: run_to_completion(Engine(loaded), [j])[j.job_id].token_ids for j in jobs}
+    expected = {j.job_id: run_to_completion(TransformersEngine(loaded), [j])[j.job_id].token_ids for j in jobs}
     for job in jobs:
         engine.add(engine.prepare(job))
     tokens = {j.job_id: [] for j in jobs}
@@ -167,7 +170,7 @@ def test_cancel_leaves_others_undisturbed(loaded):
 
 
 def test_cancel_before_prefill(loaded):
-    engine = Engine(loaded)
+    engine = TransformersEngine(loaded)
     engine.add(engine.prepare(chat_job("c", "hi")))
     engine.cancel("c")
     updates = engine.step()
@@ -178,19 +181,19 @@ def test_cancel_before_prefill(loaded):
 
 
 def test_context_too_long_names_lengths(loaded):
-    engine = Engine(loaded)
+    engine = TransformersEngine(loaded)
     with pytest.raises(ContextTooLong, match=r"prompt is \d+ tokens.*context length is 512"):
         engine.prepare(chat_job("long", "word " * 600))
 
 
 def test_max_new_tokens_capped_by_context(loaded):
-    engine = Engine(loaded)
+    engine = TransformersEngine(loaded)
     prepared = engine.prepare(chat_job("cap", "word " * 100, params=greedy(4096)))
     assert prepared.prompt_tokens + prepared.max_new_tokens == 512
 
 
 def test_invalid_requests(loaded):
-    engine = Engine(loaded)
+    engine = TransformersEngine(loaded)
     with pytest.raises(InvalidRequest, match="1 image parts but 2 images"):
         engine.prepare(EngineJob("a", greedy(), messages=chat_job("a", "x", [RED]).messages, images=[RED, BLUE]))
     with pytest.raises(InvalidRequest, match="literal image token"):
@@ -204,7 +207,7 @@ def test_invalid_requests(loaded):
 
 
 def test_fits_respects_slots_and_token_budget(loaded):
-    engine = Engine(loaded, max_batch=2, token_budget=100)
+    engine = TransformersEngine(loaded, max_batch=2, token_budget=100)
     small = engine.prepare(chat_job("s", "hi", params=greedy(20)))
     assert engine.fits(small)
     engine.add(small)
@@ -219,7 +222,7 @@ def test_fits_respects_slots_and_token_budget(loaded):
 
 
 def test_device_error_fails_batch_and_engine_recovers(loaded, monkeypatch):
-    engine = Engine(loaded)
+    engine = TransformersEngine(loaded)
     jobs = [chat_job("a", "one"), chat_job("b", "two", [RED])]
     for job in jobs:
         engine.add(engine.prepare(job))
@@ -240,7 +243,7 @@ def test_device_error_fails_batch_and_engine_recovers(loaded, monkeypatch):
 
 
 def test_fatal_device_error_marks_unhealthy(loaded, monkeypatch):
-    engine = Engine(loaded)
+    engine = TransformersEngine(loaded)
     engine.add(engine.prepare(chat_job("a", "one")))
 
     def broken(*args, **kwargs):
@@ -254,14 +257,14 @@ def test_fatal_device_error_marks_unhealthy(loaded, monkeypatch):
 
 
 def test_one_token_job_finishes_at_prefill(loaded):
-    engine = Engine(loaded)
+    engine = TransformersEngine(loaded)
     out = run_to_completion(engine, [chat_job("one", "hi", params=greedy(1)), chat_job("two", "hey", [RED])])
     assert out["one"].finish_reason == FinishReason.length and len(out["one"].token_ids) == 1
     assert out["one"].usage.completion_tokens == 1 and out["two"].usage.completion_tokens == 16
 
 
 def test_prefill_device_error_fails_only_that_job(loaded, monkeypatch):
-    engine = Engine(loaded)
+    engine = TransformersEngine(loaded)
     expected = run_to_completion(engine, [chat_job("ok", "fine")])["ok"].token_ids
     real_forward = loaded.model.forward
 
@@ -299,8 +302,10 @@ def test_pending_jobs_prefilled_in_one_forward_per_image_shape(loaded, monkeypat
         chat_job("i3", "two", [RED, BLUE]),
         chat_job("t3", "x", params=greedy(1)),
     ]
-    alone = {j.job_id: run_to_completion(Engine(loaded, max_batch=1), [j])[j.job_id].token_ids for j in jobs}
-    engine = Engine(loaded, max_batch=8)
+    alone = {
+        j.job_id: run_to_completion(TransformersEngine(loaded, max_batch=1), [j])[j.job_id].token_ids for j in jobs
+    }
+    engine = TransformersEngine(loaded, max_batch=8)
     shapes = count_forwards(loaded, monkeypatch)
     for job in jobs:
         engine.add(engine.prepare(job))
@@ -318,7 +323,7 @@ def test_pending_jobs_prefilled_in_one_forward_per_image_shape(loaded, monkeypat
 
 
 def test_prefill_budget_bounds_work_per_step_and_decode_runs_every_step(loaded, monkeypatch):
-    engine = Engine(loaded, max_batch=16, prefill_tokens=60)
+    engine = TransformersEngine(loaded, max_batch=16, prefill_tokens=60)
     first = engine.prepare(chat_job("first", "a long running job", params=greedy(30)))
     engine.add(first)
     engine.step()
@@ -353,7 +358,7 @@ def test_padding_trimmed_and_one_merge_per_step_under_churn(loaded, monkeypatch)
         return real_concatenate(batches)
 
     monkeypatch.setattr(DecodeBatch, "concatenate", staticmethod(counting))
-    engine = Engine(loaded, max_batch=6, prefill_tokens=80)
+    engine = TransformersEngine(loaded, max_batch=6, prefill_tokens=80)
     lengths = [3, 9, 5, 12, 2, 7, 4, 10, 6, 8, 3, 11]
     waiting = [engine.prepare(chat_job(f"j{i}", "go " * (i % 4 + 1), params=greedy(n))) for i, n in enumerate(lengths)]
     finished = 0
@@ -371,3 +376,13 @@ def test_padding_trimmed_and_one_merge_per_step_under_churn(loaded, monkeypatch)
         if not waiting and not engine.has_work():
             break
     assert finished == len(lengths)
+
+
+def test_the_transformers_engine_implements_the_engine_protocol(loaded):
+    assert isinstance(TransformersEngine(loaded), Engine)
+
+
+def test_the_engines_never_import_redis():
+    code = "import sys, workers.engine, workers.scripted; print(sorted(m for m in sys.modules if m in ('redis', 'rq')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

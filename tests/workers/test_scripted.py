@@ -7,7 +7,7 @@ from PIL import Image
 
 from contract.errors import ContextTooLong, DeviceError, InvalidRequest
 from contract.messages import FinishReason, JobMessage, JobText, SamplingParams
-from workers.engine import EngineImage, EngineJob
+from workers.engine import Engine, EngineImage, EngineJob, PreparedJob
 from workers.scripted import ScriptedEngine
 
 
@@ -119,3 +119,10 @@ def test_device_lost_fails_every_job_and_makes_the_engine_unhealthy():
     assert all(r[1] == FinishReason.error and isinstance(r[2], DeviceError) for r in results.values())
     assert not engine.healthy
     assert not engine.fits(engine.prepare(_job("c")))
+
+
+def test_the_scripted_engine_implements_the_engine_protocol_with_the_real_prepared_job():
+    engine = ScriptedEngine()
+    assert isinstance(engine, Engine)
+    prepared = engine.prepare(_job("a", "one two three"))
+    assert type(prepared) is PreparedJob and prepared.prompt_tokens == 3 and prepared.input_ids is None

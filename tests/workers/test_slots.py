@@ -8,7 +8,7 @@ from contract.messages import FinishReason
 from tests.workers.test_engine import BLUE, RED, chat_job, greedy
 from tests.workers.tiny_llava import tiny_loaded
 from workers.batch import Prefilled, cache_from_tensors
-from workers.engine import Engine, run_to_completion
+from workers.engine import TransformersEngine, run_to_completion
 from workers.slots import SlotBatch, SlotCache, bucket_for, buckets
 
 
@@ -76,12 +76,12 @@ def test_join_refuses_more_rows_than_free_slots():
         batch.join([prefill([1, 2, 3], [1.0, 2.0, 3.0])])
 
 
-def compiled_engine(loaded, backend="eager", **kw) -> Engine:
+def compiled_engine(loaded, backend="eager", **kw) -> TransformersEngine:
     """The compiled decode step without inductor's code generation time: `eager` runs dynamo's graphs as traced;
     `aot_eager` adds AOTAutograd, whose guards and recompiles are those inductor gets."""
     torch._dynamo.reset()
     counters.clear()
-    return Engine(loaded, compile=True, compile_backend=backend, **kw)
+    return TransformersEngine(loaded, compile=True, compile_backend=backend, **kw)
 
 
 def test_compiled_slots_match_eager_under_churn_with_few_graphs(loaded):
@@ -91,7 +91,7 @@ def test_compiled_slots_match_eager_under_churn_with_few_graphs(loaded):
     jobs = [
         chat_job(f"j{i}", "go " * (i % 4 + 1), [RED] if i % 3 == 0 else [], greedy(n)) for i, n in enumerate(lengths)
     ]
-    expected = run_to_completion(Engine(loaded, max_batch=8), jobs)
+    expected = run_to_completion(TransformersEngine(loaded, max_batch=8), jobs)
     engine = compiled_engine(loaded, "aot_eager", max_batch=8)
     waiting = [engine.prepare(job) for job in jobs]
     out: dict[str, list[int]] = {}
@@ -111,7 +111,9 @@ def test_compiled_slots_match_eager_under_churn_with_few_graphs(loaded):
 def test_compiled_cancel_leaves_other_rows_untouched(loaded):
     jobs = [chat_job("a", "hello", [BLUE], greedy(12)), chat_job("b", "more words here", params=greedy(12))]
     jobs.append(chat_job("c", "x", params=greedy(12)))
-    expected = {j.job_id: run_to_completion(Engine(loaded, max_batch=1), [j])[j.job_id].token_ids for j in jobs}
+    expected = {
+        j.job_id: run_to_completion(TransformersEngine(loaded, max_batch=1), [j])[j.job_id].token_ids for j in jobs
+    }
     engine = compiled_engine(loaded, max_batch=4)
     for job in jobs:
         engine.add(engine.prepare(job))
@@ -143,9 +145,9 @@ def test_compiled_job_limit_is_a_slot(loaded):
 def test_compiled_with_inductor_matches_eager(loaded):
     # The default backend, as a worker runs it (code generation included): one job, so one graph to build.
     job = chat_job("a", "hello", [RED], greedy(6))
-    expected = run_to_completion(Engine(loaded, max_batch=1), [job])["a"].token_ids
+    expected = run_to_completion(TransformersEngine(loaded, max_batch=1), [job])["a"].token_ids
     torch._dynamo.reset()
-    engine = Engine(loaded, max_batch=2, compile=True)
+    engine = TransformersEngine(loaded, max_batch=2, compile=True)
     assert run_to_completion(engine, [job])["a"].token_ids == expected
     assert engine.compiled and not engine.has_work()
 
@@ -156,13 +158,13 @@ def test_warmup_builds_every_graph_before_jobs_come(loaded):
     built = counters["stats"]["unique_graphs"]
     assert built <= 2
     jobs = [chat_job(f"j{i}", "go " * i, params=greedy(4 + i)) for i in range(4)]
-    expected = run_to_completion(Engine(loaded, max_batch=4), jobs)
+    expected = run_to_completion(TransformersEngine(loaded, max_batch=4), jobs)
     out = run_to_completion(engine, jobs)
     assert {j: out[j].token_ids for j in out} == {j: expected[j].token_ids for j in expected}
     assert counters["stats"]["unique_graphs"] == built
-    assert Engine(loaded, max_batch=2).warmup() == []
+    assert TransformersEngine(loaded, max_batch=2).warmup() == []
 
 
 def test_cudagraphs_backend_needs_cuda(loaded):
     with pytest.raises(ValueError, match="'cudagraphs' needs a CUDA device, not cpu"):
-        Engine(loaded, compile=True, compile_backend="cudagraphs")
+        TransformersEngine(loaded, compile=True, compile_backend="cudagraphs")

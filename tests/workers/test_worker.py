@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import logging
 
+import redis
 from PIL import Image
 
 from broker import jobs
@@ -220,3 +222,32 @@ def test_a_busy_worker_admits_a_job_arriving_mid_batch(redis_client):
         # the first job was still running when the second one (claimed between its decode steps) finished
         assert status(redis_client, "long") == "started"
         assert isinstance(first.read_until_final()[-1], DoneEvent)
+
+
+class _FinalPublishFailsOnce(redis.Redis):
+    """A real Redis client whose first plain PUBLISH (the worker's final event) fails as a dropped connection."""
+
+    failed = False
+
+    def publish(self, channel, message, **kwargs):
+        if not self.failed:
+            self.failed = True
+            raise redis.ConnectionError("connection dropped before the final event went out")
+        return super().publish(channel, message, **kwargs)
+
+
+def test_a_retried_final_event_records_the_outcome_once_without_metrics(redis_client, monkeypatch, caplog):
+    finished = []
+    real_finish = jobs.finish
+    monkeypatch.setattr(jobs, "finish", lambda *a, **kw: (finished.append(a[2].job_id), real_finish(*a, **kw)))
+    flaky = _FinalPublishFailsOnce(connection_pool=redis_client.connection_pool)
+    worker = make_worker(flaky, reply_tokens=3)
+    assert worker.metrics is None
+    caplog.set_level(logging.INFO, logger="workers.worker")
+    with RunningWorker(worker):
+        events = submit(redis_client, "a").read_until_final()
+    assert isinstance(events[-1], DoneEvent) and flaky.failed
+    assert finished == ["a"]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("job a ")] == [
+        "job a finished (3 tokens)"
+    ]

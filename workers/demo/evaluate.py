@@ -63,7 +63,7 @@ def held_out_cases(per_kind: int, seed: int = 10_000) -> list[Case]:
 def ask(loaded: LoadedModel, cases: list[Case], max_batch: int = 32, max_new_tokens: int = 16) -> list[str]:
     """The model's greedy answer to each case's last question (earlier turns given with their true answers)."""
     from contract.messages import JobImage, JobMessage, JobText, SamplingParams
-    from workers.engine import Engine, EngineImage, EngineJob, run_to_completion
+    from workers.engine import EngineImage, EngineJob, TransformersEngine, run_to_completion
 
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
     jobs = []
@@ -76,7 +76,7 @@ def ask(loaded: LoadedModel, cases: list[Case], max_batch: int = 32, max_new_tok
             if t < len(case.turns) - 1:
                 chat.append(JobMessage(role="assistant", content=[JobText(text=turn.answer)]))
         jobs.append(EngineJob(f"case-{i}", params, messages=chat, images=[EngineImage(digest, case.image)]))
-    done = run_to_completion(Engine(loaded, max_batch=max_batch), jobs)
+    done = run_to_completion(TransformersEngine(loaded, max_batch=max_batch), jobs)
     return [done[job.job_id].text.strip() for job in jobs]
 
 
