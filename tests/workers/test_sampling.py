@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from contract.messages import GREEDY_TEMPERATURE, MAX_TEMPERATURE, FinishReason, JobMessage, JobText, SamplingParams
 from tests.workers.tiny_llava import tiny_loaded
-from workers.engine import Engine, EngineJob, run_to_completion
+from workers.engine import EngineJob, TransformersEngine, run_to_completion
 from workers.sampling import make_generator, sample_batch, sample_row, token_distribution
 
 
@@ -134,7 +134,7 @@ def test_tiny_values_in_a_running_batch_fail_no_one():
         job("sampled", temperature=1.0),
     ]
     loaded = tiny_loaded()
-    results = run_to_completion(Engine(loaded, max_batch=4), jobs)
+    results = run_to_completion(TransformersEngine(loaded, max_batch=4), jobs)
     assert all(results[j.job_id].finish_reason == FinishReason.length for j in jobs)
-    alone = run_to_completion(Engine(loaded, max_batch=1), [job("tiny-temperature", temperature=0)])
+    alone = run_to_completion(TransformersEngine(loaded, max_batch=1), [job("tiny-temperature", temperature=0)])
     assert results["tiny-temperature"].token_ids == alone["tiny-temperature"].token_ids
