@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from broker import jobs
-from broker.context import rq_queue_key
 from contract import keys
+from contract.keys import rq_queue as rq_queue_key
 from tests.broker.scripted_worker import ScriptedWorker, chat_body, png_b64, read_sse
 
 

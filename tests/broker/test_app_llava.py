@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from broker import jobs
 from broker.app import create_app
-from broker.context import rq_queue_key
+from contract.keys import rq_queue as rq_queue_key
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
 
 

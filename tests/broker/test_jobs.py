@@ -163,3 +163,20 @@ def test_start_claimed_marks_started_and_reads_the_cancel_flag_in_one_go(redis_c
     assert [jobs.start_claimed(redis_client, "w1", request) for request in claimed] == [False, True]
     assert jobs.view(redis_client, "a").status == "started"
     assert redis_client.hget(keys.worker_jobs("w1"), "a") == b"started"
+
+
+def test_rq_keys_are_the_ones_rq_itself_uses(redis_client):
+    from rq import Queue
+    from rq.job import Job
+    from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+
+    assert keys.rq_queue("m") == jobs.queue_for(redis_client, "m").key
+    assert keys.rq_queues() == Queue.redis_queues_keys
+    assert keys.rq_queue_prefix() + "m" == keys.rq_queue("m")
+    assert keys.rq_job("a") == Job.key_for("a")
+    for kind, registry in [
+        ("wip", StartedJobRegistry), ("finished", FinishedJobRegistry),
+        ("failed", FailedJobRegistry), ("canceled", CanceledJobRegistry),
+    ]:  # fmt: skip
+        assert keys.rq_registry(kind, "m") == registry(keys.queue_name("m"), connection=redis_client).key
+    assert keys.model_from_queue_name(keys.queue_name("m")) == "m"

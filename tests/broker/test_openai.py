@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 
 from broker import jobs
 from broker.app import create_app
-from broker.context import rq_queue_key
 from contract import keys
+from contract.keys import rq_queue as rq_queue_key
 from contract.messages import FinishReason
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
 from tests.broker.test_remote_images import IMAGE, policy, server  # noqa: F401 - `server` is a fixture

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 
-from contract import keys
+from contract import keys, liveness
 from contract.messages import WorkerInfo
 from tests.workers.harness import wait_for
-from workers.heartbeat import Heartbeat, deregister
+from workers.heartbeat import Heartbeat
 
 
 def _info() -> WorkerInfo:
@@ -36,13 +36,13 @@ def test_heartbeat_refreshes_the_worker_key_registry_and_table(redis_client):
     assert not beat.is_alive()
 
 
-def test_deregister_keeps_the_id_while_jobs_remain(redis_client):
+def test_unregister_keeps_the_id_while_jobs_remain(redis_client):
     redis_client.set(keys.worker("hb"), "{}")
     redis_client.sadd(keys.workers(), "hb")
     redis_client.hset(keys.worker_jobs("hb"), "job", "streaming")
-    assert deregister(redis_client, "hb") is False
+    assert liveness.unregister(redis_client, "hb") is False
     assert not redis_client.exists(keys.worker("hb"))  # so the sweeper settles the job at once
     assert redis_client.sismember(keys.workers(), "hb")
     redis_client.delete(keys.worker_jobs("hb"))
-    assert deregister(redis_client, "hb") is True
+    assert liveness.unregister(redis_client, "hb") is True
     assert not redis_client.exists(keys.workers())
