@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from redis import Redis
+from redis import Redis, RedisError
 from redis.client import Pipeline
 from rq import Queue
 from rq.executions import Execution, ExecutionRegistry
@@ -66,8 +66,12 @@ def queue_for(redis: Redis, model: str) -> Queue:
 
 
 def fetch_job(redis: Redis, job_id: str) -> Job | None:
+    """The job's rq record; None when there is none (or it is not ours). Redis errors propagate: an outage is
+    never taken for a missing job."""
     try:
         return Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    except RedisError:
+        raise
     except Exception:  # rq raises NoSuchJobError, or a decode error for a record that is not ours
         return None
 

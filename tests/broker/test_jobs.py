@@ -180,3 +180,18 @@ def test_rq_keys_are_the_ones_rq_itself_uses(redis_client):
     ]:  # fmt: skip
         assert keys.rq_registry(kind, "m") == registry(keys.queue_name("m"), connection=redis_client).key
     assert keys.model_from_queue_name(keys.queue_name("m")) == "m"
+
+
+def test_an_unreachable_redis_is_never_taken_for_a_missing_job(redis_client):
+    import socket
+
+    import redis
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    unreachable = redis.Redis(port=port, socket_connect_timeout=1)
+    for read in (jobs.fetch_job, jobs.view):
+        with pytest.raises(redis.ConnectionError):
+            read(unreachable, "a")
+    assert jobs.fetch_job(redis_client, "a") is None  # a missing job still reads as None
