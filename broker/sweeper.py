@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis as redis_lib
@@ -34,6 +36,7 @@ return 0
 @dataclass
 class SweepReport(jobs.Settled):
     locked_out: bool = False  # another process holds the sweep lock; nothing was done
+    paused: bool = False  # Redis was unreachable moments ago: workers may not have re-registered yet; nothing done
     dead_workers: list[str] = field(default_factory=list)
 
 
@@ -52,9 +55,14 @@ def sweep_worker(redis: Redis, worker_id: str, report: SweepReport, *, lock_toke
     )  # fmt: skip
 
 
-def sweep_once(redis: Redis) -> SweepReport:
-    """Sweep every dead worker once, unless another process holds the sweep lock."""
+def sweep_once(redis: Redis, *, reachable_for_s: float | None = None) -> SweepReport:
+    """Sweep every dead worker once, unless another process holds the sweep lock or Redis came back less than
+    REREGISTER_GRACE_S ago (`reachable_for_s`: how long since it was last unreachable, or since it restarted)."""
     report = SweepReport()
+    grace_s = liveness.REREGISTER_GRACE_S
+    if reachable_for_s is not None and reachable_for_s < grace_s:
+        report.paused = True
+        return report
     token = uuid.uuid4().hex
     if not redis.set(keys.sweep_lock(), token, nx=True, px=keys.SWEEP_LOCK_TTL_MS):
         report.locked_out = True
@@ -69,16 +77,32 @@ def sweep_once(redis: Redis) -> SweepReport:
     return report
 
 
-def run_sweeper(redis_url: str | None, interval: float, stop_event: threading.Event) -> None:
-    """Sweep every `interval` seconds until `stop_event` is set; survives Redis outages. Run it in a thread."""
+def run_sweeper(
+    redis_url: str | None,
+    interval: float,
+    stop_event: threading.Event,
+    *,
+    on_sweep: Callable[[SweepReport], None] | None = None,
+) -> None:
+    """Sweep every `interval` seconds until `stop_event` is set; survives Redis outages. Run it in a thread.
+    `on_sweep` gets the report of every sweep that reached Redis."""
     from infra.redis import connect
 
     client = connect(redis_url)
     down = False
+    reachable_since: float | None = None  # when Redis answered again after this sweeper last saw it down
     try:
         while not stop_event.wait(interval):
             try:
-                sweep_once(client)
+                if down:
+                    client.ping()
+                    reachable_since = time.monotonic()
+                reachable_for_s = liveness.redis_uptime_s(client)  # a restart this sweeper did not see
+                if reachable_since is not None:
+                    reachable_for_s = min(reachable_for_s, time.monotonic() - reachable_since)
+                report = sweep_once(client, reachable_for_s=reachable_for_s)
+                if on_sweep is not None:
+                    on_sweep(report)
                 if down:
                     log.info("sweeper: Redis reachable again")
                 down = False

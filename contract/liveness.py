@@ -18,6 +18,10 @@ from contract import keys
 from contract.errors import WorkerLost
 from contract.messages import ErrorEvent, WorkerInfo
 
+# After Redis was unreachable (or restarted), liveness is judged only once every live worker has had a full TTL,
+# many heartbeats, to write its key again: keys expire during an outage whatever the workers do.
+REREGISTER_GRACE_S = float(keys.WORKER_TTL_S)
+
 # Drops a worker's key; forgets its id and empty job table/inbox only when it holds no job (else the sweeper must).
 _UNREGISTER = """
 redis.call('DEL', KEYS[1])
@@ -105,6 +109,11 @@ def dead_workers(client: Redis) -> list[str]:
             pipe.exists(keys.worker(worker_id))
         alive = pipe.execute()
     return [w for w, a in zip(ids, alive, strict=True) if not a]
+
+
+def redis_uptime_s(client: Redis) -> float:
+    """How long the Redis server has been up (a restart also ends an outage that a caller may not have seen)."""
+    return float(client.info("server")["uptime_in_seconds"])
 
 
 def worker_lost_error(job_id: str, worker_id: str, *, reason: str = "stopped responding") -> ErrorEvent:
