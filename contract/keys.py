@@ -9,9 +9,10 @@ from __future__ import annotations
 
 PREFIX = "llava:"
 
-# Liveness: a worker key lives WORKER_TTL seconds past the worker's last heartbeat.
-WORKER_TTL_S = 10
-HEARTBEAT_INTERVAL_S = 2.0
+# Liveness: a worker key lives WORKER_TTL_S seconds past the worker's last heartbeat, written every
+# HEARTBEAT_INTERVAL_S from a thread of its own: six beats may be missed (a loaded host) before it expires.
+WORKER_TTL_S = 3
+HEARTBEAT_INTERVAL_S = 0.5
 # The per-worker job table outlives the worker key long enough for a sweeper to act on it.
 WORKER_JOBS_TTL_S = 24 * 3600
 CANCEL_TTL_S = 600

@@ -21,6 +21,13 @@ from contract.messages import ErrorEvent, WorkerInfo
 # After Redis was unreachable (or restarted), liveness is judged only once every live worker has had a full TTL,
 # many heartbeats, to write its key again: keys expire during an outage whatever the workers do.
 REREGISTER_GRACE_S = float(keys.WORKER_TTL_S)
+# How often sweepers look for dead workers by default.
+SWEEP_INTERVAL_S = 1.0
+# The promise: a streaming job of a worker that died (or froze) gets its `worker_lost` error within this long. Its
+# key expires WORKER_TTL_S after the last beat and the next sweep finds it; a second is left for the sweep itself.
+DEATH_TO_ERROR_S = 5.0
+if keys.WORKER_TTL_S + SWEEP_INTERVAL_S + 1.0 > DEATH_TO_ERROR_S:
+    raise RuntimeError("WORKER_TTL_S and SWEEP_INTERVAL_S no longer fit DEATH_TO_ERROR_S")
 
 # Drops a worker's key; forgets its id and empty job table/inbox only when it holds no job (else the sweeper must).
 _UNREGISTER = """
