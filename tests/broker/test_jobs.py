@@ -195,3 +195,32 @@ def test_an_unreachable_redis_is_never_taken_for_a_missing_job(redis_client):
         with pytest.raises(redis.ConnectionError):
             read(unreachable, "a")
     assert jobs.fetch_job(redis_client, "a") is None  # a missing job still reads as None
+
+
+def test_rqs_own_api_tells_the_truth_about_ended_jobs(redis_client):
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+    from rq.results import Result
+    from rq.serializers import JSONSerializer
+
+    from contract.messages import ErrorEvent
+
+    for job_id in "ab":
+        _enqueue(redis_client, job_id)
+    jobs.claim(redis_client, "w1", MODEL, 2)
+    for job_id in "ab":
+        jobs.mark_started(redis_client, "w1", job_id)
+    done = JobOutcome(job_id="a", status="finished", finish_reason=FinishReason.eos, text="hello")
+    jobs.finish(redis_client, "w1", done)
+    error = ErrorEvent(job_id="b", code="device_error", message="the device is gone", status_code=500)
+    jobs.finish(redis_client, "w1", JobOutcome(job_id="b", status="failed", error=error))
+
+    name = keys.queue_name(MODEL)
+    assert StartedJobRegistry(name, connection=redis_client).get_job_ids() == []
+    assert FinishedJobRegistry(name, connection=redis_client).get_job_ids() == ["a"]
+    assert FailedJobRegistry(name, connection=redis_client).get_job_ids() == ["b"]
+    finished = Job.fetch("a", connection=redis_client, serializer=JSONSerializer).latest_result()
+    assert finished.type == Result.Type.SUCCESSFUL and finished.worker_name == "w1"
+    assert finished.return_value["text"] == "hello"
+    failed = Job.fetch("b", connection=redis_client, serializer=JSONSerializer).latest_result()
+    assert failed.type == Result.Type.FAILED and failed.exc_string == "device_error: the device is gone"
