@@ -10,10 +10,9 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 import redis as sync_redis
-from rq import Queue
 
 from broker.relay import ChunkRelay
-from contract import keys
+from contract import keys, liveness
 from contract.errors import ModelNotFound, NoWorker, RedisUnavailable
 from contract.messages import WorkerInfo
 from infra.settings import ControllerSettings
@@ -43,11 +42,6 @@ class StreamTimings:
         )
 
 
-def rq_queue_key(model: str) -> str:
-    """The LIST rq keeps a model's queue in (rq's naming, not ours)."""
-    return f"{Queue.redis_queue_namespace_prefix}{keys.queue_name(model)}"
-
-
 @dataclass
 class ControllerContext:
     settings: ControllerSettings
@@ -69,15 +63,7 @@ class ControllerContext:
         now = time.monotonic()
         if not fresh and self._workers is not None and now - self._workers[0] < self.workers_cache_s:
             return self._workers[1]
-        ids = sorted(i.decode() if isinstance(i, bytes) else i for i in await self.redis.smembers(keys.workers()))
-        infos: list[WorkerInfo] = []
-        if ids:
-            for raw in await self.redis.mget([keys.worker(i) for i in ids]):
-                if raw:
-                    try:
-                        infos.append(WorkerInfo.model_validate_json(raw))
-                    except ValueError:
-                        continue  # a record from another version; not ours to judge
+        infos = await liveness.live_workers_async(self.redis)
         self._workers = (time.monotonic(), infos)
         return infos
 
@@ -92,17 +78,17 @@ class ControllerContext:
         return dict(sorted(models.items()))
 
     async def queue_depth(self, model: str) -> int:
-        return int(await self.redis.llen(rq_queue_key(model)))
+        return int(await self.redis.llen(keys.rq_queue(model)))
 
     async def queue_position(self, model: str, job_id: str) -> int | None:
-        position = await self.redis.lpos(rq_queue_key(model), job_id)
+        position = await self.redis.lpos(keys.rq_queue(model), job_id)
         return None if position is None else int(position)
 
     async def has_queue(self, model: str) -> bool:
         """A model someone served or queued for: its rq queue is registered or holds jobs."""
-        key = rq_queue_key(model)
+        key = keys.rq_queue(model)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.sismember(Queue.redis_queues_keys, key)
+            pipe.sismember(keys.rq_queues(), key)
             pipe.llen(key)
             registered, depth = await pipe.execute()
         return bool(registered) or int(depth) > 0

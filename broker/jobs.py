@@ -7,21 +7,25 @@ change goes through rq's own job and registry API so that the records tell the t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
-from redis import Redis
+from redis import Redis, RedisError
 from redis.client import Pipeline
 from rq import Queue
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
-from rq.registry import CanceledJobRegistry
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
 from contract import keys
 from contract.errors import QueueFull
-from contract.messages import ClaimState, JobOutcome, JobRequest, JobView, WorkerInfo
+from contract.liveness import worker_lost_error
+from contract.messages import ClaimState, DoneEvent, ErrorEvent, FinishReason, JobOutcome, JobRequest, JobView, Timings
 
+_FINAL = {JobStatus.FINISHED.value, JobStatus.FAILED.value, JobStatus.CANCELED.value, JobStatus.STOPPED.value}
 # A started job's registry entry; liveness is judged by our worker keys, so rq's own expiry must never fire first.
 STARTED_TTL_S = 24 * 3600
 
@@ -57,36 +61,40 @@ def run_outside_llava_worker(request: dict) -> None:
 
 
 def queue_for(redis: Redis, model: str) -> Queue:
+    """rq's queue of a model; its `.key` is `keys.rq_queue(model)`."""
     return Queue(keys.queue_name(model), connection=redis, serializer=JSONSerializer)
 
 
 def fetch_job(redis: Redis, job_id: str) -> Job | None:
+    """The job's rq record; None when there is none (or it is not ours). Redis errors propagate: an outage is
+    never taken for a missing job."""
     try:
         return Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    except RedisError:
+        raise
     except Exception:  # rq raises NoSuchJobError, or a decode error for a record that is not ours
         return None
 
 
 def queue_depth(redis: Redis, model: str) -> int:
-    return int(redis.llen(queue_for(redis, model).key))
+    return int(redis.llen(keys.rq_queue(model)))
 
 
 def queue_position(redis: Redis, model: str, job_id: str) -> int | None:
     """0 for the next job to be claimed; None once the job left the queue."""
-    pos = redis.lpos(queue_for(redis, model).key, job_id)
+    pos = redis.lpos(keys.rq_queue(model), job_id)
     return None if pos is None else int(pos)
 
 
 def enqueue(redis: Redis, request: JobRequest, *, max_queue: int, result_ttl: int) -> Job:
     """Put a job at the back of its model's queue; QueueFull (429) when `max_queue` jobs already wait."""
-    queue = queue_for(redis, request.model)
-    depth = redis.llen(queue.key)
+    depth = redis.llen(keys.rq_queue(request.model))
     if depth >= max_queue:
         raise QueueFull(
             f"the queue of model {request.model!r} is full ({depth} jobs waiting, limit {max_queue})",
             retry_after=max(1, min(60, depth // 8)),
         )
-    return queue.enqueue_call(
+    return queue_for(redis, request.model).enqueue_call(
         run_outside_llava_worker,
         kwargs={"request": request.model_dump(mode="json")},
         job_id=request.job_id,
@@ -105,8 +113,8 @@ def queue_claim(pipe: Pipeline, worker_id: str, model: str, n: int) -> None:
     """Queue, on the caller's pipeline, an atomic take of up to `n` jobs off the front of a model's queue into the
     worker's job table; its reply (the ids) goes to `claimed_requests`. Lets a busy worker claim in the same
     round trip as it publishes a decode step."""
-    queue_key = Queue.redis_queue_namespace_prefix + keys.queue_name(model)
-    pipe.eval(_CLAIM, 2, queue_key, keys.worker_jobs(worker_id), n, ClaimState.claimed.value, keys.WORKER_JOBS_TTL_S)
+    claim_keys = (keys.rq_queue(model), keys.worker_jobs(worker_id))
+    pipe.eval(_CLAIM, 2, *claim_keys, n, ClaimState.claimed.value, keys.WORKER_JOBS_TTL_S)
 
 
 def claim(redis: Redis, worker_id: str, model: str, n: int) -> list[JobRequest]:
@@ -154,7 +162,7 @@ def claim_blocking(redis: Redis, worker_id: str, model: str, n: int, timeout: fl
         return []
     taken = take_inbox(redis, worker_id)
     if not taken:
-        moved = redis.blmove(queue_for(redis, model).key, keys.worker_inbox(worker_id), timeout, "LEFT", "RIGHT")
+        moved = redis.blmove(keys.rq_queue(model), keys.worker_inbox(worker_id), timeout, "LEFT", "RIGHT")
         if moved is None:
             return []
         taken = take_inbox(redis, worker_id)
@@ -169,7 +177,7 @@ def put_back(redis: Redis, worker_id: str, model: str, job_ids: Iterable[str]) -
     if not ids:
         return
     with redis.pipeline() as pipe:
-        pipe.lpush(queue_for(redis, model).key, *reversed(ids))
+        pipe.lpush(keys.rq_queue(model), *reversed(ids))
         pipe.hdel(keys.worker_jobs(worker_id), *ids)
         pipe.execute()
 
@@ -216,7 +224,7 @@ def request_cancel(redis: Redis, job_id: str, model: str) -> bool:
     """Ask for a job to stop. A job still in the queue leaves it at once (returns True); a claimed or running
     job is stopped by its worker, which checks the flag between decode steps (returns False)."""
     redis.set(keys.cancel(job_id), "1", ex=keys.CANCEL_TTL_S)
-    if redis.lrem(queue_for(redis, model).key, 0, job_id):
+    if redis.lrem(keys.rq_queue(model), 0, job_id):
         job = fetch_job(redis, job_id)
         if job is not None:
             _end(
@@ -240,10 +248,15 @@ def _end(redis: Redis, job: Job, outcome: JobOutcome, *, worker_id: str | None =
     job.ended_at = job.ended_at or rq_now()
     with redis.pipeline() as pipe:
         _remove_executions(job, pipe)
+        # rq's public registry and result API, so that `rq info` and `job.latest_result()` tell the truth.
         if outcome.status == JobStatus.FINISHED.value:
-            job._result = outcome.model_dump(mode="json")
+            job.set_status(JobStatus.FINISHED, pipeline=pipe)
             job.save(pipeline=pipe)
-            job._handle_success(ttl, pipeline=pipe, worker_name=worker_id or "")
+            Result.create(
+                job, Result.Type.SUCCESSFUL, ttl, return_value=outcome.model_dump(mode="json"),
+                worker_name=worker_id or "", pipeline=pipe,
+            )  # fmt: skip
+            FinishedJobRegistry(job.origin, connection=redis, serializer=JSONSerializer).add(job, ttl, pipeline=pipe)
         elif outcome.status == JobStatus.CANCELED.value:
             job.set_status(JobStatus.CANCELED, pipeline=pipe)
             job.save(pipeline=pipe)
@@ -253,7 +266,10 @@ def _end(redis: Redis, job: Job, outcome: JobOutcome, *, worker_id: str | None =
             job.save(pipeline=pipe)
             message = outcome.error.message if outcome.error else "failed"
             code = outcome.error.code if outcome.error else "error"
-            job._handle_failure(f"{code}: {message}", pipeline=pipe, worker_name=worker_id or "")
+            failure = f"{code}: {message}"
+            registry = FailedJobRegistry(job.origin, connection=redis, serializer=JSONSerializer)
+            registry.add(job, ttl=job.failure_ttl, exc_string=failure, pipeline=pipe)
+            Result.create_failure(job, job.failure_ttl, failure, worker_name=worker_id or "", pipeline=pipe)
         job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
         if worker_id:
             pipe.hdel(keys.worker_jobs(worker_id), job.id)
@@ -281,7 +297,7 @@ def requeue(redis: Redis, worker_id: str, job_id: str) -> bool:
         _remove_executions(job, pipe)
         job.set_status(JobStatus.QUEUED, pipeline=pipe)
         pipe.hdel(job.key, "worker_name", "started_at")
-        pipe.lpush(Queue(job.origin, connection=redis).key, job_id)
+        pipe.lpush(keys.rq_queue(keys.model_from_queue_name(job.origin)), job_id)
         pipe.hdel(keys.worker_jobs(worker_id), job_id)
         pipe.execute()
     return True
@@ -292,8 +308,7 @@ def view(redis: Redis, job_id: str) -> JobView | None:
     job = fetch_job(redis, job_id)
     if job is None:
         return None
-    status = job.get_status(refresh=False)
-    status_value = status.value if isinstance(status, JobStatus) else str(status)
+    status_value = _status(job)
     model = job.meta.get("model")
     outcome = job.meta.get("outcome")
     position = queue_position(redis, model, job_id) if model and status_value == "queued" else None
@@ -306,13 +321,78 @@ def view(redis: Redis, job_id: str) -> JobView | None:
     )
 
 
-def live_workers(redis: Redis) -> list[WorkerInfo]:
-    """Workers whose liveness key has not expired."""
-    ids = sorted(i.decode() if isinstance(i, bytes) else i for i in redis.smembers(keys.workers()))
-    if not ids:
-        return []
-    infos = []
-    for raw in redis.mget([keys.worker(i) for i in ids]):
-        if raw:
-            infos.append(WorkerInfo.model_validate_json(raw))
-    return infos
+@dataclass
+class Settled:
+    """What settling gone workers' jobs did, by job id."""
+
+    requeued: list[str] = field(default_factory=list)
+    canceled: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def settle_worker(
+    redis: Redis, worker_id: str, settled: Settled, *, still_mine: Callable[[], bool] | None = None
+) -> None:
+    """Settle every job a gone worker held, then forget the worker (its job table, inbox and id): jobs that sent
+    nothing go back to the front of their queue in their old order, cancelled ones end cancelled, streaming ones
+    fail with `worker_lost`. `still_mine` is asked before each job (a sweep lock); False raises RuntimeError."""
+    table = keys.worker_jobs(worker_id)
+    held: dict[str, str] = {_text(k): _text(v) for k, v in redis.hgetall(table).items()}
+    for job_id in redis.lrange(keys.worker_inbox(worker_id), 0, -1):
+        held.setdefault(_text(job_id), ClaimState.claimed.value)
+    to_requeue: list[tuple[float, str]] = []
+    for job_id, state in held.items():
+        if still_mine is not None and not still_mine():
+            raise RuntimeError("lost the sweep lock while sweeping; another sweeper goes on")
+        job = fetch_job(redis, job_id)
+        if job is None or _status(job) in _FINAL:
+            redis.hdel(table, job_id)
+            continue
+        if state == ClaimState.streaming.value:
+            # The record first, so a client that reads it after the event sees the failure.
+            error = worker_lost_error(job_id, worker_id)
+            finish(redis, worker_id, _settled_outcome(job, JobStatus.FAILED.value, error=error))
+            redis.publish(keys.chunks(job_id), error.model_dump_json())
+            settled.failed.append(job_id)
+        elif is_cancel_requested(redis, job_id):
+            done = DoneEvent(job_id=job_id, finish_reason=FinishReason.cancelled, timings=_timings(job))
+            finish(redis, worker_id, _settled_outcome(job, JobStatus.CANCELED.value))
+            redis.publish(keys.chunks(job_id), done.model_dump_json())
+            settled.canceled.append(job_id)
+        else:
+            to_requeue.append((_timings(job).enqueued_at or 0.0, job_id))
+    # Each requeue pushes to the front: push the newest first so the oldest ends up first, as it was.
+    for _, job_id in sorted(to_requeue, reverse=True):
+        if requeue(redis, worker_id, job_id):
+            settled.requeued.append(job_id)
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.delete(table, keys.worker_inbox(worker_id))
+        pipe.srem(keys.workers(), worker_id)
+        pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _status(job: Job) -> str:
+    status = job.get_status(refresh=False)
+    return status.value if isinstance(status, JobStatus) else str(status)
+
+
+def _timings(job: Job) -> Timings:
+    try:
+        return Timings(enqueued_at=job_request(job).enqueued_at)
+    except Exception:  # noqa: BLE001 - a record that is not ours still gets settled (requeued last)
+        return Timings()
+
+
+def _settled_outcome(job: Job, status: str, *, error: ErrorEvent | None = None) -> JobOutcome:
+    return JobOutcome(
+        job_id=job.id,
+        status=status,
+        finish_reason=FinishReason.error if error else FinishReason.cancelled,
+        text="",
+        timings=_timings(job),
+        error=error,
+    )

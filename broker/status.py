@@ -12,29 +12,23 @@ import sys
 import time
 from typing import Any, TextIO
 
-from rq import Queue
-
 from broker import jobs
 from broker.stats import read_rates
-from contract import keys
+from contract import keys, liveness
 from contract.status_report import QueueRow, StatusReport
 
 RATE_MINUTES = 5
 
 
-def _queue_prefix() -> str:
-    return f"{Queue.redis_queue_namespace_prefix}{keys.queue_name('')}"
-
-
 def queued_models(redis: Any) -> list[str]:
     """Models with an rq queue registered under our prefix (served now or before)."""
-    prefix = _queue_prefix()
-    names = (k.decode() if isinstance(k, bytes) else k for k in redis.smembers(Queue.redis_queues_keys))
+    prefix = keys.rq_queue_prefix()
+    names = (k.decode() if isinstance(k, bytes) else k for k in redis.smembers(keys.rq_queues()))
     return sorted(name[len(prefix) :] for name in names if name.startswith(prefix))
 
 
 def _oldest_wait(redis: Any, model: str, now: float) -> float | None:
-    head = redis.lindex(f"{_queue_prefix()}{model}", 0)
+    head = redis.lindex(keys.rq_queue(model), 0)
     if head is None:
         return None
     job = jobs.fetch_job(redis, head.decode() if isinstance(head, bytes) else head)
@@ -49,14 +43,14 @@ def _oldest_wait(redis: Any, model: str, now: float) -> float | None:
 def snapshot(redis: Any, *, now: float | None = None, rate_minutes: int | None = RATE_MINUTES) -> StatusReport:
     """Live workers, one row per model (queued or served), and per-model rates unless `rate_minutes` is None."""
     now = time.time() if now is None else now
-    workers = jobs.live_workers(redis)
+    workers = liveness.live_workers(redis)
     models = set(queued_models(redis))
     for info in workers:
         models.update(info.models)
     ordered = sorted(models)
     with redis.pipeline(transaction=False) as pipe:
         for model in ordered:
-            pipe.llen(f"{_queue_prefix()}{model}")
+            pipe.llen(keys.rq_queue(model))
         depths = pipe.execute()
     queues = []
     for model, depth in zip(ordered, depths, strict=True):

@@ -1,16 +1,18 @@
 """Every Redis key and channel name llava-serve uses, under one prefix.
 
 No other module writes a key literal. rq owns its own keys (`rq:queue:<name>`, `rq:job:<id>`, registries);
-the only rq name chosen here is the queue name of a model.
+the only rq name chosen here is the queue name of a model, and the `rq_*` functions spell rq's keys in one place
+(tests check them against rq's own classes).
 """
 
 from __future__ import annotations
 
 PREFIX = "llava:"
 
-# Liveness: a worker key lives WORKER_TTL seconds past the worker's last heartbeat.
-WORKER_TTL_S = 10
-HEARTBEAT_INTERVAL_S = 2.0
+# Liveness: a worker key lives WORKER_TTL_S seconds past the worker's last heartbeat, written every
+# HEARTBEAT_INTERVAL_S from a thread of its own: six beats may be missed (a loaded host) before it expires.
+WORKER_TTL_S = 3
+HEARTBEAT_INTERVAL_S = 0.5
 # The per-worker job table outlives the worker key long enough for a sweeper to act on it.
 WORKER_JOBS_TTL_S = 24 * 3600
 CANCEL_TTL_S = 600
@@ -42,6 +44,45 @@ def worker_inbox(worker_id: str) -> str:
 def queue_name(model: str) -> str:
     """rq queue name of a model; rq stores the queue as LIST `rq:queue:<name>`."""
     return f"{PREFIX}{model}"
+
+
+def model_from_queue_name(name: str) -> str:
+    """Inverse of `queue_name()`."""
+    return name[len(PREFIX) :]
+
+
+RQ_PREFIX = "rq:"
+
+
+def rq_queue(model: str) -> str:
+    """LIST rq keeps a model's queue in (job ids, oldest first). No TTL; rq removes it when empty."""
+    return f"{RQ_PREFIX}queue:{queue_name(model)}"
+
+
+def rq_queue_prefix() -> str:
+    """The start of every `rq_queue()` key; what follows it is the model name."""
+    return rq_queue("")
+
+
+def rq_queues() -> str:
+    """SET of every rq queue key that has had a job (rq's `Queue.redis_queues_keys`). No TTL."""
+    return f"{RQ_PREFIX}queues"
+
+
+def rq_job(job_id: str) -> str:
+    """HASH, rq's record of one job; no TTL while queued or running, result/failure TTL once ended."""
+    return f"{RQ_PREFIX}job:{job_id}"
+
+
+def rq_registry(kind: str, model: str) -> str:
+    """ZSET, one of rq's registries of a model's queue, named by rq's key word `kind`: `wip` (started), `finished`,
+    `failed`, `canceled`; scores are expiry times. No TTL."""
+    return f"{RQ_PREFIX}{kind}:{queue_name(model)}"
+
+
+def rq_results(job_id: str) -> str:
+    """STREAM of rq's result entries of one job; TTL the job's result or failure TTL."""
+    return f"{RQ_PREFIX}results:{job_id}"
 
 
 def chunks(job_id: str) -> str:

@@ -48,7 +48,7 @@ class ControllerSettings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     job_result_ttl_s: int = Field(default=600, ge=1, description="seconds a finished job's record is kept")
     queued_update_interval_s: float = Field(default=1.0, gt=0)
-    sweep_interval_s: float = Field(default=2.0, gt=0)
+    sweep_interval_s: float = Field(default=1.0, gt=0)
     ping_interval_s: int = Field(default=15, ge=1)
     stall_check_interval_s: float = Field(default=3.0, gt=0, description="silent stream: read the job record after")
     no_worker_timeout_s: float = Field(default=30.0, gt=0, description="queued with no live worker: fail after")

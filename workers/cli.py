@@ -9,13 +9,13 @@ import threading
 import time
 from typing import Any
 
+from contract.liveness import SWEEP_INTERVAL_S
 from infra.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 SCRIPTED_STEP_DELAY_S = 0.05
 
-SWEEP_INTERVAL_S = 2.0
 ENGINE_KINDS = ("transformers", "scripted")
 
 

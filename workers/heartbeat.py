@@ -10,7 +10,7 @@ from collections.abc import Callable
 import redis as redis_lib
 from redis import Redis
 
-from contract import keys
+from contract import keys, liveness
 from contract.messages import WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -20,34 +20,6 @@ def private_client(client: Redis) -> Redis:
     """A client with its own connection pool, configured like `client` (a stuck or busy pool is not shared)."""
     pool = client.connection_pool
     return Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs))
-
-
-def register(client: Redis, info: WorkerInfo) -> bool:
-    """Write one heartbeat in one round trip; True when the worker key had expired (or never existed) before."""
-    worker_id = info.worker_id
-    with client.pipeline(transaction=False) as pipe:
-        pipe.set(keys.worker(worker_id), info.model_dump_json(), ex=keys.WORKER_TTL_S, get=True)
-        pipe.sadd(keys.workers(), worker_id)
-        pipe.expire(keys.worker_jobs(worker_id), keys.WORKER_JOBS_TTL_S)
-        previous, _added, _expired = pipe.execute()
-    return previous is None
-
-
-def deregister(client: Redis, worker_id: str) -> bool:
-    """Remove a stopping worker's key; drop its id and empty job table too. False when jobs remain in its table
-    or inbox (the sweeper then handles them, since the worker key is gone)."""
-    with client.pipeline(transaction=False) as pipe:
-        pipe.delete(keys.worker(worker_id))
-        pipe.hlen(keys.worker_jobs(worker_id))
-        pipe.llen(keys.worker_inbox(worker_id))
-        _deleted, held, inbox = pipe.execute()
-    if held or inbox:
-        return False
-    with client.pipeline(transaction=False) as pipe:
-        pipe.srem(keys.workers(), worker_id)
-        pipe.delete(keys.worker_jobs(worker_id), keys.worker_inbox(worker_id))
-        pipe.execute()
-    return True
 
 
 class Heartbeat(threading.Thread):
@@ -76,7 +48,7 @@ class Heartbeat(threading.Thread):
     def beat(self) -> bool:
         """One heartbeat; False (logged) when Redis could not be reached."""
         try:
-            expired = register(self.client, self.info())
+            expired = liveness.heartbeat(self.client, self.info())
         except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
             if not self._down:
                 log.warning("heartbeat: Redis unreachable (%s); retrying every %.1f s", exc, self.interval)

@@ -18,13 +18,12 @@ import redis as redis_lib
 from redis import Redis
 
 from broker import jobs
-from broker.sweeper import SweepReport, sweep_worker, worker_lost_error
-from contract import keys
+from contract import keys, liveness
 from contract.errors import DeviceError, GenerationFailed, LlavaError
 from contract.messages import FinishReason, JobRequest, TokenEvent, WorkerInfo, error_from_event
 from infra.settings import WorkerSettings
 from workers.engine_types import Engine, JobUpdate
-from workers.heartbeat import Heartbeat, deregister, register
+from workers.heartbeat import Heartbeat
 from workers.jobstate import ActiveJob, Backoff, failure_update, load_images
 
 log = logging.getLogger(__name__)
@@ -347,7 +346,7 @@ class Worker:
                     log.info("job %s returned to the queue", job_id)
                     continue
             if error is None:
-                lost = worker_lost_error(job_id, self.worker_id, reason="shut down")
+                lost = liveness.worker_lost_error(job_id, self.worker_id, reason="shut down")
                 job.end(FinishReason.error, error_from_event(lost))
             else:
                 job.end(FinishReason.error, error)
@@ -366,8 +365,8 @@ class Worker:
             try:
                 table, inbox = keys.worker_jobs(self.worker_id), keys.worker_inbox(self.worker_id)
                 if not self.redis.exists(keys.worker(self.worker_id)) and self.redis.exists(table, inbox):
-                    sweep_worker(self.redis, self.worker_id, SweepReport())
-                register(self.redis, self.info())
+                    jobs.settle_worker(self.redis, self.worker_id, jobs.Settled())
+                liveness.register(self.redis, self.info())
                 return True
             except _REDIS_ERRORS as exc:
                 self._backoff.failed("register", exc)
@@ -389,7 +388,7 @@ class Worker:
             self.active.pop(job_id)
 
     def _deregister(self) -> None:
-        if self._retry_redis("deregister", lambda: deregister(self.redis, self.worker_id)) is False:
+        if self._retry_redis("deregister", lambda: liveness.unregister(self.redis, self.worker_id)) is False:
             log.warning("worker %s left jobs behind; the sweeper settles them", self.worker_id)
         log.info("worker %s deregistered", self.worker_id)
 

@@ -46,7 +46,7 @@ class ScriptedWorker:
             draining=draining,
         )
         with self.redis.pipeline() as pipe:
-            pipe.set(keys.worker(self.worker_id), info.model_dump_json(), ex=keys.WORKER_TTL_S)
+            pipe.set(keys.worker(self.worker_id), info.model_dump_json(), ex=60)  # no heartbeat: live for the test
             pipe.sadd(keys.workers(), self.worker_id)
             pipe.execute()
         return self

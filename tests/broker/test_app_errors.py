@@ -14,7 +14,7 @@ from PIL import Image
 
 from broker import jobs
 from broker.app import create_app
-from broker.context import rq_queue_key
+from contract.keys import rq_queue
 from contract.messages import JobRequest
 from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, png_b64, png_header_only, settings_for
 
@@ -204,7 +204,7 @@ def test_text_that_forms_the_image_placeholder_is_refused_naming_it(
     assert response.status_code in (400, 422), response.text
     error = response.json()["error"]
     assert error["code"] == "invalid_request" and field in error["message"] and "`<image>`" in error["message"]
-    assert redis_client.llen(rq_queue_key("tiny-llava")) == 0
+    assert redis_client.llen(rq_queue("tiny-llava")) == 0
 
 
 def test_text_parts_apart_from_each_other_are_not_joined(client: TestClient, redis_client: redis.Redis) -> None:

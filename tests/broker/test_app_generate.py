@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi.testclient import TestClient
 
 from broker import jobs
-from broker.context import rq_queue_key
 from contract import keys
+from contract.keys import rq_queue
 from tests.broker.scripted_worker import ScriptedWorker, chat_body, png_b64, read_sse
 
 
@@ -117,7 +117,7 @@ def test_queued_job_without_live_worker_ends_with_no_worker(
     assert events[-1][0] == "error"
     assert events[-1][1]["code"] == "no_worker"
     assert "tiny-llava" in events[-1][1]["message"]
-    assert redis_client.llen(rq_queue_key("tiny-llava")) == 0
+    assert redis_client.llen(rq_queue("tiny-llava")) == 0
     view = jobs.view(redis_client, events[-1][1]["job_id"])
     assert view is not None and view.status == "canceled"
 
@@ -128,9 +128,9 @@ def test_disconnect_while_queued_removes_the_job(client: TestClient, worker: Scr
         first = next(events)
         assert first[0] == "queued"
         job_id = first[1]["job_id"]
-        assert redis_client.llen(rq_queue_key("tiny-llava")) == 1
+        assert redis_client.llen(rq_queue("tiny-llava")) == 1
     # Leaving the block closes the connection before the end of the stream.
-    assert redis_client.llen(rq_queue_key("tiny-llava")) == 0
+    assert redis_client.llen(rq_queue("tiny-llava")) == 0
     assert redis_client.exists(keys.cancel(job_id))
     assert jobs.view(redis_client, job_id).status == "canceled"
 

@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from broker import jobs
 from broker.app import create_app
-from broker.context import rq_queue_key
 from contract import keys
+from contract.keys import rq_queue
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
 
 
@@ -112,7 +112,7 @@ def test_empty_prompt_is_refused_naming_it(client: TestClient, worker: ScriptedW
     chunk = json.loads(response.content.rstrip(b"\0"))
     assert response.status_code == 422 and chunk["error_code"] == 1
     assert chunk["error"]["code"] == "invalid_request" and "prompt" in chunk["text"] and "empty" in chunk["text"]
-    assert worker.redis.llen(rq_queue_key("tiny-llava")) == 0
+    assert worker.redis.llen(rq_queue("tiny-llava")) == 0
 
 
 def test_unknown_model_is_error_code_2(client: TestClient, worker: ScriptedWorker) -> None:
@@ -132,8 +132,8 @@ def test_disconnect_cancels_the_queued_job(client: TestClient, worker: ScriptedW
     with client.stream("POST", "/worker_generate_stream", json=llava_body()) as response:
         assert response.status_code == 200
         job_id = response.headers["x-job-id"]
-        assert redis_client.llen(rq_queue_key("tiny-llava")) == 1
-    assert redis_client.llen(rq_queue_key("tiny-llava")) == 0
+        assert redis_client.llen(rq_queue("tiny-llava")) == 1
+    assert redis_client.llen(rq_queue("tiny-llava")) == 0
     assert jobs.view(redis_client, job_id).status == "canceled"
 
 
@@ -207,7 +207,7 @@ def test_max_new_tokens_zero_generates_nothing_and_ends_at_once(
         assert response.status_code == 200
         chunks = llava_chunks(response)
     assert chunks == [{"text": PROMPT, "error_code": 0}]
-    assert redis_client.llen(rq_queue_key("tiny-llava")) == 0
+    assert redis_client.llen(rq_queue("tiny-llava")) == 0
 
 
 def test_max_new_tokens_zero_still_checks_the_request(client: TestClient, worker: ScriptedWorker, redis_client) -> None:

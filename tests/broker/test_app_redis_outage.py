@@ -109,3 +109,29 @@ def test_a_read_only_redis_is_503_in_every_wire_format(tmp_path: Path) -> None:
                 redis_client.close()
     finally:
         server.stop()
+
+
+def test_a_running_stream_rides_out_a_redis_outage_longer_than_its_stall_check(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", persist=True).start()  # the running job's record survives
+    try:
+        with TestClient(create_app(settings_for(server.url), timings=FAST, run_sweeper=False)) as client:
+            wait_ready(client)
+            redis_client = connect(server.url)
+            running = ScriptedWorker(redis_client).register().in_thread(lambda w: w.stream_then_hold(["so", " far"]))
+            with client.stream("POST", "/api/v1/generate", json=chat_body()) as response:
+                events = read_sse(response.iter_lines())
+                while (event := next(events)) != ("token", event[1]) or event[1]["text"] != " far":
+                    assert event[0] in {"queued", "token"}, event
+                job = running.result()
+                redis_client.close()
+                server.stop()
+                time.sleep(5 * FAST.stall_check_s)  # the outage: several of the stream's record checks fail
+                server = EmbeddedRedis(tmp_path / "redis", port=server.port, persist=True).start()
+                redis_client = connect(server.url)
+                ScriptedWorker(redis_client).finish(job, "so far")
+                rest = list(events)
+                redis_client.close()
+            assert [name for name, _ in rest] == ["done"], rest
+            assert rest[-1][1]["text"] == "so far"
+    finally:
+        server.stop()

@@ -163,3 +163,64 @@ def test_start_claimed_marks_started_and_reads_the_cancel_flag_in_one_go(redis_c
     assert [jobs.start_claimed(redis_client, "w1", request) for request in claimed] == [False, True]
     assert jobs.view(redis_client, "a").status == "started"
     assert redis_client.hget(keys.worker_jobs("w1"), "a") == b"started"
+
+
+def test_rq_keys_are_the_ones_rq_itself_uses(redis_client):
+    from rq import Queue
+    from rq.job import Job
+    from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+
+    assert keys.rq_queue("m") == jobs.queue_for(redis_client, "m").key
+    assert keys.rq_queues() == Queue.redis_queues_keys
+    assert keys.rq_queue_prefix() + "m" == keys.rq_queue("m")
+    assert keys.rq_job("a") == Job.key_for("a")
+    for kind, registry in [
+        ("wip", StartedJobRegistry), ("finished", FinishedJobRegistry),
+        ("failed", FailedJobRegistry), ("canceled", CanceledJobRegistry),
+    ]:  # fmt: skip
+        assert keys.rq_registry(kind, "m") == registry(keys.queue_name("m"), connection=redis_client).key
+    assert keys.model_from_queue_name(keys.queue_name("m")) == "m"
+
+
+def test_an_unreachable_redis_is_never_taken_for_a_missing_job(redis_client):
+    import socket
+
+    import redis
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    unreachable = redis.Redis(port=port, socket_connect_timeout=1)
+    for read in (jobs.fetch_job, jobs.view):
+        with pytest.raises(redis.ConnectionError):
+            read(unreachable, "a")
+    assert jobs.fetch_job(redis_client, "a") is None  # a missing job still reads as None
+
+
+def test_rqs_own_api_tells_the_truth_about_ended_jobs(redis_client):
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+    from rq.results import Result
+    from rq.serializers import JSONSerializer
+
+    from contract.messages import ErrorEvent
+
+    for job_id in "ab":
+        _enqueue(redis_client, job_id)
+    jobs.claim(redis_client, "w1", MODEL, 2)
+    for job_id in "ab":
+        jobs.mark_started(redis_client, "w1", job_id)
+    done = JobOutcome(job_id="a", status="finished", finish_reason=FinishReason.eos, text="hello")
+    jobs.finish(redis_client, "w1", done)
+    error = ErrorEvent(job_id="b", code="device_error", message="the device is gone", status_code=500)
+    jobs.finish(redis_client, "w1", JobOutcome(job_id="b", status="failed", error=error))
+
+    name = keys.queue_name(MODEL)
+    assert StartedJobRegistry(name, connection=redis_client).get_job_ids() == []
+    assert FinishedJobRegistry(name, connection=redis_client).get_job_ids() == ["a"]
+    assert FailedJobRegistry(name, connection=redis_client).get_job_ids() == ["b"]
+    finished = Job.fetch("a", connection=redis_client, serializer=JSONSerializer).latest_result()
+    assert finished.type == Result.Type.SUCCESSFUL and finished.worker_name == "w1"
+    assert finished.return_value["text"] == "hello"
+    failed = Job.fetch("b", connection=redis_client, serializer=JSONSerializer).latest_result()
+    assert failed.type == Result.Type.FAILED and failed.exc_string == "device_error: the device is gone"

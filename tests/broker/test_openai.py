@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 
 from broker import jobs
 from broker.app import create_app
-from broker.context import rq_queue_key
 from contract import keys
+from contract.keys import rq_queue
 from contract.messages import FinishReason
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
 from tests.broker.test_remote_images import IMAGE, policy, server  # noqa: F401 - `server` is a fixture
@@ -309,7 +309,7 @@ def test_text_completion_bad_field_is_400_naming_it(client: TestClient, worker: 
     error = raised.value.body
     assert error["type"] == "invalid_request_error" and error["code"] == "invalid_request"
     assert error["param"] == param and param in error["message"] and says in error["message"]
-    assert worker.redis.llen(rq_queue_key(MODEL)) == 0
+    assert worker.redis.llen(rq_queue(MODEL)) == 0
 
 
 @pytest.mark.parametrize("prompt", ["", [""]])
@@ -320,7 +320,7 @@ def test_text_completion_empty_prompt_is_400_naming_it(client: TestClient, redis
     assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["code"] == "invalid_request" and error["param"] == "prompt" and "empty" in error["message"]
-    assert redis_client.llen(rq_queue_key(MODEL)) == 0
+    assert redis_client.llen(rq_queue(MODEL)) == 0
 
 
 def test_text_completion_accepts_the_neutral_values(client: TestClient, worker: ScriptedWorker) -> None:
@@ -338,7 +338,7 @@ def test_text_completion_needs_an_api_key(redis_url: str, redis_client: redis.Re
         with pytest.raises(openai.AuthenticationError, match="invalid API key") as raised:
             oai(keyed, api_key="wrong").completions.create(model=MODEL, prompt="hi")
         assert raised.value.body["type"] == "authentication_error"
-        assert redis_client.llen(rq_queue_key(MODEL)) == 0
+        assert redis_client.llen(rq_queue(MODEL)) == 0
         script = worker.in_thread(lambda w: w.serve_one(["ok"]))
         reply = oai(keyed, api_key="key-one").completions.create(model=MODEL, prompt="hi")
         script.result()

@@ -12,8 +12,9 @@ import redis
 from fastapi.testclient import TestClient
 
 from broker import jobs, sweeper
-from broker.context import ControllerContext, rq_queue_key
+from broker.context import ControllerContext
 from contract import keys
+from contract.keys import rq_queue
 from contract.messages import ErrorEvent, FinishReason, JobRequest, TokenEvent
 from tests.broker.scripted_worker import ScriptedWorker, chat_body, read_sse
 
@@ -139,7 +140,7 @@ def test_a_requeued_job_is_queued_again_and_ends_with_no_worker(
     assert ("queued", 0) in [(name, data.get("position")) for name, data in rest]
     assert rest[-1][0] == "error"
     assert rest[-1][1]["code"] == "no_worker"
-    assert redis_client.llen(rq_queue_key(MODEL)) == 0
+    assert redis_client.llen(rq_queue(MODEL)) == 0
     assert jobs.view(redis_client, job_id).status == "canceled"
 
 

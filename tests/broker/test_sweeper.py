@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
+
+import redis as redis_lib
 
 from broker import jobs, sweeper
-from contract import keys
+from contract import keys, liveness
 from contract.messages import DoneEvent, ErrorEvent, JobRequest
 from tests.workers.harness import Stream, key_ttls
 
@@ -131,3 +134,62 @@ def test_run_sweeper_sweeps_until_stopped(redis_client, redis_url):
         thread.join(5)
     assert not thread.is_alive()
     assert redis_client.lrange(QUEUE, 0, -1)[:3] == [b"a", b"b", b"c"]
+
+
+def test_workers_get_time_to_reregister_after_an_outage_longer_than_their_ttl(tmp_path):
+    from infra.embedded_redis import EmbeddedRedis
+    from infra.redis import connect
+    from tests.workers.harness import wait_for
+    from tests.workers.test_heartbeat import _info
+    from workers.heartbeat import Heartbeat
+
+    server = EmbeddedRedis(tmp_path / "redis", persist=True).start()  # keys survive; their TTLs run on
+    client = connect(server.url)
+    reports: list[sweeper.SweepReport] = []
+    stop = threading.Event()
+    sweeping = threading.Thread(
+        target=sweeper.run_sweeper, args=(server.url, 0.05, stop), kwargs={"on_sweep": reports.append}
+    )
+    beat = Heartbeat(client, _info)
+    try:
+        _enqueue(client, "a", 1.0)
+        jobs.claim(client, "hb", MODEL, 1)
+        jobs.mark_started(client, "hb", "a")
+        with client.pipeline() as pipe:
+            jobs.mark_streaming(pipe, "hb", "a")
+            pipe.execute()
+        liveness.register(client, _info())
+        beat.start()
+        sweeping.start()
+        judged = lambda since: any(not (r.paused or r.locked_out) for r in reports[since:])  # noqa: E731
+        wait_for(lambda: judged(0), what="a sweep that judged liveness")
+        server.stop()
+        time.sleep(keys.WORKER_TTL_S + 0.5)  # the outage outlasts the worker key's TTL
+        server = EmbeddedRedis(tmp_path / "redis", port=server.port, persist=True).start()
+        wait_for(lambda: _exists_now(client, keys.worker("hb")), what="the heartbeat to re-register")
+        since = len(reports)
+        wait_for(lambda: judged(since), what="a sweep that judged liveness after the re-registration")
+        assert [r.dead_workers for r in reports if r.dead_workers] == []
+        assert client.hget(keys.worker_jobs("hb"), "a") == b"streaming"
+        assert jobs.view(client, "a").status == "started"
+    finally:
+        stop.set()
+        sweeping.join(5)
+        beat.stop()
+        client.close()
+        server.stop()
+
+
+def _exists_now(client, key: str) -> bool:
+    try:
+        return bool(client.exists(key))
+    except redis_lib.ConnectionError:
+        return False
+
+
+def test_no_worker_is_judged_dead_within_the_grace_after_redis_came_back(redis_client):
+    _dead_worker_holding(redis_client)
+    report = sweeper.sweep_once(redis_client, reachable_for_s=liveness.REREGISTER_GRACE_S / 2)
+    assert report.paused and report.dead_workers == []
+    assert redis_client.sismember(keys.workers(), "dead")
+    assert sweeper.sweep_once(redis_client, reachable_for_s=liveness.REREGISTER_GRACE_S).dead_workers == ["dead"]

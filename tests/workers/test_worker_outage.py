@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 
-from broker import jobs
-from contract import keys
-from contract.messages import JobRequest
+from broker import jobs, sweeper
+from contract import keys, liveness
+from contract.messages import ErrorEvent, JobRequest
 from infra.embedded_redis import EmbeddedRedis
 from infra.redis import connect
-from tests.workers.harness import MODEL, RunningWorker, make_worker, wait_for
+from tests.workers.harness import MODEL, RunningWorker, make_worker, status, submit, wait_for
+from tests.workers.test_worker_process import _start_worker_process
 
 
 def test_worker_survives_a_redis_restart(tmp_path):
@@ -35,3 +38,28 @@ def test_worker_survives_a_redis_restart(tmp_path):
     finally:
         client.close()
         server.stop()
+
+
+def test_a_stopped_workers_streaming_job_fails_within_the_death_bound(redis_client, redis_url):
+    """SIGSTOP (a frozen or partitioned worker): its heartbeat stops with it, and the sweeper fails its streaming job
+    with worker_lost within `liveness.DEATH_TO_ERROR_S`."""
+    stop_sweeper = threading.Event()
+    sweeping = threading.Thread(
+        target=sweeper.run_sweeper, args=(redis_url, liveness.SWEEP_INTERVAL_S, stop_sweeper), daemon=True
+    )
+    sweeping.start()
+    process = _start_worker_process(redis_url, "frozen")
+    try:
+        long = submit(redis_client, "long", "talk [[tokens=100000]]")
+        long.wait_tokens(2, timeout=60)
+        process.send_signal(signal.SIGSTOP)
+        events = long.read_until_final(timeout=liveness.DEATH_TO_ERROR_S)
+        assert isinstance(events[-1], ErrorEvent) and events[-1].code == "worker_lost", events[-1]
+        assert "frozen" in events[-1].message
+        assert status(redis_client, "long") == "failed"
+    finally:
+        stop_sweeper.set()
+        sweeping.join(5)
+        process.send_signal(signal.SIGCONT)
+        process.kill()
+        process.wait(10)
