@@ -11,8 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from bench.common import png_bytes, question
-from broker import jobs
-from contract import keys
+from contract import jobs, keys
 from contract.messages import DoneEvent, ErrorEvent, GenerateRequest, StreamEvent, TokenEvent
 
 MODEL = "scripted-load"

@@ -81,11 +81,11 @@ async def _redis_error(request: Request, exc: Exception) -> Response:
 
 
 def _start_sweeper(settings: ControllerSettings) -> tuple[threading.Thread, threading.Event] | None:
-    """Run `broker.sweeper.run_sweeper` in a thread when that module exists (replicas share it by a lock)."""
+    """Run `contract.sweeper.run_sweeper` in a thread when that module exists (replicas share it by a lock)."""
     try:
-        sweeper = importlib.import_module("broker.sweeper")
+        sweeper = importlib.import_module("contract.sweeper")
     except ImportError:
-        log.info("broker.sweeper not available; dead workers' jobs are not swept by this controller")
+        log.info("contract.sweeper not available; dead workers' jobs are not swept by this controller")
         return None
     stop = threading.Event()
     thread = threading.Thread(

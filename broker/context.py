@@ -55,7 +55,7 @@ class ControllerContext:
     _workers: tuple[float, list[WorkerInfo]] | None = field(default=None, repr=False)
 
     async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a sync broker.jobs call off the event loop (its Redis errors propagate as raised)."""
+        """Run a sync contract.jobs call off the event loop (its Redis errors propagate as raised)."""
         return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
     async def live_workers(self, *, fresh: bool = False) -> list[WorkerInfo]:

@@ -11,10 +11,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from broker import images, jobs
+from broker import images
 from broker.context import ControllerContext
 from broker.streams import follow_job, submit_job
 from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model
+from contract import jobs
 from contract.errors import JobNotFound, RedisUnavailable, RequestInvalid
 from contract.messages import (
     GenerateRequest,

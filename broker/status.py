@@ -2,7 +2,7 @@
 `llava-serve status` (a table, `--watch` redraws it in place) and the controller's `/metrics` gauges.
 
 It stays with the controller: it reads the controller's Redis state (rq queues, worker records, rate counters)
-through `broker.jobs` and `broker.stats`, and needs no controller running. What it shows is
+through `contract.jobs` and `broker.stats`, and needs no controller running. What it shows is
 `contract.status_report.StatusReport`."""
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import sys
 import time
 from typing import Any, TextIO
 
-from broker import jobs
 from broker.stats import read_rates
-from contract import keys, liveness
+from contract import jobs, keys, liveness
 from contract.status_report import QueueRow, StatusReport
 
 RATE_MINUTES = 5

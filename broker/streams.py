@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 
 import anyio
 
-from broker import jobs
 from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
 from broker.relay import Subscription
+from contract import jobs
 from contract.errors import ErrorCode, NoWorker, QueueFull, RedisUnavailable
 from contract.messages import (
     DoneEvent,

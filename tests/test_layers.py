@@ -21,15 +21,6 @@ RULES: list[tuple[list[str], set[str], str]] = [
     ([f"workers/{pattern}" for pattern in ENGINE_MODULES], {"redis", "rq"}, "the engine knows nothing of Redis"),
 ]  # fmt: skip
 
-# Violations that exist today, each to leave this list with its fix (file, imported module): the worker still
-# calls the controller's job and sweeper code (issue 10 item 3 moves liveness and rq keys out of broker/).
-KNOWN_VIOLATIONS: set[tuple[str, str]] = {
-    ("workers/cli.py", "broker.sweeper"),
-    ("workers/worker.py", "broker"),
-    ("workers/worker.py", "broker.sweeper"),
-}
-
-
 def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
     """Every module `path` imports, absolute, relative imports resolved against its package under `root`."""
     package = path.relative_to(root).with_suffix("").parts[:-1]
@@ -54,7 +45,7 @@ def violations() -> list[str]:
         for path in files:
             relative = str(path.relative_to(ROOT))
             for module in sorted(imported_modules(path)):
-                if module.split(".")[0] in forbidden and (relative, module) not in KNOWN_VIOLATIONS:
+                if module.split(".")[0] in forbidden:
                     found.append(f"{relative} imports {module}: {why}")
     return found
 
@@ -62,12 +53,6 @@ def violations() -> list[str]:
 def test_layers_are_kept() -> None:
     found = violations()
     assert not found, "\n".join(found)
-
-
-def test_known_violations_still_exist() -> None:
-    """A fixed violation leaves the list, so the list only shrinks."""
-    every = {(path, module) for path, module in KNOWN_VIOLATIONS if module in imported_modules(ROOT / path)}
-    assert every == KNOWN_VIOLATIONS
 
 
 def test_the_check_sees_function_level_and_relative_imports(tmp_path: Path) -> None:

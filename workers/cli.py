@@ -151,7 +151,7 @@ def run_worker(
     if metrics is not None:
         metrics.set_info(worker.worker_id, device)
     _install_signal_handlers(worker)
-    from broker.sweeper import run_sweeper
+    from contract.sweeper import run_sweeper
 
     stop_sweeper = threading.Event()
     sweeper = threading.Thread(

@@ -17,8 +17,7 @@ from typing import Any
 import redis as redis_lib
 from redis import Redis
 
-from broker import jobs
-from contract import keys, liveness
+from contract import jobs, keys, liveness
 from contract.errors import DeviceError, GenerationFailed, LlavaError
 from contract.messages import FinishReason, JobRequest, TokenEvent, WorkerInfo, error_from_event
 from infra.settings import WorkerSettings

@@ -1,5 +1,5 @@
 """A scripted stand-in for a model worker, for controller tests: it keeps the real Redis contract (liveness key,
-claim through `broker.jobs`, events published on `keys.chunks(job_id)`, outcome recorded with `jobs.finish`) and
+claim through `contract.jobs`, events published on `keys.chunks(job_id)`, outcome recorded with `jobs.finish`) and
 generates nothing; the test says which tokens it publishes. Also the request builders the controller tests share."""
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from collections.abc import Callable, Iterator
 import redis
 from PIL import Image
 
-from broker import jobs
 from broker.context import StreamTimings
-from contract import keys
+from contract import jobs, keys
 from contract.client import iter_sse
 from contract.messages import DoneEvent, ErrorEvent, FinishReason, JobOutcome, JobRequest, TokenEvent, Usage, WorkerInfo
 from infra.settings import ControllerSettings
@@ -56,7 +55,7 @@ class ScriptedWorker:
         self.redis.srem(keys.workers(), self.worker_id)
 
     def claim(self, timeout: float = 10.0) -> JobRequest:
-        """Wait for a job in the model's queue and claim it (through `broker.jobs`, as a worker does)."""
+        """Wait for a job in the model's queue and claim it (through `contract.jobs`, as a worker does)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             claimed = jobs.claim(self.redis, self.worker_id, self.model, 1)

@@ -12,8 +12,8 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from broker import jobs
 from broker.app import create_app
+from contract import jobs
 from contract.keys import rq_queue
 from contract.messages import JobRequest
 from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, png_b64, png_header_only, settings_for

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from broker import jobs
-from contract import keys
+from contract import jobs, keys
 from contract.keys import rq_queue
 from tests.broker.scripted_worker import ScriptedWorker, chat_body, png_b64, read_sse
 

@@ -7,9 +7,8 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from broker import jobs
 from broker.app import create_app
-from contract import keys
+from contract import jobs, keys
 from contract.keys import rq_queue
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
 

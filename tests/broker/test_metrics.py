@@ -8,10 +8,9 @@ import time
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import jobs
 from broker.app import create_app
 from broker.stats import read_rates
-from contract import keys
+from contract import jobs, keys
 from contract.messages import JobRequest
 from infra.embedded_redis import free_port
 from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, read_sse, settings_for

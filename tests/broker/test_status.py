@@ -8,10 +8,10 @@ import time
 
 import redis
 
-from broker import jobs
 from broker.stats import queue_job_counts, read_rates
 from broker.status import render, run_status, snapshot
 from cli.main import build_parser
+from contract import jobs
 from contract.messages import JobRequest
 from contract.status_report import StatusReport
 from infra.embedded_redis import free_port

@@ -11,9 +11,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from broker import jobs, sweeper
 from broker.context import ControllerContext
-from contract import keys
+from contract import jobs, keys, sweeper
 from contract.keys import rq_queue
 from contract.messages import ErrorEvent, FinishReason, JobRequest, TokenEvent
 from tests.broker.scripted_worker import ScriptedWorker, chat_body, read_sse

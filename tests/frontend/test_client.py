@@ -8,7 +8,7 @@ import threading
 import pytest
 import redis
 
-from broker import jobs
+from contract import jobs
 from contract.client import ControllerClient
 from contract.errors import ControllerUnreachable, ErrorCode, ImageInvalid, ModelNotFound, NoWorker, QueueFull
 from contract.messages import (

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from broker import jobs
+from contract import jobs
 from contract.client import ControllerClient, parse_event
 from contract.errors import ContextTooLong, ImageInvalid, NoWorker, QueueFull, WorkerLost
 from contract.messages import JobRequest

@@ -9,8 +9,7 @@ from typing import Any
 
 import redis
 
-from broker import jobs
-from contract import keys
+from contract import jobs, keys
 from contract.messages import DoneEvent, ErrorEvent, JobRequest, SamplingParams, parse_event
 from infra.settings import WorkerSettings
 from workers.scripted import ScriptedEngine

@@ -5,8 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from broker import sweeper
-from contract import keys, liveness
+from contract import keys, liveness, sweeper
 from contract.messages import DoneEvent, WorkerInfo
 from tests.workers.harness import RunningWorker, make_worker, submit, wait_for
 from workers.heartbeat import Heartbeat

@@ -8,8 +8,7 @@ import logging
 import redis
 from PIL import Image
 
-from broker import jobs
-from contract import keys
+from contract import jobs, keys
 from contract.messages import DoneEvent, ErrorEvent, FinishReason, TokenEvent, WorkerInfo
 from tests.workers.harness import MODEL, RunningWorker, make_worker, status, submit, wait_for
 from workers.scripted import ScriptedEngine

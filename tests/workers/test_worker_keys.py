@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-from broker import jobs
-from contract import keys
+from contract import jobs, keys
 from tests.workers.harness import MODEL, RunningWorker, key_ttls, make_worker, status, submit, wait_for
 
 Q = f"llava:{MODEL}"

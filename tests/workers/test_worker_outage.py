@@ -6,8 +6,7 @@ import signal
 import threading
 import time
 
-from broker import jobs, sweeper
-from contract import keys, liveness
+from contract import jobs, keys, liveness, sweeper
 from contract.messages import ErrorEvent, JobRequest
 from infra.embedded_redis import EmbeddedRedis
 from infra.redis import connect

@@ -10,8 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from broker import sweeper
-from contract import keys
+from contract import keys, sweeper
 from contract.messages import DoneEvent, ErrorEvent
 from tests.workers.harness import MODEL, RunningWorker, make_worker, status, submit, wait_for
 from workers.worker import EXIT_OK

@@ -1,6 +1,6 @@
 """Turns the jobs of dead workers into re-queued jobs (nothing reached the client yet) or visible errors.
 
-Which workers are dead is `contract.liveness.dead_workers`; what becomes of their jobs is `broker.jobs.settle_worker`.
+Which workers are dead is `contract.liveness.dead_workers`; what becomes of their jobs is `contract.jobs.settle_worker`.
 Controller replicas (and worker processes, through `llava-serve worker`) run the sweeper; `keys.sweep_lock()` makes
 one of them act at a time.
 """
@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import redis as redis_lib
 from redis import Redis
 
-from broker import jobs
-from contract import keys, liveness
+from contract import jobs, keys, liveness
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker import jobs
-from contract import keys
+from contract import jobs, keys
 from contract.errors import QueueFull
 from contract.messages import ClaimState, FinishReason, JobOutcome, JobRequest, Usage
 

@@ -7,8 +7,7 @@ import time
 
 import redis as redis_lib
 
-from broker import jobs, sweeper
-from contract import keys, liveness
+from contract import jobs, keys, liveness, sweeper
 from contract.messages import DoneEvent, ErrorEvent, JobRequest
 from tests.workers.harness import Stream, key_ttls
 
