@@ -267,9 +267,9 @@ def dockerfile_processes() -> list[Process]:
     for target in ("cpu", "cuda"):
         entrypoint, cmd = (stage_instruction(stages, target, kw) for kw in ("ENTRYPOINT", "CMD"))
         assert entrypoint and cmd, f"stage {target} sets ENTRYPOINT and CMD"
-        # Exec form: llava-serve is PID 1 and gets the SIGTERM that starts a worker's drain (a shell would not
-        # pass it on).
-        assert json.loads(entrypoint) == ["llava-serve"], entrypoint
+        # Exec form under tini: SIGTERM reaches llava-serve (a worker's drain starts with it); a shell would not
+        # pass it on, and a Python PID 1 without a handler of its own ignores it.
+        assert json.loads(entrypoint) == ["tini", "--", "llava-serve"], entrypoint
         found.append(Process(f"Dockerfile:{target}", json.loads(cmd), {}, {"stage": stages[target]}))
     return found
 
