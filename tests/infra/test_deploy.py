@@ -179,6 +179,7 @@ class Process:
     argv: list[str]
     env: dict[str, str]
     spec: dict = field(default_factory=dict)  # the pod spec, compose service or Dockerfile stage it came from
+    shared: set[str] = field(default_factory=set)  # names from a ConfigMap shared by several kinds of process
 
     @property
     def command(self) -> str:
@@ -205,10 +206,20 @@ def k8s_processes() -> list[Process]:
             env: dict[str, str] = {}
             for source in container.get("envFrom", []):
                 env.update(config_maps[source["configMapRef"]["name"]])
+            shared = set(env)
             for var in container.get("env", []):
                 env[var["name"]] = str(var.get("value", "from-" + var["name"]))
             where = f"{path.relative_to(DEPLOY)}:{doc['metadata']['name']}/{container['name']}"
-            found.append(Process(where, [str(a) for a in container["args"]], env, {"doc": doc, "container": container}))
+            spec = {"doc": doc, "container": container}
+            found.append(
+                Process(
+                    where,
+                    [str(a) for a in container["args"]],
+                    env,
+                    spec,
+                    shared - {var["name"] for var in container.get("env", [])},
+                )
+            )
     return found
 
 
@@ -362,9 +373,13 @@ def test_process_runs_a_real_subcommand_with_valid_settings(process: Process, cl
 
 @pytest.mark.parametrize("process", PROCESSES, ids=lambda p: p.where)
 def test_every_llava_variable_is_read_by_its_process(process: Process, clean_env: pytest.MonkeyPatch) -> None:
+    """A variable set for one process is read by it; one from a shared ConfigMap by some llava-serve process (one
+    environment may hold the settings of all of them)."""
     for name in process.env:
-        if name.startswith("LLAVA_"):
-            assert variable_is_read(name, process.command, clean_env), f"{process.where}: {name} is read by nothing"
+        if not name.startswith("LLAVA_"):
+            continue
+        readers = settings_classes() if name in process.shared else [process.command]
+        assert any(variable_is_read(name, c, clean_env) for c in readers), f"{process.where}: {name} is read by none"
 
 
 def test_dockerfile_sets_only_variables_some_process_reads(clean_env: pytest.MonkeyPatch) -> None:
