@@ -439,7 +439,7 @@ def test_worker_grace_period_outlasts_its_drain(clean_env: pytest.MonkeyPatch) -
     workers = [p for p in [*k8s_processes(), *compose_processes()] if p.command == "worker"]
     assert len(workers) >= 3
     for process in workers:
-        drain_s = settings_of(process, clean_env).drain_timeout
+        drain_s = settings_of(process, clean_env).drain_timeout_s
         if "doc" in process.spec:
             grace_s = process.spec["doc"]["spec"]["template"]["spec"].get(
                 "terminationGracePeriodSeconds", K8S_DEFAULT_GRACE_S
