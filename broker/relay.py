@@ -11,9 +11,8 @@ connection also holds one channel of its own (the anchor), confirmed on every (r
 
 After a Redis outage the relay reconnects with backoff and resubscribes every live stream in one command (each
 reconnect builds a new client, so with a `redis+sentinel://` URL it asks the sentinels for the current master and
-follows a failover; tests/infra/test_sentinel.py); events
-published meanwhile are lost (pub/sub keeps nothing), and each subscription learns so (`missed_messages()`), which
-streams cover from the job record (`broker.streams`).
+follows a failover; tests/infra/test_sentinel.py); events published meanwhile are lost (pub/sub keeps nothing),
+and each subscription learns so (`missed_messages()`), which streams cover from the job record (`broker.streams`).
 """
 
 from __future__ import annotations
