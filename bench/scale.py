@@ -1,11 +1,15 @@
 """Controller replicas: does each one's relay cost per event stay flat, and the aggregate grow, as replicas are added?
 
     python -m bench.scale [--replicas 1 2 4] [--streams-per-controller 10] [--tokens 200] [--step-delay 0.05]
-                          [--workers-per-controller 1] [--stream-timeout 120] [--out bench/results/scale.json]
+                          [--workers 4 | --workers-per-controller N] [--stream-timeout 120]
+                          [--out bench/results/scale.json]
 
-For each replica count R: an embedded redis-server, R `llava-serve controller` processes and
-R x `--workers-per-controller` workers on the scripted engine (workers/scripted.py: a deterministic fake engine for
-load tests of the broker, NOT a model), every worker with room for all its streams at once. A round-robin client
+For each replica count R: an embedded redis-server, R `llava-serve controller` processes and `--workers` workers on
+the scripted engine (workers/scripted.py: a deterministic fake engine for load tests of the broker, NOT a model),
+every worker with room for all its streams at once. The workers are the same number for every R by default: a
+controller's CPU per event depends on how many workers it hears from (each worker's step arrives as its own burst
+of messages; one controller with 4 workers spent 0.39 ms per event where it spent 0.25 ms with 1), so varying them
+with R would measure that and not the replicas. A round-robin client
 opens R x `--streams-per-controller` streams at once (stream k to controller k mod R), so each controller relays the
 same fixed event rate, `--streams-per-controller / --step-delay` token events/s, whatever R. Every stream is
 checked event by event as in bench.load. Measured per R: each controller's CPU seconds (psutil, user + system)
@@ -45,8 +49,8 @@ def measure(replicas: int, args: argparse.Namespace, workdir: Path) -> dict:
     from infra.redis import connect
 
     streams = replicas * args.streams_per_controller
-    workers = replicas * args.workers_per_controller
-    max_batch = -(-args.streams_per_controller // args.workers_per_controller) * 2  # room to spare: none waits
+    workers = replicas * args.workers_per_controller if args.workers_per_controller else args.workers
+    max_batch = -(-streams // workers) * 2  # room to spare: no stream waits for a slot
     log_dir = workdir / f"replicas-{replicas}"
     log_dir.mkdir(parents=True)
     redis_server = EmbeddedRedis(log_dir / "redis", persist=False).start()
@@ -68,10 +72,10 @@ def measure(replicas: int, args: argparse.Namespace, workdir: Path) -> dict:
         stop_processes(procs)
         redis.close()
         redis_server.stop()
-    return summarise(replicas, run, sampler, left)
+    return summarise(replicas, workers, run, sampler, left)
 
 
-def summarise(replicas: int, run: LoadRun, sampler: ResourceSampler, left: list[str]) -> dict:
+def summarise(replicas: int, workers: int, run: LoadRun, sampler: ResourceSampler, left: list[str]) -> dict:
     per_controller_events = [0] * replicas
     for result in run.results:  # round robin: stream k (from index 0) went to controller k mod R
         per_controller_events[result.index % replicas] += result.token_events
@@ -80,7 +84,7 @@ def summarise(replicas: int, run: LoadRun, sampler: ResourceSampler, left: list[
     cpu_per_event_ms = [1000 * c / e if e else float("nan") for c, e in zip(cpu, per_controller_events, strict=True)]
     events = sum(per_controller_events)
     return {
-        "replicas": replicas, "streams": len(run.results), "failed": len(run.failures),
+        "replicas": replicas, "workers": workers, "streams": len(run.results), "failed": len(run.failures),
         "wall_s": round(run.wall_s, 2), "token_events": events, "token_events_per_s": round(events / run.wall_s, 1),
         "controller_events": per_controller_events, "controller_cpu_s": cpu,
         "controller_cpu_per_event_ms": [round(v, 4) for v in cpu_per_event_ms],
@@ -97,7 +101,7 @@ def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         row["cpu_per_event_ratio"] = round(row["mean_cpu_per_event_ms"] / base, 3)
         row["worst_cpu_per_event_ratio"] = round(max(row["controller_cpu_per_event_ms"]) / base, 3)
-        row["events_per_s_ratio"] = round(row["token_events_per_s"] / base["token_events_per_s"], 3)
+        row["events_per_s_ratio"] = round(row["token_events_per_s"] / rows[0]["token_events_per_s"], 3)
 
 
 def verdict(rows: list[dict]) -> dict[str, bool]:
@@ -108,12 +112,12 @@ def verdict(rows: list[dict]) -> dict[str, bool]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| controllers | streams | token events/s | × R=1 | controller CPU per event (each) | mean | × R=1 "
+    print("| controllers | workers | streams | token events/s | × R=1 | controller CPU per event (each) | mean | × R=1 "
           "| worst × R=1 | failed |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         each = ", ".join(f"{v:.3f}" for v in row["controller_cpu_per_event_ms"])
-        print(f"| {row['replicas']} | {row['streams']} | {row['token_events_per_s']:,.0f} | "
+        print(f"| {row['replicas']} | {row['workers']} | {row['streams']} | {row['token_events_per_s']:,.0f} | "
               f"{row['events_per_s_ratio']:.2f} | {each} ms | {row['mean_cpu_per_event_ms']:.3f} ms | "
               f"{row['cpu_per_event_ratio']:.2f} | {row['worst_cpu_per_event_ratio']:.2f} | "
               f"{row['failed']} |")  # fmt: skip
@@ -123,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4], help="controller counts, in order")
     parser.add_argument("--streams-per-controller", type=int, default=10, help="concurrent streams per controller")
-    parser.add_argument("--workers-per-controller", type=int, default=1, help="scripted workers per controller")
+    parser.add_argument("--workers", type=int, default=4, help="scripted workers, the same for every replica count")
+    parser.add_argument("--workers-per-controller", type=int, default=None,
+                        help="instead of --workers: this many scripted workers per controller")  # fmt: skip
     parser.add_argument("--tokens", type=int, default=200, help="tokens per reply")
     parser.add_argument("--step-delay", type=float, default=0.05, help="seconds per scripted decode step")
     parser.add_argument("--stream-timeout", type=float, default=120.0, help="a stream not ended by then hangs")
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     print(", ".join(f"{name}: {'yes' if ok else 'NO'}" for name, ok in checks.items()))
     report = {
         "engine": ENGINE_NOTE, "streams_per_controller": args.streams_per_controller,
-        "workers_per_controller": args.workers_per_controller, "tokens": args.tokens,
+        "workers_per_controller": args.workers_per_controller, "workers": args.workers, "tokens": args.tokens,
         "step_delay_s": args.step_delay, "events_per_s_per_controller_offered": rate, "cpus": os.cpu_count(),
         "load_average_before": list(load_before), "load_average_after": list(load_after),
         "rows": rows, "checks": checks,
