@@ -1,15 +1,16 @@
 """Controller replicas: does each one's relay cost per event stay flat, and the aggregate grow, as replicas are added?
 
     python -m bench.scale [--replicas 1 2 4] [--streams-per-controller 10] [--tokens 200] [--step-delay 0.05]
-                          [--workers 4 | --workers-per-controller N] [--stream-timeout 120]
+                          [--workers 1 | --workers-per-controller N] [--stream-timeout 120]
                           [--out bench/results/scale.json]
 
 For each replica count R: an embedded redis-server, R `llava-serve controller` processes and `--workers` workers on
 the scripted engine (workers/scripted.py: a deterministic fake engine for load tests of the broker, NOT a model),
-every worker with room for all its streams at once. The workers are the same number for every R by default: a
-controller's CPU per event depends on how many workers it hears from (each worker's step arrives as its own burst
-of messages; one controller with 4 workers spent 0.39 ms per event where it spent 0.25 ms with 1), so varying them
-with R would measure that and not the replicas. A round-robin client
+every worker with room for all its streams at once. The workers are the same for every R (one by default), so
+each controller receives the same thing whatever R: one burst of its streams' events per decode step. A
+controller's CPU per event depends on how many workers it hears from (each worker's step arrives as its own burst;
+one controller with 4 workers spent 0.39 ms per event where it spent 0.25 ms with 1), so workers that grew with R
+(`--workers-per-controller`) would measure that as well as the replicas. A round-robin client
 opens R x `--streams-per-controller` streams at once (stream k to controller k mod R), so each controller relays the
 same fixed event rate, `--streams-per-controller / --step-delay` token events/s, whatever R. Every stream is
 checked event by event as in bench.load. Measured per R: each controller's CPU seconds (psutil, user + system)
@@ -101,14 +102,20 @@ def add_ratios(rows: list[dict]) -> None:
     for row in rows:
         row["cpu_per_event_ratio"] = round(row["mean_cpu_per_event_ms"] / base, 3)
         row["worst_cpu_per_event_ratio"] = round(max(row["controller_cpu_per_event_ms"]) / base, 3)
+        row["best_cpu_per_event_ratio"] = round(min(row["controller_cpu_per_event_ms"]) / base, 3)
         row["events_per_s_ratio"] = round(row["token_events_per_s"] / rows[0]["token_events_per_s"], 3)
 
 
 def verdict(rows: list[dict]) -> dict[str, bool]:
-    flat = all(abs(row["worst_cpu_per_event_ratio"] - 1) <= FLAT_WITHIN for row in rows)
+    """Flat: every controller within 20% of R=1's CPU per event; not above: none more than 20% over it (what a
+    relay that receives other replicas' events would break); and the aggregate events/s rising with R."""
+    ratios = [ratio for row in rows for ratio in (row["worst_cpu_per_event_ratio"], row["best_cpu_per_event_ratio"])]
     rates = [row["token_events_per_s"] for row in rows]
-    grows = all(b > a for a, b in zip(rates, rates[1:]))  # noqa: B905 - one shorter by design
-    return {"cpu_per_event_flat_within_20pct": flat, "aggregate_events_per_s_grows": grows}
+    return {
+        "cpu_per_event_within_20pct": all(abs(ratio - 1) <= FLAT_WITHIN for ratio in ratios),
+        "cpu_per_event_at_most_20pct_above": all(ratio <= 1 + FLAT_WITHIN for ratio in ratios),
+        "aggregate_events_per_s_grows": all(b > a for a, b in zip(rates, rates[1:])),  # noqa: B905 - one shorter
+    }
 
 
 def print_table(rows: list[dict]) -> None:
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4], help="controller counts, in order")
     parser.add_argument("--streams-per-controller", type=int, default=10, help="concurrent streams per controller")
-    parser.add_argument("--workers", type=int, default=4, help="scripted workers, the same for every replica count")
+    parser.add_argument("--workers", type=int, default=1, help="scripted workers, the same for every replica count")
     parser.add_argument("--workers-per-controller", type=int, default=None,
                         help="instead of --workers: this many scripted workers per controller")  # fmt: skip
     parser.add_argument("--tokens", type=int, default=200, help="tokens per reply")
