@@ -178,6 +178,17 @@ def test_sync_and_async_clients_reach_the_master_through_the_sentinels(cluster: 
     assert asyncio.run(read()) == b"written"
 
 
+def test_an_async_burst_past_the_pool_size_waits_through_the_sentinels(cluster: SentinelCluster) -> None:
+    async def burst() -> list:
+        client = async_connect(cluster.url)
+        try:
+            return await asyncio.gather(*(client.blpop([f"llava:test:burst:{i}"], timeout=0.2) for i in range(300)))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(burst()) == [None] * 300  # 300 held connections, more than the pool's 128: they wait
+
+
 # ---- a failover under load ----------------------------------------------------------------------------------------
 
 STREAMS = 6
