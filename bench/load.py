@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -89,23 +90,28 @@ class LoadRun:
         return [r for r in self.results if r.problem is not None]
 
 
-async def run_streams(url: str, streams: int, tokens: int, timeout: float, first: int = 0) -> LoadRun:
-    """Open `streams` streams at once through one client (requests `first` .. `first + streams - 1`)."""
+async def run_streams(url: str | list[str], streams: int, tokens: int, timeout: float, first: int = 0) -> LoadRun:
+    """Open `streams` streams at once (requests `first` .. `first + streams - 1`); with several controller URLs,
+    round robin: request `first + k` goes to `url[k % len(url)]`, one client per controller."""
     # No keep-alive: httpcore's pool counts all connections for every idle one each time a request starts or ends,
     # cubic in the streams (90 streams under cProfile: 2.4 s of client CPU with it, 1.3 s without); none is reused.
     limits = httpx.Limits(max_connections=streams + 16, max_keepalive_connections=0)
     http_timeout = httpx.Timeout(connect=60.0, read=timeout, write=60.0, pool=60.0)
     indices = range(first, first + streams)
     bodies = [load_request(i, tokens).model_dump(mode="json", exclude_none=True) for i in indices]
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=http_timeout) as client:
+    urls = [url] if isinstance(url, str) else url
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=u, limits=limits, timeout=http_timeout))
+                   for u in urls]  # fmt: skip
         start = time.perf_counter()
-        streaming = [run_stream(client, body, i, tokens, timeout) for body, i in zip(bodies, indices, strict=True)]
+        streaming = [run_stream(clients[k % len(clients)], body, i, tokens, timeout)
+                     for k, (body, i) in enumerate(zip(bodies, indices, strict=True))]  # fmt: skip
         results = await asyncio.gather(*streaming)
         wall = time.perf_counter() - start
     return LoadRun(list(results), wall)
 
 
-def open_streams(url: str, streams: int, tokens: int, timeout: float, first: int = 0) -> LoadRun:
+def open_streams(url: str | list[str], streams: int, tokens: int, timeout: float, first: int = 0) -> LoadRun:
     """`run_streams` from synchronous code, after raising the open-files limit to fit the streams."""
     raise_open_files_limit(streams)
     return asyncio.run(run_streams(url, streams, tokens, timeout, first))
@@ -130,20 +136,40 @@ def start_scripted_system(
 ) -> tuple[list[Proc], str]:
     """One controller and `workers` workers on the scripted engine (a fake engine, not a model) serving MODEL;
     returns the processes (controller first) and the controller's URL once every worker is live."""
+    procs, urls = start_scripted_replicas(redis_url, log_dir, controllers=1, workers=workers, max_batch=max_batch,
+                                          max_queue=max_queue, step_delay=step_delay)  # fmt: skip
+    return procs, urls[0]
+
+
+def start_scripted_replicas(
+    redis_url: str,
+    log_dir: Path,
+    *,
+    controllers: int,
+    workers: int,
+    max_batch: int,
+    max_queue: int,
+    step_delay: float | None = None,
+) -> tuple[list[Proc], list[str]]:
+    """`controllers` controller replicas and `workers` scripted workers on one Redis; returns the processes
+    (controllers first, in the order of their URLs) and the controllers' URLs once every worker is live."""
     flags = ["worker", "--engine", "scripted", "--model-path", MODEL, "--max-batch", str(max_batch)]
     if step_delay is not None:
         flags += ["--scripted-step-delay-s", str(step_delay)]
     argv = cli(*flags)
-    # workers first: they need only Redis, and start while the controller does
+    # workers first: they need only Redis, and start while the controllers do
     procs = [Proc(f"scripted-worker-{k}", argv, env_for(redis_url), log_dir) for k in range(workers)]
+    urls: list[str] = []
     try:
-        controller, url = start_controller(redis_url, log_dir, "--max-queue", str(max_queue))
-        procs.insert(0, controller)
-        wait_for_workers(url, MODEL, workers, procs, timeout_s=120)
+        for k in range(controllers):
+            controller, url = start_controller(redis_url, log_dir, "--max-queue", str(max_queue))
+            procs.insert(k, controller)
+            urls.append(url)
+        wait_for_workers(urls[0], MODEL, workers, procs, timeout_s=120)
     except BaseException:
         stop_processes(procs)
         raise
-    return procs, url
+    return procs, urls
 
 
 def stop_processes(procs: list[Proc]) -> None:
@@ -152,16 +178,20 @@ def stop_processes(procs: list[Proc]) -> None:
 
 
 class ResourceSampler:
-    """Peaks of the controller's RSS, open files and threads and of Redis' connected_clients and used_memory,
-    sampled every `interval` s in a thread between start() and stop(); `cpu_s`: CPU seconds used meanwhile by the
-    controller, the workers and this (client) process."""
+    """Peaks of the (first) controller's RSS, open files and threads and of Redis' connected_clients and
+    used_memory, sampled every `interval` s in a thread between start() and stop(); `cpu_s`: CPU seconds used
+    meanwhile by the controller(s), the workers and this (client) process, and with several controllers by each
+    one too (`controller-0`, `controller-1`, ...)."""
 
-    def __init__(self, controller: Proc, workers: list[Proc], redis, interval: float = 0.1) -> None:
+    def __init__(self, controller: Proc | list[Proc], workers: list[Proc], redis, interval: float = 0.1) -> None:
         import psutil
 
-        self.controller, self.redis, self.interval = psutil.Process(controller.pid), redis, interval
-        self.groups = {"controller": [self.controller], "workers": [psutil.Process(w.pid) for w in workers],
+        controllers = [psutil.Process(c.pid) for c in (controller if isinstance(controller, list) else [controller])]
+        self.controller, self.redis, self.interval = controllers[0], redis, interval
+        self.groups = {"controller": controllers, "workers": [psutil.Process(w.pid) for w in workers],
                        "client": [psutil.Process()]}  # fmt: skip
+        if len(controllers) > 1:
+            self.groups |= {f"controller-{k}": [c] for k, c in enumerate(controllers)}
         self.peaks: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="load-sampler", daemon=True)

@@ -9,9 +9,10 @@ unsubscriptions requested in the same moment go out as one SUBSCRIBE (or UNSUBSC
 confirmed the job's channel, after which no event published on it is missed while the connection lasts. The
 connection also holds one channel of its own (the anchor), confirmed on every (re)connect.
 
-After a Redis outage the relay reconnects with backoff and resubscribes every live stream in one command; events
-published meanwhile are lost (pub/sub keeps nothing), and each subscription learns so (`missed_messages()`), which
-streams cover from the job record (`broker.streams`).
+After a Redis outage the relay reconnects with backoff and resubscribes every live stream in one command (each
+reconnect builds a new client, so with a `redis+sentinel://` URL it asks the sentinels for the current master and
+follows a failover; tests/infra/test_sentinel.py); events published meanwhile are lost (pub/sub keeps nothing),
+and each subscription learns so (`missed_messages()`), which streams cover from the job record (`broker.streams`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Settings, one object per process, from flags and `LLAVA_*` environment variables; unknown keys rejected.
 
-Redis is one URL for every process: `LLAVA_REDIS_URL` (or `--redis-url`). Everything else has its own prefix,
+Redis is one URL for every process: `LLAVA_REDIS_URL` (or `--redis-url`): `redis://[[user]:password@]host:port/db`,
+`rediss://...` (TLS), `unix:///path.sock`, or `redis+sentinel://[[user]:password@]host1[:26379],host2.../<service>[/db]`
+for a master found through Sentinel (see `infra.redis`). Everything else has its own prefix,
 `LLAVA_CONTROLLER_`, `LLAVA_WORKER_`, `LLAVA_WEB_`, so one environment can hold settings for all of them.
 """
 

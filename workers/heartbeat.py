@@ -12,14 +12,14 @@ from redis import Redis
 
 from contract import keys, liveness
 from contract.messages import WorkerInfo
+from infra.redis import private_copy
 
 log = logging.getLogger(__name__)
 
 
 def private_client(client: Redis) -> Redis:
     """A client with its own connection pool, configured like `client` (a stuck or busy pool is not shared)."""
-    pool = client.connection_pool
-    return Redis(connection_pool=type(pool)(connection_class=pool.connection_class, **pool.connection_kwargs))
+    return private_copy(client)  # a Sentinel client's pool needs its service and sentinels too
 
 
 class Heartbeat(threading.Thread):
