@@ -18,10 +18,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from broker.admission import submit_for
 from broker.context import ControllerContext
 from broker.remote_images import RemoteImagePolicy, inline_remote_images
 from broker.routes_api import context, image_sources, new_job_id, prepare_job, require_live_model
-from broker.streams import follow_job, submit_job
+from broker.streams import follow_job
 from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model, require_prompt
 from contract.errors import GenerationFailed, RequestInvalid
 from contract.messages import (
@@ -226,10 +227,11 @@ async def chat_completions(request: Request):
     body = await read_model(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
     generate = await with_remote_images(request, ctx, body.to_generate_request())
     job = await prepare_job(ctx, generate)
-    return await respond(ctx, job, body, "chatcmpl", completion_chunks, final_completion)
+    return await respond(request, ctx, job, body, "chatcmpl", completion_chunks, final_completion)
 
 
 async def respond(
+    request: Request,
     ctx: ControllerContext,
     job: JobRequest,
     body: OpenAIRequest,
@@ -239,7 +241,7 @@ async def respond(
 ):
     """Submit `job` and answer in OpenAI's format: `stream`'s chunks as SSE when the body asks to stream, else
     `whole`'s object as JSON; the job id goes in `X-Job-Id`."""
-    sub = await submit_job(ctx, job)
+    sub = await submit_for(request, ctx, job)
     events = follow_job(ctx, sub, job.model)
     ids = {"completion_id": f"{id_prefix}-{job.job_id}", "created": int(time.time()), "model": body.model}
     headers = {"X-Job-Id": job.job_id}
@@ -277,7 +279,7 @@ async def completions(request: Request):
     ctx = context(request)
     body = await read_model(request, CompletionRequest, ctx.settings.max_body_bytes)
     job = await prepare_prompt_job(ctx, body)
-    return await respond(ctx, job, body, "cmpl", text_completion_chunks, final_text_completion)
+    return await respond(request, ctx, job, body, "cmpl", text_completion_chunks, final_text_completion)
 
 
 @router.get("/v1/models", response_model=ModelCardList, summary="OpenAI: models served by live workers")

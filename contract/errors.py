@@ -25,6 +25,7 @@ class ErrorCode(str, Enum):
     payload_too_large = "payload_too_large"
     image_too_large = "image_too_large"
     queue_full = "queue_full"
+    rate_limited = "rate_limited"  # a client's cap on jobs held at once, or its requests or tokens per minute
     generation_failed = "generation_failed"
     device_error = "device_error"
     worker_lost = "worker_lost"
@@ -128,6 +129,17 @@ class ImageTooLarge(PayloadTooLarge):
 class QueueFull(LlavaError):
     status_code = 429
     code = ErrorCode.queue_full
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
+class RateLimited(LlavaError):
+    """429 for one client over its own limit (jobs held at once, requests or tokens per minute), naming it."""
+
+    status_code = 429
+    code = ErrorCode.rate_limited
 
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})

@@ -136,3 +136,23 @@ def replays() -> str:
     """STREAM of `llava-serve replay` results (`ReplayRow` JSON in field `row`, plus `run_id`), capped near
     REPLAYS_MAXLEN entries. No TTL."""
     return f"{PREFIX}replays"
+
+
+def client_jobs(client: str) -> str:
+    """ZSET of the jobs one client (`key-<digest>` or its address) holds queued or running, scored by the Unix time
+    in ms each entry lapses (a controller that died before releasing it cannot hold the slot longer); PEXPIRE the
+    longest hold, renewed at each admission."""
+    return f"{PREFIX}client:{client}:jobs"
+
+
+def rate_bucket(client: str, kind: str) -> str:
+    """HASH `level`, `at` (ms) of one client's token bucket, `kind` `requests` or `tokens` (per minute); PEXPIRE
+    the time it takes to refill, set in the same script that writes it."""
+    return f"{PREFIX}client:{client}:rate:{kind}"
+
+
+def conversations() -> str:
+    """STREAM of finished, failed and cancelled exchanges (`ConversationRecord` JSON in field `record`), written only
+    with `--log-conversations`; capped at each XADD by MINID ~ (retention days) and/or MAXLEN ~ (retention entries).
+    No TTL. Its images' TTLs are extended to the retention days."""
+    return f"{PREFIX}conversations"
