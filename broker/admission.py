@@ -17,6 +17,7 @@ import anyio
 from starlette.requests import Request
 
 from broker.context import ControllerContext
+from broker.convlog import ConversationLog
 from broker.limits import Client, ClientLimits
 from broker.relay import Subscription
 from broker.streams import submit_job
@@ -41,6 +42,7 @@ class Admission:
 
     def __init__(self, redis: Any, ctx_settings: Any, *, keys_checked: bool) -> None:
         self.limits = ClientLimits(redis, ctx_settings)
+        self.convlog = ConversationLog(redis, ctx_settings) if ctx_settings.log_conversations else None
         self.keys_checked = keys_checked
         self.running: dict[str, AdmittedJob] = {}
 
@@ -69,6 +71,8 @@ class Admission:
                 await self.limits.release_slot(admitted.client.name, job_id)
                 if isinstance(final, DoneEvent):
                     await self.limits.debit_tokens(admitted.client.name, final.usage.completion_tokens)
+                if self.convlog is not None:
+                    await self.convlog.write(admitted, final, text)
             except Exception as exc:  # noqa: BLE001 - the client has its answer; a lost log line is only logged
                 log.warning("job %s: end-of-job bookkeeping failed (%s)", job_id, exc)
 
