@@ -23,10 +23,11 @@ def data_url(b64: str) -> str:
 
 
 def vote(client: TestClient, kind: str, image: str, question: str, reply: str) -> None:
+    picture = {"type": "image_url", "image_url": {"url": data_url(image)}}
     messages = [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}}, {"type": "text", "text": question}]},
+        {"role": "user", "content": [picture, {"type": "text", "text": question}]},
         {"role": "assistant", "content": reply},
-    ]  # fmt: skip
+    ]
     response = client.post("/api/v1/feedback", json={"type": kind, "model": MODEL, "messages": messages})
     assert response.status_code == 200, response.text
 
