@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
+import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -55,6 +57,8 @@ from contract.openai_messages import (
 )
 
 router = APIRouter(tags=["OpenAI compatibility"])
+
+T = TypeVar("T")
 
 OPENAI_PREFIX = "/v1/"
 
@@ -249,8 +253,45 @@ async def respond(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = stream(events, include_usage=include_usage, **ids)
         return EventSourceResponse(chunks, ping=ctx.settings.ping_interval_s, headers=headers)
-    completion = await whole(events, **ids)
+    completion = await unless_disconnected(request, whole(events, **ids))
+    if completion is None:  # the client gave up: its job was cancelled as `events` closed; nobody reads this
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     return JSONResponse(completion.model_dump(mode="json"), headers=headers)
+
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away before the answer
+
+
+async def wait_disconnected(request: Request) -> None:
+    """Return once the client has gone. Called after the body was read, so the next ASGI message is the
+    disconnect (while the connection stays open, `receive` just waits)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None when the client disconnects first (then `work` is cancelled: a whole reply's
+    `events` close, which cancels the job, as a streaming request's do when its client goes)."""
+    result: list[T] = []
+    failed: list[Exception] = []  # re-raised as is, not in the task group's ExceptionGroup, for the app's handler
+    async with anyio.create_task_group() as tasks:
+
+        async def run() -> None:
+            try:
+                result.append(await work)
+            except Exception as exc:  # noqa: BLE001 - re-raised below
+                failed.append(exc)
+            tasks.cancel_scope.cancel()
+
+        async def watch() -> None:
+            await wait_disconnected(request)
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(run)
+        tasks.start_soon(watch)
+    if failed:
+        raise failed[0]
+    return result[0] if result else None
 
 
 async def prepare_prompt_job(ctx: ControllerContext, body: CompletionRequest) -> JobRequest:
