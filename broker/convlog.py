@@ -26,7 +26,7 @@ RECORD_FIELD = "record"
 DEFAULT_IMAGE_KEEP_S = 30 * 86400
 
 # Raise each image's TTL to ARGV[1] ms; a key without TTL (kept by feedback) or with a longer one is left alone.
-_KEEP_IMAGES = """
+KEEP_IMAGES = """
 for _, key in ipairs(KEYS) do
   local ttl = redis.call('PTTL', key)
   if ttl >= 0 and ttl < tonumber(ARGV[1]) then redis.call('PEXPIRE', key, ARGV[1]) end
@@ -76,7 +76,7 @@ class ConversationLog:
         self.retention_s = settings.log_retention_days * 86400 if settings.log_retention_days else None
         self.max_entries = settings.log_retention_entries
         self.image_keep_ms = int((self.retention_s or DEFAULT_IMAGE_KEEP_S) * 1000)
-        self._keep_images = redis.register_script(_KEEP_IMAGES)
+        self._keep_images = redis.register_script(KEEP_IMAGES)
 
     async def write(self, admitted: AdmittedJob, final: DoneEvent | ErrorEvent | None, text: str) -> str:
         """Append the record of one ended exchange and keep its images as long; returns the entry id."""

@@ -106,13 +106,15 @@ def cancel(job_id: str) -> str:
 
 
 def image(digest: str) -> str:
-    """STRING, the bytes of one uploaded image, named by its sha256; TTL IMAGE_TTL_S (no TTL once kept
-    by a feedback entry)."""
+    """STRING, the bytes of one uploaded image, named by its sha256; TTL IMAGE_TTL_S, raised to the feedback
+    retention once a feedback entry keeps it (no TTL when that retention is unset) and to the conversation log's
+    retention once the log keeps it; never lowered."""
     return f"{PREFIX}image:{digest}"
 
 
 def feedback() -> str:
-    """STREAM of votes and flags (`FeedbackEntry` in field `entry`). No TTL."""
+    """STREAM of votes and flags (`FeedbackEntry` in field `entry`). No TTL; each XADD trims it exactly to the
+    feedback retention: MINID now - `feedback_retention_days` (365), MAXLEN `feedback_retention_entries` (100,000)."""
     return f"{PREFIX}feedback"
 
 

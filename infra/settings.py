@@ -73,6 +73,12 @@ class ControllerSettings(BaseSettings):
     rate_limit_tokens_per_minute: int | None = Field(
         default=None, ge=1, description="generated tokens per client per minute (token bucket); None: no limit"
     )
+    feedback_retention_days: float | None = Field(
+        default=365.0, gt=0, description="feedback entries and their images are kept this long; None: for ever"
+    )
+    feedback_retention_entries: int | None = Field(
+        default=100_000, ge=1, description="the feedback stream keeps at most this many entries, the newest"
+    )
     log_conversations: bool = Field(default=False, description="write every exchange to the conversation log")
     log_retention_days: float | None = Field(
         default=30.0, gt=0, description="conversation log entries and their images are kept this long"
