@@ -2,14 +2,15 @@
 
 `submit_for(request, job)` is what every generate route calls instead of `submit_job`: it checks the client's rate
 limits, takes a slot of its fair share, then submits. `broker.streams.follow_job` calls `ctx.on_job_end` when a
-stream ends (done, error, or its client gone), which here releases the slot, counts the generated tokens and writes
-the conversation log entry.
+stream ends (done, error, or its client gone), which here releases the slot, counts the generated tokens, writes
+the conversation log entry and, for a cancelled or abandoned job, releases its images at once.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,11 +22,22 @@ from broker.convlog import ConversationLog
 from broker.limits import Client, ClientLimits
 from broker.relay import Subscription
 from broker.streams import submit_job
-from contract.messages import DoneEvent, ErrorEvent, JobRequest
+from contract import keys
+from contract.messages import DoneEvent, ErrorEvent, FinishReason, JobRequest
 
 log = logging.getLogger(__name__)
 
 JOB_END_TIMEOUT_S = 5.0
+
+# Delete each image whose TTL is still at most the upload's (ARGV[1] ms); a longer or no TTL means it is kept.
+_RELEASE_IMAGES = """
+local released = 0
+for _, key in ipairs(KEYS) do
+  local ttl = redis.call('PTTL', key)
+  if ttl >= 0 and ttl <= tonumber(ARGV[1]) then released = released + redis.call('DEL', key) end
+end
+return released
+"""
 
 
 @dataclass
@@ -45,6 +57,7 @@ class Admission:
         self.convlog = ConversationLog(redis, ctx_settings) if ctx_settings.log_conversations else None
         self.keys_checked = keys_checked
         self.running: dict[str, AdmittedJob] = {}
+        self._release_images = redis.register_script(_RELEASE_IMAGES)
 
     async def admit(self, request: Request, job: JobRequest) -> AdmittedJob:
         """Check the client's limits for `job` (RateLimited 429 names the one reached) and remember the job."""
@@ -66,15 +79,32 @@ class Admission:
         admitted = self.running.pop(job_id, None)
         if admitted is None:
             return
+        client = admitted.client.name
+        done = final if isinstance(final, DoneEvent) else None
+        # In this order: the log raises its images' TTL before a cancelled job's images are released.
+        steps: list[Callable[[], Awaitable[object]]] = []
+        if self.convlog is not None:
+            steps.append(lambda: self.convlog.write(admitted, final, text))
+        if final is None or (done is not None and done.finish_reason == FinishReason.cancelled):
+            steps.append(lambda: self.release_images(admitted.job))
+        if done is not None:
+            steps.append(lambda: self.limits.debit_tokens(client, done.usage.completion_tokens))
+        steps.append(lambda: self.limits.release_slot(client, job_id))
         with anyio.CancelScope(shield=True), anyio.move_on_after(JOB_END_TIMEOUT_S):
-            try:
-                await self.limits.release_slot(admitted.client.name, job_id)
-                if isinstance(final, DoneEvent):
-                    await self.limits.debit_tokens(admitted.client.name, final.usage.completion_tokens)
-                if self.convlog is not None:
-                    await self.convlog.write(admitted, final, text)
-            except Exception as exc:  # noqa: BLE001 - the client has its answer; a lost log line is only logged
-                log.warning("job %s: end-of-job bookkeeping failed (%s)", job_id, exc)
+            for step in steps:
+                try:
+                    await step()
+                except Exception as exc:  # noqa: BLE001 - the client has its answer; the rest still runs
+                    log.warning("job %s: end-of-job bookkeeping failed (%s)", job_id, exc)
+
+    async def release_images(self, job: JobRequest) -> None:
+        """Delete a cancelled or abandoned job's images at once, but not those still under the upload's TTL of
+        another job of this controller, nor those a feedback entry or the conversation log keeps (their TTL was
+        raised past the upload's, or removed)."""
+        in_use = {digest for other in self.running.values() for digest in other.job.images}
+        digests = [digest for digest in dict.fromkeys(job.images) if digest not in in_use]
+        if digests:
+            await self._release_images(keys=[keys.image(d) for d in digests], args=[keys.IMAGE_TTL_S * 1000])
 
 
 def admission(request: Request) -> Admission:
