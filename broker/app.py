@@ -240,7 +240,9 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
         help="write every finished, failed or cancelled exchange to the conversation log in Redis. Default: off",
     )
     parser.add_argument("--log-retention-days", type=float, default=None, help="days the log keeps entries (30)")
-    parser.add_argument("--log-retention-entries", type=int, default=None, help="entries the log keeps, about")
+    parser.add_argument("--log-retention-entries", type=int, default=None, help="entries the log keeps")
+    parser.add_argument("--feedback-retention-days", type=float, default=None, help="days feedback is kept (365)")
+    parser.add_argument("--feedback-retention-entries", type=int, default=None, help="feedback entries kept (100000)")
 
 
 _CONTROLLER_FLAGS = (
@@ -266,6 +268,8 @@ _CONTROLLER_FLAGS = (
     "log_conversations",
     "log_retention_days",
     "log_retention_entries",
+    "feedback_retention_days",
+    "feedback_retention_entries",
 )
 
 

@@ -133,3 +133,22 @@ def test_limits_are_off_by_default(redis_url: str, redis_client: redis.Redis, wo
             assert first.post("/v1/chat/completions", json=chat_body(), headers=A).status_code == 200
             thread.result()
     assert not redis_client.keys(keys.client_jobs("*")) and not redis_client.keys(keys.rate_bucket("*", "*"))
+
+
+def test_the_flags_set_the_limits_log_and_retention() -> None:
+    import argparse
+
+    from broker.app import add_controller_arguments, controller_settings_from_args
+
+    parser = argparse.ArgumentParser()
+    add_controller_arguments(parser)
+    args = parser.parse_args(
+        "--max-jobs-per-client 4 --rate-limit-requests-per-minute 60 --rate-limit-tokens-per-minute 9000 "
+        "--log-conversations --log-retention-days 7 --log-retention-entries 500 --feedback-retention-days 90 "
+        "--feedback-retention-entries 1000".split()
+    )
+    settings = controller_settings_from_args(args)
+    assert (settings.max_jobs_per_client, settings.rate_limit_requests_per_minute) == (4, 60)
+    assert settings.rate_limit_tokens_per_minute == 9000 and settings.log_conversations
+    assert (settings.log_retention_days, settings.log_retention_entries) == (7, 500)
+    assert (settings.feedback_retention_days, settings.feedback_retention_entries) == (90, 1000)
