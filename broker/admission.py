@@ -1,9 +1,10 @@
 """Admitting a job for a client, and what happens once its stream ends, whatever the endpoint.
 
 `submit_for(request, job)` is what every generate route calls instead of `submit_job`: it checks the client's rate
-limits, takes a slot of its fair share, then submits. `broker.streams.follow_job` calls `ctx.on_job_end` when a
-stream ends (done, error, or its client gone), which here releases the slot, counts the generated tokens, writes
-the conversation log entry and, for a cancelled or abandoned job, releases its images at once.
+limits, then moderation (when on), takes a slot of its fair share, then submits; refusals are counted in Redis.
+`broker.streams.follow_job` calls `ctx.on_job_end` when a stream ends (done, error, or its client gone), which here
+releases the slot, counts the generated tokens, writes the conversation log entry and, for a cancelled or abandoned
+job, releases its images at once.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from starlette.requests import Request
 from broker.context import ControllerContext
 from broker.convlog import ConversationLog
 from broker.limits import Client, ClientLimits
+from broker.moderation import moderators, user_texts
 from broker.relay import Subscription
 from broker.streams import submit_job
 from contract import keys
-from contract.messages import DoneEvent, ErrorEvent, FinishReason, JobRequest
+from contract.errors import ContentRefused, RateLimited
+from contract.messages import DoneEvent, ErrorEvent, FinishReason, JobRequest, error_event
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +59,37 @@ class Admission:
         self.limits = ClientLimits(redis, ctx_settings)
         self.convlog = ConversationLog(redis, ctx_settings) if ctx_settings.log_conversations else None
         self.keys_checked = keys_checked
+        self.moderators = moderators(ctx_settings)
+        self.redis = redis
         self.running: dict[str, AdmittedJob] = {}
         self._release_images = redis.register_script(_RELEASE_IMAGES)
 
     async def admit(self, request: Request, job: JobRequest) -> AdmittedJob:
         """Check the client's limits for `job` (RateLimited 429 names the one reached) and remember the job."""
         client = Client.of(request, keys_checked=self.keys_checked)
-        await self.limits.check_rate(client.name)
-        await self.limits.take_slot(client.name, job.job_id)
         admitted = AdmittedJob(job=job, client=client, endpoint=request.url.path)
+        try:
+            await self.limits.check_rate(client.name)
+            for moderator in self.moderators:
+                await moderator.check(user_texts(job))
+            await self.limits.take_slot(client.name, job.job_id)
+        except (RateLimited, ContentRefused) as exc:
+            await self.refused(admitted, exc)
+            raise
         self.running[job.job_id] = admitted
         return admitted
+
+    async def refused(self, admitted: AdmittedJob, error: RateLimited | ContentRefused) -> None:
+        """Count a refusal in Redis (for status and /metrics, across replicas); a moderated one is also logged."""
+        try:
+            await self.redis.hincrby(keys.refusals(), error.code, 1)
+            if isinstance(error, ContentRefused):
+                log.warning("job %s refused by moderation (client %s): %s", admitted.job.job_id, admitted.client.name,
+                            error.message)  # fmt: skip
+                if self.convlog is not None:
+                    await self.convlog.write(admitted, error_event(admitted.job.job_id, error), "")
+        except Exception as exc:  # noqa: BLE001 - the refusal stands; its bookkeeping is best effort
+            log.warning("job %s: could not record its refusal (%s)", admitted.job.job_id, exc)
 
     async def withdraw(self, job_id: str) -> None:
         """A job admitted but never enqueued (queue full, Redis down): its slot is free again."""

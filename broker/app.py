@@ -241,6 +241,13 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-retention-days", type=float, default=None, help="days the log keeps entries (30)")
     parser.add_argument("--log-retention-entries", type=int, default=None, help="entries the log keeps")
+    parser.add_argument(
+        "--moderation-words", dest="moderation_words_file", default=None, metavar="FILE",
+        help="refuse user text matching any regular expression (or word) in FILE, one a line",
+    )  # fmt: skip
+    parser.add_argument(
+        "--moderation-url", default=None, help="check user text with an OpenAI-shaped moderation API at this URL"
+    )
     parser.add_argument("--feedback-retention-days", type=float, default=None, help="days feedback is kept (365)")
     parser.add_argument("--feedback-retention-entries", type=int, default=None, help="feedback entries kept (100000)")
 
@@ -269,6 +276,8 @@ _CONTROLLER_FLAGS = (
     "log_retention_days",
     "log_retention_entries",
     "feedback_retention_days",
+    "moderation_words_file",
+    "moderation_url",
     "feedback_retention_entries",
 )
 

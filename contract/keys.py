@@ -158,3 +158,9 @@ def conversations() -> str:
     with `--log-conversations`; capped at each XADD by MINID ~ (retention days) and/or MAXLEN ~ (retention entries).
     No TTL. Its images' TTLs are extended to the retention days."""
     return f"{PREFIX}conversations"
+
+
+def refusals() -> str:
+    """HASH of requests refused before enqueueing, by error code (`rate_limited`, `content_refused`), summed over
+    every replica since Redis began (HINCRBY). No TTL; a handful of fields."""
+    return f"{PREFIX}refusals"

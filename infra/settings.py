@@ -79,6 +79,16 @@ class ControllerSettings(BaseSettings):
     feedback_retention_entries: int | None = Field(
         default=100_000, ge=1, description="the feedback stream keeps at most this many entries, the newest"
     )
+    moderation_words_file: Path | None = Field(
+        default=None,
+        description="regular expressions (a word is one), one a line: user text matching one is refused",
+    )
+    moderation_url: str | None = Field(
+        default=None,
+        description="an OpenAI-shaped moderation endpoint (POST {input}), e.g. https://host/v1/moderations",
+    )
+    moderation_api_key: str | None = Field(default=None, description="bearer key for moderation_url")
+    moderation_timeout_s: float = Field(default=5.0, gt=0, description="a moderation call that takes longer fails")
     log_conversations: bool = Field(default=False, description="write every exchange to the conversation log")
     log_retention_days: float | None = Field(
         default=30.0, gt=0, description="conversation log entries and their images are kept this long"
