@@ -125,3 +125,26 @@ def test_rate_limit_refusals_are_counted_across_replicas(
         assert first.post("/v1/chat/completions", json=chat_body(), headers=A).status_code == 429
         assert second.post("/api/v1/generate", json=chat_body(), headers=A).status_code == 429
     assert redis_client.hget(keys.refusals(), "rate_limited") == b"2"
+
+
+def test_status_and_metrics_show_the_log_size_and_refusals(
+    redis_url: str, redis_client: redis.Redis, worker: ScriptedWorker, tmp_path: Path
+) -> None:
+    from broker.status import render, snapshot
+
+    words = tmp_path / "words.txt"
+    words.write_text("forbidden\n")
+    settings = {"moderation_words_file": words, "log_conversations": True, "rate_limit_requests_per_minute": 2}
+    with two_controllers(redis_url, **settings) as (first, second):
+        thread = worker.in_thread(lambda w: w.serve_one(["ok"]))
+        assert first.post("/v1/chat/completions", json=chat_body(), headers=A).status_code == 200
+        thread.result()
+        assert second.post("/v1/chat/completions", json=chat_body(text="forbidden"), headers=A).status_code == 400
+        assert first.post("/v1/chat/completions", json=chat_body(), headers=A).status_code == 429
+        exposition = second.get("/metrics").text
+    report = snapshot(redis_client)
+    assert report.conversation_log_entries == 2 and report.refusals == {"rate_limited": 1, "content_refused": 1}
+    assert "CONVERSATION LOG 2 entries; REFUSED content_refused 1, rate_limited 1" in render(report)
+    assert "llava_conversation_log_entries 2.0" in exposition
+    assert 'llava_requests_refused_total{code="rate_limited"} 1.0' in exposition
+    assert 'llava_requests_refused_total{code="content_refused"} 1.0' in exposition
