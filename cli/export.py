@@ -10,8 +10,9 @@ Writes, into `--out DIR`:
 - `images/<sha256>.<ext>`: each image once, its bytes exactly as uploaded.
 
 Without `--only`, the examples are the logged exchanges that ended normally (stop, eos, length) from the chat
-endpoints; legacy and LLaVA-wire prompts are already templated text, not turns, and are left out. With `--only`,
-they are the feedback entries of that kind. Examples whose images are no longer stored are skipped and counted.
+endpoints, each conversation once, at its longest (every turn is logged with the conversation so far); legacy and
+LLaVA-wire prompts are already templated text, not turns, and are left out. With `--only`, they are the feedback
+entries of that kind. Examples whose images are no longer stored are skipped and counted.
 """
 
 from __future__ import annotations
@@ -140,6 +141,21 @@ def preference_pairs(entries: list[FeedbackEntry]) -> list[tuple[FeedbackEntry, 
     return pairs
 
 
+def whole_conversations(chats: list[tuple[str, list[JobMessage]]]) -> list[tuple[str, list[JobMessage]]]:
+    """Each exchange is logged with the conversation so far, so turn 1 of a chat is also the start of turn 2's
+    record: keep only the exchanges that no later one continues (a regenerated reply, which differs, is kept)."""
+
+    def key(messages: list[JobMessage]) -> str:
+        return json.dumps([m.model_dump(mode="json") for m in messages])
+
+    continued = set()
+    for _, messages in chats:
+        for end, message in enumerate(messages[:-1], start=1):
+            if message.role == "assistant":
+                continued.add(key(messages[:end]))
+    return [(example_id, messages) for example_id, messages in chats if key(messages) not in continued]
+
+
 def reply_text(message: JobMessage) -> str:
     return "".join(p.text for p in message.content if isinstance(p, JobText))
 
@@ -160,12 +176,15 @@ def export_dataset(
     rows = []
     feedback = [e for e in read_feedback(redis, start=start, end=end) if model is None or e.model == model]
     if only is None:
-        for record in read_conversations(redis, start=start, end=end):
-            if record.messages is None or record.finish_reason not in _NORMAL_ENDS:
-                continue
-            if model is not None and record.model != model:
-                continue
-            row = exporter.example(f"conv-{record.record_id}", _with_reply(record.messages, record.reply))
+        chats = [
+            (f"conv-{record.record_id}", _with_reply(record.messages, record.reply))
+            for record in read_conversations(redis, start=start, end=end)
+            if record.messages is not None
+            and record.finish_reason in _NORMAL_ENDS
+            and (model is None or record.model == model)
+        ]
+        for example_id, messages in whole_conversations(chats):
+            row = exporter.example(example_id, messages)
             if row is not None:
                 rows.append(row)
     else:

@@ -92,3 +92,28 @@ def test_export_writes_llava_format_with_images_bit_for_bit_and_preference_pairs
         empty = tmp_path / extra[0].strip("-")
         assert main(["export", "--out", str(empty), "--redis-url", redis_url, *extra]) == 0
         assert load_llava(empty) == [] and (empty / "preference_pairs.jsonl").read_text() == ""
+
+
+def test_a_conversation_of_several_turns_is_one_example_at_its_longest(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    worker = ScriptedWorker(redis_client).register()
+    picture = png_b64(color=(7, 7, 7))
+    first_turn = chat_body(text="what?", images=[picture])
+    with TestClient(create_app(settings_for(redis_url, log_conversations=True), timings=FAST, run_sweeper=False)) as c:
+        for reply in ("a square", "a circle"):  # the second is a regenerated reply to the same turn
+            thread = worker.in_thread(lambda w, reply=reply: w.serve_one([reply]))
+            assert c.post("/v1/chat/completions", json=first_turn).status_code == 200
+            thread.result()
+        follow_up = [{"role": "assistant", "content": "a square"}, {"role": "user", "content": "colour?"}]
+        second_turn = {**first_turn, "messages": [*first_turn["messages"], *follow_up]}
+        thread = worker.in_thread(lambda w: w.serve_one(["grey"]))
+        assert c.post("/v1/chat/completions", json=second_turn).status_code == 200
+        thread.result()
+    out = tmp_path / "out"
+    assert main(["export", "--out", str(out), "--redis-url", redis_url]) == 0
+    rows = load_llava(out)
+    assert [[turn["value"] for turn in row["conversations"]] for row in rows] == [
+        ["<image>\nwhat?", "a circle"],
+        ["<image>\nwhat?", "a square", "colour?", "grey"],
+    ]
