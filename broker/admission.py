@@ -27,6 +27,7 @@ from broker.streams import submit_job
 from contract import keys
 from contract.errors import ContentRefused, RateLimited
 from contract.messages import DoneEvent, ErrorEvent, FinishReason, JobRequest, error_event
+from infra.settings import ControllerSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,11 @@ class Admission:
     """Per controller process: the jobs it admitted and has not seen end (a stream ends on the replica that
     started it), the client limits, and the conversation log."""
 
-    def __init__(self, redis: Any, ctx_settings: Any, *, keys_checked: bool) -> None:
-        self.limits = ClientLimits(redis, ctx_settings)
-        self.convlog = ConversationLog(redis, ctx_settings) if ctx_settings.log_conversations else None
+    def __init__(self, redis: Any, settings: ControllerSettings, *, keys_checked: bool) -> None:
+        self.limits = ClientLimits(redis, settings)
+        self.convlog = ConversationLog(redis, settings) if settings.log_conversations else None
         self.keys_checked = keys_checked
-        self.moderators = moderators(ctx_settings)
+        self.moderators = moderators(settings)
         self.redis = redis
         self.running: dict[str, AdmittedJob] = {}
         self._release_images = redis.register_script(_RELEASE_IMAGES)

@@ -106,18 +106,25 @@ class ClientLimits:
         self._take_tokens = redis.register_script(_TAKE_TOKENS)
 
     async def check_rate(self, client: str) -> None:
-        """Take one request from the client's buckets; RateLimited (429, Retry-After) names the limit reached."""
-        buckets = self._buckets(client, need_request=1, need_token=1, request_cost=1)
+        """Take one request from the client's buckets; RateLimited (429, Retry-After) names the limit reached.
+        The tokens bucket admits while any token is left (the reply's tokens are debited as it ends)."""
+        buckets: list[tuple[str, str, int, int]] = []  # key, what it counts, per minute, cost now
+        if self.requests_per_minute is not None:
+            buckets.append((keys.rate_bucket(client, "requests"), "requests", self.requests_per_minute, 1))
+        if self.tokens_per_minute is not None:
+            buckets.append((keys.rate_bucket(client, "tokens"), "generated tokens", self.tokens_per_minute, 0))
         if not buckets:
             return
-        names, args = zip(*buckets, strict=True)
-        blocked, wait_ms = await self._take_tokens(keys=[n for n, _ in names], args=["admit", *sum(args, ())])
+        args: list[object] = ["admit"]
+        for _, _, per_minute, cost in buckets:
+            args += [per_minute, 1, cost]  # need one unit left in each
+        blocked, wait_ms = await self._take_tokens(keys=[key for key, *_ in buckets], args=args)
         if int(blocked):
-            kind, per_minute = names[int(blocked) - 1][1]
+            _, what, per_minute, _ = buckets[int(blocked) - 1]
+            wait_s = max(1, math.ceil(int(wait_ms) / 1000))
             raise RateLimited(
-                f"rate limit reached: {per_minute} {kind} per minute for client {client!r}; "
-                f"retry in {math.ceil(int(wait_ms) / 1000)} s",
-                retry_after=max(1, math.ceil(int(wait_ms) / 1000)),
+                f"rate limit reached: {per_minute} {what} per minute for client {client!r}; retry in {wait_s} s",
+                retry_after=wait_s,
             )
 
     async def debit_tokens(self, client: str, tokens: int) -> None:
@@ -127,18 +134,6 @@ class ClientLimits:
         await self._take_tokens(
             keys=[keys.rate_bucket(client, "tokens")], args=["debit", self.tokens_per_minute, 0, tokens]
         )
-
-    def _buckets(
-        self, client: str, *, need_request: int, need_token: int, request_cost: int
-    ) -> list[tuple[tuple[str, tuple[str, int]], tuple[int, int, int]]]:
-        found = []
-        if self.requests_per_minute is not None:
-            name = (keys.rate_bucket(client, "requests"), ("requests", self.requests_per_minute))
-            found.append((name, (self.requests_per_minute, need_request, request_cost)))
-        if self.tokens_per_minute is not None:  # admitted while any token is left; the reply's tokens are debited
-            name = (keys.rate_bucket(client, "tokens"), ("generated tokens", self.tokens_per_minute))
-            found.append((name, (self.tokens_per_minute, need_token, 0)))
-        return found
 
     async def take_slot(self, client: str, job_id: str) -> None:
         """Count `job_id` against the client's jobs held at once; RateLimited (429) names the cap when it is full."""
