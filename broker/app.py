@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
 from broker import images
+from broker.admission import Admission
 from broker.auth import ApiKeyCheck, ApiKeyMiddleware, load_api_keys
 from broker.context import ControllerContext, StreamTimings, redis_unavailable
 from broker.metrics import ControllerMetrics, StatsWriter
@@ -128,6 +129,8 @@ def create_app(
             timings=stream_timings,
             observe=lambda model: metrics.observe(model, stats.record),
         )
+        app.state.admission = Admission(redis, settings, keys_checked=bool(api_keys))
+        app.state.ctx.on_job_end = app.state.admission.job_ended
         sweeper = _start_sweeper(settings) if run_sweeper else None
         try:
             yield
@@ -216,6 +219,37 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--remote-image-timeout-s", type=float, default=None, help="seconds per remote image (5)")
     parser.add_argument("--remote-image-timeout", dest="remote_image_timeout_s", type=float, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--max-jobs-per-client",
+        type=int,
+        default=None,
+        help="jobs one client (API key, else address) may hold queued or running at once, across replicas; "
+        "more get 429 with Retry-After. Default: no cap",
+    )
+    parser.add_argument("--client-job-hold-s", type=float, default=None, help="longest a job counts (3600)")
+    parser.add_argument(
+        "--rate-limit-requests-per-minute", type=int, default=None, help="per client (API key, else address)"
+    )
+    parser.add_argument(
+        "--rate-limit-tokens-per-minute", type=int, default=None, help="generated tokens per client per minute"
+    )
+    parser.add_argument(
+        "--log-conversations",
+        action="store_true",
+        default=None,
+        help="write every finished, failed or cancelled exchange to the conversation log in Redis. Default: off",
+    )
+    parser.add_argument("--log-retention-days", type=float, default=None, help="days the log keeps entries (30)")
+    parser.add_argument("--log-retention-entries", type=int, default=None, help="entries the log keeps")
+    parser.add_argument(
+        "--moderation-words", dest="moderation_words_file", default=None, metavar="FILE",
+        help="refuse user text matching any regular expression (or word) in FILE, one a line",
+    )  # fmt: skip
+    parser.add_argument(
+        "--moderation-url", default=None, help="check user text with an OpenAI-shaped moderation API at this URL"
+    )
+    parser.add_argument("--feedback-retention-days", type=float, default=None, help="days feedback is kept (365)")
+    parser.add_argument("--feedback-retention-entries", type=int, default=None, help="feedback entries kept (100000)")
 
 
 _CONTROLLER_FLAGS = (
@@ -234,6 +268,17 @@ _CONTROLLER_FLAGS = (
     "api_keys_file",
     "allow_remote_images",
     "remote_image_timeout_s",
+    "max_jobs_per_client",
+    "client_job_hold_s",
+    "rate_limit_requests_per_minute",
+    "rate_limit_tokens_per_minute",
+    "log_conversations",
+    "log_retention_days",
+    "log_retention_entries",
+    "feedback_retention_days",
+    "moderation_words_file",
+    "moderation_url",
+    "feedback_retention_entries",
 )
 
 

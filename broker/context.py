@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -52,6 +52,8 @@ class ControllerContext:
     workers_cache_s: float = 1.0
     # Called with the model as a stream starts; returns an observer (`on_event(event)`, `close()`): metrics.
     observe: Callable[[str], Any] | None = None
+    # Awaited once as a stream ends: (job id, its done or error event or None when its client went away, text).
+    on_job_end: Callable[[str, Any, str], Awaitable[None]] | None = None
     _workers: tuple[float, list[WorkerInfo]] | None = field(default=None, repr=False)
 
     async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

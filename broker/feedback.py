@@ -2,12 +2,15 @@
 them back for `llava-serve replay`.
 
 An entry keeps the whole conversation with its images as sha256 digests; each image is stored once under
-`keys.image(digest)` and its TTL removed, so a flagged conversation stays reproducible from the stream alone.
+`keys.image(digest)` and kept as long as the entry, so a flagged conversation stays reproducible from the stream
+alone. The stream is capped (`feedback_retention_days`, `feedback_retention_entries`) and its images' TTL matches.
 """
 
 from __future__ import annotations
 
 import base64
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
@@ -15,6 +18,7 @@ import redis as redis_errors
 from fastapi import APIRouter, Request
 from redis import Redis
 
+from broker.convlog import KEEP_IMAGES
 from broker.images import ImageLimits, check_images
 from broker.validation import documented_body, read_model
 from contract import keys
@@ -30,6 +34,7 @@ from contract.messages import (
     JobText,
     TextPart,
 )
+from infra.settings import ControllerSettings
 
 ENTRY_FIELD = "entry"
 
@@ -76,12 +81,45 @@ def build_entry(request: FeedbackRequest, limits: ImageLimits) -> tuple[Feedback
     return entry, images
 
 
-def queue_entry(pipe: Any, entry: FeedbackEntry, images: dict[str, bytes]) -> None:
-    """Queue on `pipe` (sync or asyncio) the image writes, without TTL, and the stream append."""
+@dataclass(frozen=True)
+class FeedbackRetention:
+    """How long the feedback stream keeps entries (age and/or count) and, to match, their images."""
+
+    days: float | None = None
+    entries: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: ControllerSettings) -> FeedbackRetention:
+        return cls(days=settings.feedback_retention_days, entries=settings.feedback_retention_entries)
+
+    @property
+    def image_ttl_ms(self) -> int | None:
+        return None if self.days is None else int(self.days * 86400 * 1000)
+
+
+def queue_entry(
+    pipe: Any, entry: FeedbackEntry, images: dict[str, bytes], retention: FeedbackRetention | None = None
+) -> None:
+    """Queue on `pipe` (sync or asyncio) the image writes and the stream append, trimmed to `retention` (exactly:
+    each append then evicts about one entry). Images are kept as long as the entry: with a retention in days their
+    TTL is raised to it (never lowered: the conversation log may keep them longer), else they are kept for ever."""
+    retention = retention or FeedbackRetention()
+    ttl_ms = retention.image_ttl_ms
     for digest, data in images.items():
-        # SET without EX drops any TTL the generate path gave the same bytes: the entry keeps them.
-        pipe.set(keys.image(digest), data)
-    pipe.xadd(keys.feedback(), {ENTRY_FIELD: entry.model_dump_json(exclude={"entry_id"})})
+        if ttl_ms is None:
+            # SET without EX drops any TTL the generate path gave the same bytes: the entry keeps them.
+            pipe.set(keys.image(digest), data)
+        else:
+            pipe.set(keys.image(digest), data, nx=True, px=ttl_ms)
+    if ttl_ms is not None and images:
+        pipe.eval(KEEP_IMAGES, len(images), *[keys.image(d) for d in images], ttl_ms)
+    minid = None
+    if retention.days is not None:
+        minid = f"{int((time.time() - retention.days * 86400) * 1000)}-0"
+    fields = {ENTRY_FIELD: entry.model_dump_json(exclude={"entry_id"})}
+    pipe.xadd(keys.feedback(), fields, minid=minid, approximate=False)
+    if retention.entries is not None:
+        pipe.xtrim(keys.feedback(), maxlen=retention.entries, approximate=False)
 
 
 router = APIRouter()
@@ -100,13 +138,14 @@ async def post_feedback(request: Request) -> FeedbackAccepted:
     body = await read_model(request, FeedbackRequest, ctx.settings.max_body_bytes)
     limits = ImageLimits.from_settings(ctx.settings)
     entry, images = await anyio.to_thread.run_sync(build_entry, body, limits)
+    retention = FeedbackRetention.from_settings(ctx.settings)
     try:
         async with ctx.redis.pipeline(transaction=True) as pipe:
-            queue_entry(pipe, entry, images)
+            queue_entry(pipe, entry, images, retention)
             results = await pipe.execute()
     except (redis_errors.ConnectionError, redis_errors.TimeoutError) as exc:
         raise RedisUnavailable(f"cannot store the feedback: Redis is unavailable ({exc})") from exc
-    entry_id = results[-1]
+    entry_id = results[-2] if retention.entries is not None else results[-1]  # the XADD's reply
     return FeedbackAccepted(
         entry_id=entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id), images=list(images)
     )

@@ -20,7 +20,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from broker.stats import queue_job_counts
@@ -170,6 +170,15 @@ class RedisStateCollector(Collector):
             families["slots"].add_metric([q.model], q.slots)
             families["occupancy"].add_metric([q.model], q.running / q.slots if q.slots else 0.0)
         yield from families.values()
+        log_entries = GaugeMetricFamily("llava_conversation_log_entries", "Entries in the conversation log")
+        log_entries.add_metric([], report.conversation_log_entries)
+        yield log_entries
+        refused = CounterMetricFamily(
+            "llava_requests_refused", "Requests refused before enqueueing, every replica, by code", labels=["code"]
+        )
+        for code in ("rate_limited", "content_refused"):
+            refused.add_metric([code], report.refusals.get(code, 0))
+        yield refused
 
 
 class StatsWriter:

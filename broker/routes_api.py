@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from broker import images
+from broker.admission import submit_for
 from broker.context import ControllerContext
-from broker.streams import follow_job, submit_job
+from broker.streams import follow_job
 from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model
 from contract import jobs
 from contract.errors import JobNotFound, RedisUnavailable, RequestInvalid
@@ -168,7 +169,7 @@ async def generate(request: Request) -> EventSourceResponse:
     ctx = context(request)
     body = await read_model(request, GenerateRequest, ctx.settings.max_body_bytes)
     job = await prepare_job(ctx, body)
-    sub = await submit_job(ctx, job)
+    sub = await submit_for(request, ctx, job)
     return EventSourceResponse(
         sse_events(follow_job(ctx, sub, job.model)),
         ping=ctx.settings.ping_interval_s,

@@ -21,9 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from broker import images
+from broker.admission import submit_for
 from broker.context import ControllerContext
 from broker.routes_api import checked_images, context, image_limits, new_job_id, require_live_model
-from broker.streams import follow_job, submit_job
+from broker.streams import follow_job
 from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model, require_prompt
 from contract.errors import EndpointGone, InvalidRequest, LlavaError, LlavaWireCode, llava_wire_code
 from contract.messages import (
@@ -173,7 +174,7 @@ async def worker_generate_stream(request: Request) -> Response:
     body, job = await _start_llava_job(ctx, request)
     if job is None:  # max_new_tokens 0: the reply is empty and complete
         return Response(chunk(body.prompt), media_type="application/octet-stream")
-    sub = await submit_job(ctx, job)
+    sub = await submit_for(request, ctx, job)
     return _DisconnectAwareStream(
         llava_chunks(body.prompt, follow_job(ctx, sub, job.model)),
         media_type="application/octet-stream",

@@ -12,16 +12,19 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
+import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from broker.admission import submit_for
 from broker.context import ControllerContext
 from broker.remote_images import RemoteImagePolicy, inline_remote_images
 from broker.routes_api import context, image_sources, new_job_id, prepare_job, require_live_model
-from broker.streams import follow_job, submit_job
+from broker.streams import follow_job
 from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model, require_prompt
 from contract.errors import GenerationFailed, RequestInvalid
 from contract.messages import (
@@ -54,6 +57,8 @@ from contract.openai_messages import (
 )
 
 router = APIRouter(tags=["OpenAI compatibility"])
+
+T = TypeVar("T")
 
 OPENAI_PREFIX = "/v1/"
 
@@ -226,10 +231,11 @@ async def chat_completions(request: Request):
     body = await read_model(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
     generate = await with_remote_images(request, ctx, body.to_generate_request())
     job = await prepare_job(ctx, generate)
-    return await respond(ctx, job, body, "chatcmpl", completion_chunks, final_completion)
+    return await respond(request, ctx, job, body, "chatcmpl", completion_chunks, final_completion)
 
 
 async def respond(
+    request: Request,
     ctx: ControllerContext,
     job: JobRequest,
     body: OpenAIRequest,
@@ -239,7 +245,7 @@ async def respond(
 ):
     """Submit `job` and answer in OpenAI's format: `stream`'s chunks as SSE when the body asks to stream, else
     `whole`'s object as JSON; the job id goes in `X-Job-Id`."""
-    sub = await submit_job(ctx, job)
+    sub = await submit_for(request, ctx, job)
     events = follow_job(ctx, sub, job.model)
     ids = {"completion_id": f"{id_prefix}-{job.job_id}", "created": int(time.time()), "model": body.model}
     headers = {"X-Job-Id": job.job_id}
@@ -247,8 +253,45 @@ async def respond(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = stream(events, include_usage=include_usage, **ids)
         return EventSourceResponse(chunks, ping=ctx.settings.ping_interval_s, headers=headers)
-    completion = await whole(events, **ids)
+    completion = await unless_disconnected(request, whole(events, **ids))
+    if completion is None:  # the client gave up: its job was cancelled as `events` closed; nobody reads this
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     return JSONResponse(completion.model_dump(mode="json"), headers=headers)
+
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away before the answer
+
+
+async def wait_disconnected(request: Request) -> None:
+    """Return once the client has gone. Called after the body was read, so the next ASGI message is the
+    disconnect (while the connection stays open, `receive` just waits)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """`work`'s result, or None when the client disconnects first (then `work` is cancelled: a whole reply's
+    `events` close, which cancels the job, as a streaming request's do when its client goes)."""
+    result: list[T] = []
+    failed: list[Exception] = []  # re-raised as is, not in the task group's ExceptionGroup, for the app's handler
+    async with anyio.create_task_group() as tasks:
+
+        async def run() -> None:
+            try:
+                result.append(await work)
+            except Exception as exc:  # noqa: BLE001 - re-raised below
+                failed.append(exc)
+            tasks.cancel_scope.cancel()
+
+        async def watch() -> None:
+            await wait_disconnected(request)
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(run)
+        tasks.start_soon(watch)
+    if failed:
+        raise failed[0]
+    return result[0] if result else None
 
 
 async def prepare_prompt_job(ctx: ControllerContext, body: CompletionRequest) -> JobRequest:
@@ -277,7 +320,7 @@ async def completions(request: Request):
     ctx = context(request)
     body = await read_model(request, CompletionRequest, ctx.settings.max_body_bytes)
     job = await prepare_prompt_job(ctx, body)
-    return await respond(ctx, job, body, "cmpl", text_completion_chunks, final_text_completion)
+    return await respond(request, ctx, job, body, "cmpl", text_completion_chunks, final_text_completion)
 
 
 @router.get("/v1/models", response_model=ModelCardList, summary="OpenAI: models served by live workers")

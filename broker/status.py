@@ -50,7 +50,9 @@ def snapshot(redis: Any, *, now: float | None = None, rate_minutes: int | None =
     with redis.pipeline(transaction=False) as pipe:
         for model in ordered:
             pipe.llen(keys.rq_queue(model))
-        depths = pipe.execute()
+        pipe.xlen(keys.conversations())
+        pipe.hgetall(keys.refusals())
+        *depths, log_entries, refusals = pipe.execute()
     queues = []
     for model, depth in zip(ordered, depths, strict=True):
         serving = [w for w in workers if model in w.models]
@@ -65,7 +67,10 @@ def snapshot(redis: Any, *, now: float | None = None, rate_minutes: int | None =
             )
         )
     rates = read_rates(redis, minutes=rate_minutes, now=now) if rate_minutes else {}
-    return StatusReport(at=now, workers=workers, queues=queues, rates=rates)
+    refused = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in refusals.items()}
+    return StatusReport(
+        at=now, workers=workers, queues=queues, rates=rates, conversation_log_entries=int(log_entries), refusals=refused
+    )
 
 
 # ---- Rendering ----------------------------------------------------------------------------------------------
@@ -119,6 +124,8 @@ def render(report: StatusReport, *, rate_minutes: int = RATE_MINUTES) -> str:
         for r in report.rates.values()
     ]
     lines += _table(["MODEL", "REQ/MIN", "TOKENS/S", "REQUESTS", "ERRORS"], rate_rows)
+    refused = ", ".join(f"{code} {count}" for code, count in sorted(report.refusals.items())) or "none"
+    lines += ["", f"CONVERSATION LOG {report.conversation_log_entries} entries; REFUSED {refused}"]
     return "\n".join(lines) + "\n"
 
 

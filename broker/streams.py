@@ -238,23 +238,25 @@ async def follow_job(ctx: ControllerContext, sub: Subscription, model: str) -> A
     follower = _JobFollower(ctx, sub, model)
     observer = ctx.observe(model) if ctx.observe is not None else None
     finished = False
+    final: DoneEvent | ErrorEvent | None = None
     try:
         try:
             async for event in follower.events():
                 if isinstance(event, (DoneEvent, ErrorEvent)):
                     finished = True
+                    final = event
                 if observer is not None:
                     observer.on_event(event)
                 yield event
         except REDIS_ERRORS as exc:
             finished = True
-            event = error_event(sub.job_id, redis_unavailable(exc), follower.text)
+            event = final = error_event(sub.job_id, redis_unavailable(exc), follower.text)
             if observer is not None:
                 observer.on_event(event)
             yield event
         except RedisUnavailable as exc:
             finished = True
-            event = error_event(sub.job_id, exc, follower.text)
+            event = final = error_event(sub.job_id, exc, follower.text)
             if observer is not None:
                 observer.on_event(event)
             yield event
@@ -265,6 +267,9 @@ async def follow_job(ctx: ControllerContext, sub: Subscription, model: str) -> A
         if not finished:
             with anyio.CancelScope(shield=True):
                 await cancel_quietly(ctx, sub.job_id, model)
+        if ctx.on_job_end is not None:  # limits and the conversation log: every endpoint's stream ends here
+            with anyio.CancelScope(shield=True):
+                await ctx.on_job_end(sub.job_id, final, follower.text)
 
 
 async def cancel_quietly(ctx: ControllerContext, job_id: str, model: str) -> None:

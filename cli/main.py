@@ -55,6 +55,12 @@ def _replay(args: argparse.Namespace) -> int:
     return run_replay_command(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from cli.export import run_export_command
+
+    return run_export_command(args)
+
+
 def _train_demo_model(args: argparse.Namespace) -> int:
     from workers.demo.train import train_demo_model_command
 
@@ -97,6 +103,12 @@ def _replay_arguments(parser: argparse.ArgumentParser) -> None:
     add_replay_arguments(parser)
 
 
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    from cli.export import add_export_arguments
+
+    add_export_arguments(parser)
+
+
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="directory to write the model to")
     parser.add_argument("--seed", type=int, default=0)
@@ -117,6 +129,8 @@ COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callab
     ("status", "workers, queues and recent rates, read from Redis (--watch to follow)", _status_arguments, _status),
     ("replay", "re-run flagged (or voted) conversations against a model and write a side-by-side report",
      _replay_arguments, _replay),
+    ("export", "write a training set (LLaVA's format, preference pairs, images) from the conversation log and "
+     "feedback", _export_arguments, _export),
     ("train-demo-model", "train the shapes demo LLaVA in DIR on images it draws, offline", _train_arguments,
      _train_demo_model),
     ("tiny-model", "build a tiny random-weight LLaVA in DIR, offline, for tests", _tiny_arguments, _tiny_model),

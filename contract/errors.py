@@ -25,6 +25,9 @@ class ErrorCode(str, Enum):
     payload_too_large = "payload_too_large"
     image_too_large = "image_too_large"
     queue_full = "queue_full"
+    content_refused = "content_refused"  # the moderation hook flagged the user's text
+    moderation_unavailable = "moderation_unavailable"  # the moderation service failed: the request is refused
+    rate_limited = "rate_limited"  # a client's cap on jobs held at once, or its requests or tokens per minute
     generation_failed = "generation_failed"
     device_error = "device_error"
     worker_lost = "worker_lost"
@@ -128,6 +131,31 @@ class ImageTooLarge(PayloadTooLarge):
 class QueueFull(LlavaError):
     status_code = 429
     code = ErrorCode.queue_full
+
+    def __init__(self, message: str, *, retry_after: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        self.retry_after = retry_after
+
+
+class ContentRefused(LlavaError):
+    """400: the moderation hook flagged the request's text; the message says which rule or categories."""
+
+    status_code = 400
+    code = ErrorCode.content_refused
+
+
+class ModerationUnavailable(LlavaError):
+    """503: the moderation service did not answer; the request is refused rather than let through unchecked."""
+
+    status_code = 503
+    code = ErrorCode.moderation_unavailable
+
+
+class RateLimited(LlavaError):
+    """429 for one client over its own limit (jobs held at once, requests or tokens per minute), naming it."""
+
+    status_code = 429
+    code = ErrorCode.rate_limited
 
     def __init__(self, message: str, *, retry_after: int = 5) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after)})

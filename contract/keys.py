@@ -106,13 +106,15 @@ def cancel(job_id: str) -> str:
 
 
 def image(digest: str) -> str:
-    """STRING, the bytes of one uploaded image, named by its sha256; TTL IMAGE_TTL_S (no TTL once kept
-    by a feedback entry)."""
+    """STRING, the bytes of one uploaded image, named by its sha256; TTL IMAGE_TTL_S, raised to the feedback
+    retention once a feedback entry keeps it (no TTL when that retention is unset) and to the conversation log's
+    retention once the log keeps it; never lowered."""
     return f"{PREFIX}image:{digest}"
 
 
 def feedback() -> str:
-    """STREAM of votes and flags (`FeedbackEntry` in field `entry`). No TTL."""
+    """STREAM of votes and flags (`FeedbackEntry` in field `entry`). No TTL; each XADD trims it exactly to the
+    feedback retention: MINID now - `feedback_retention_days` (365), MAXLEN `feedback_retention_entries` (100,000)."""
     return f"{PREFIX}feedback"
 
 
@@ -136,3 +138,29 @@ def replays() -> str:
     """STREAM of `llava-serve replay` results (`ReplayRow` JSON in field `row`, plus `run_id`), capped near
     REPLAYS_MAXLEN entries. No TTL."""
     return f"{PREFIX}replays"
+
+
+def client_jobs(client: str) -> str:
+    """ZSET of the jobs one client (`key-<digest>` or its address) holds queued or running, scored by the Unix time
+    in ms each entry lapses (a controller that died before releasing it cannot hold the slot longer); PEXPIRE the
+    longest hold, renewed at each admission."""
+    return f"{PREFIX}client:{client}:jobs"
+
+
+def rate_bucket(client: str, kind: str) -> str:
+    """HASH `level`, `at` (ms) of one client's token bucket, `kind` `requests` or `tokens` (per minute); PEXPIRE
+    the time it takes to refill, set in the same script that writes it."""
+    return f"{PREFIX}client:{client}:rate:{kind}"
+
+
+def conversations() -> str:
+    """STREAM of finished, failed and cancelled exchanges (`ConversationRecord` JSON in field `record`), written only
+    with `--log-conversations`; capped at each XADD by MINID ~ (retention days) and/or MAXLEN ~ (retention entries).
+    No TTL. Its images' TTLs are extended to the retention days."""
+    return f"{PREFIX}conversations"
+
+
+def refusals() -> str:
+    """HASH of requests refused before enqueueing, by error code (`rate_limited`, `content_refused`), summed over
+    every replica since Redis began (HINCRBY). No TTL; a handful of fields."""
+    return f"{PREFIX}refusals"

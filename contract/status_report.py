@@ -46,3 +46,7 @@ class StatusReport(BaseModel):
     workers: list[WorkerInfo]
     queues: list[QueueRow]
     rates: dict[str, ModelRates] = Field(default_factory=dict)
+    conversation_log_entries: int = Field(default=0, description="entries in the conversation log now")
+    refusals: dict[str, int] = Field(
+        default_factory=dict, description="requests refused before enqueueing, by code (rate_limited, content_refused)"
+    )

@@ -21,6 +21,10 @@ from contract import jobs, keys, liveness
 
 log = logging.getLogger(__name__)
 
+# rq removes expired entries from its finished, failed and canceled registries only when someone asks it to (its
+# own workers do, every 10 minutes; ours do not): the sweeper asks, at most this often.
+REGISTRY_PRUNE_INTERVAL_S = 60.0
+
 # Extends the lock only while its holder still owns it.
 _EXTEND_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -76,6 +80,27 @@ def sweep_once(redis: Redis, *, reachable_for_s: float | None = None) -> SweepRe
     return report
 
 
+def prune_registries(redis: Redis) -> int:
+    """Remove expired entries (scores are expiry times) from every model queue's finished, failed and canceled rq
+    registries: rq's own `cleanup` for the first two; rq's canceled registry has none, so its expired entries are
+    removed the same way. The started registry is left to liveness. Returns how many entries went."""
+    from rq.registry import FailedJobRegistry, FinishedJobRegistry
+
+    removed = 0
+    prefix = keys.rq_queue_prefix().encode()
+    for raw in redis.smembers(keys.rq_queues()):
+        queue_key = raw if isinstance(raw, bytes) else raw.encode()
+        if not queue_key.startswith(prefix):
+            continue
+        model = queue_key[len(prefix) :].decode()
+        for registry_class, kind in ((FinishedJobRegistry, "finished"), (FailedJobRegistry, "failed")):
+            before = redis.zcard(keys.rq_registry(kind, model))
+            registry_class(keys.queue_name(model), connection=redis).cleanup()
+            removed += before - redis.zcard(keys.rq_registry(kind, model))
+        removed += redis.zremrangebyscore(keys.rq_registry("canceled", model), 0, time.time())
+    return removed
+
+
 def run_sweeper(
     redis_url: str | None,
     interval: float,
@@ -90,6 +115,7 @@ def run_sweeper(
     client = connect(redis_url)
     down = False
     reachable_since: float | None = None  # when Redis answered again after this sweeper last saw it down
+    pruned_at = -REGISTRY_PRUNE_INTERVAL_S  # monotonic time of the last registry pruning
     try:
         while not stop_event.wait(interval):
             try:
@@ -100,6 +126,9 @@ def run_sweeper(
                 if reachable_since is not None:
                     reachable_for_s = min(reachable_for_s, time.monotonic() - reachable_since)
                 report = sweep_once(client, reachable_for_s=reachable_for_s)
+                if time.monotonic() - pruned_at >= REGISTRY_PRUNE_INTERVAL_S and not report.locked_out:
+                    pruned_at = time.monotonic()
+                    prune_registries(client)
                 if on_sweep is not None:
                     on_sweep(report)
                 if down:

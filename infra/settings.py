@@ -63,6 +63,39 @@ class ControllerSettings(BaseSettings):
     allow_remote_images: bool = Field(default=False, description="fetch http(s) image_url (public addresses only)")
     remote_image_timeout_s: float = Field(default=5.0, gt=0, description="seconds to fetch one remote image, in all")
     remote_image_max_redirects: int = Field(default=3, ge=0)
+    max_jobs_per_client: int | None = Field(
+        default=None, ge=1, description="jobs one client (API key, else address) holds queued or running; None: no cap"
+    )
+    client_job_hold_s: float = Field(
+        default=3600.0, gt=0, description="longest a job counts against its client's cap (covers a controller crash)"
+    )
+    rate_limit_requests_per_minute: int | None = Field(
+        default=None, ge=1, description="generate requests per client per minute (token bucket); None: no limit"
+    )
+    rate_limit_tokens_per_minute: int | None = Field(
+        default=None, ge=1, description="generated tokens per client per minute (token bucket); None: no limit"
+    )
+    feedback_retention_days: float | None = Field(
+        default=365.0, gt=0, description="feedback entries and their images are kept this long; None: for ever"
+    )
+    feedback_retention_entries: int | None = Field(
+        default=100_000, ge=1, description="the feedback stream keeps at most this many entries, the newest"
+    )
+    moderation_words_file: Path | None = Field(
+        default=None,
+        description="regular expressions (a word is one), one a line: user text matching one is refused",
+    )
+    moderation_url: str | None = Field(
+        default=None,
+        description="an OpenAI-shaped moderation endpoint (POST {input}), e.g. https://host/v1/moderations",
+    )
+    moderation_api_key: str | None = Field(default=None, description="bearer key for moderation_url")
+    moderation_timeout_s: float = Field(default=5.0, gt=0, description="a moderation call that takes longer fails")
+    log_conversations: bool = Field(default=False, description="write every exchange to the conversation log")
+    log_retention_days: float | None = Field(
+        default=30.0, gt=0, description="conversation log entries and their images are kept this long"
+    )
+    log_retention_entries: int | None = Field(default=None, ge=1, description="conversation log keeps about this many")
 
 
 class WorkerSettings(BaseSettings):

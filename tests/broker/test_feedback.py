@@ -74,8 +74,8 @@ def test_a_flag_is_appended_with_its_images_kept(api, redis_client):
     assert entry.images == accepted["images"] and len(entry.images) == 2  # the repeated image is stored once
     assert [p.type for p in entry.messages[0].content] == ["image", "image", "text"]
     assert entry.messages[2].content[0].digest == entry.images[0]
-    for digest in entry.images:
-        assert redis_client.ttl(keys.image(digest)) == -1
+    for digest in entry.images:  # kept as long as the feedback stream keeps its entries (365 days by default)
+        assert redis_client.ttl(keys.image(digest)) > 364 * 86400
     assert redis_client.get(keys.image(entry.images[0])) == red
 
 
@@ -140,3 +140,26 @@ def test_feedback_documents_its_body(api):
     ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     assert ref == "#/components/schemas/FeedbackRequest"
     assert "FeedbackRequest" in schema["components"]["schemas"]
+
+
+def test_the_stream_keeps_its_retention_and_images_live_as_long(redis_client, redis_url):
+    settings = ControllerSettings(redis_url=redis_url, feedback_retention_days=2, feedback_retention_entries=3)
+    redis_client.xadd(keys.feedback(), {"entry": "{}"}, id="1000-0")  # older than two days
+    kept_by_log = png((0, 9, 0))
+    redis_client.set(keys.image(hashlib.sha256(kept_by_log).hexdigest()), kept_by_log, ex=10 * 86400)
+    with TestClient(create_app(settings, run_sweeper=False)) as client:
+        for kind in ("upvote", "flag", "downvote", "flag"):
+            assert client.post("/api/v1/feedback", json=body(kind, (png(), kept_by_log))).status_code == 200
+    entries = read_feedback(redis_client)
+    assert [e.type.value for e in entries] == ["flag", "downvote", "flag"]
+    red, green = entries[0].images
+    assert 86400 < redis_client.ttl(keys.image(red)) <= 2 * 86400  # as long as the entry
+    assert redis_client.ttl(keys.image(green)) > 9 * 86400  # never shortened
+
+
+def test_without_a_retention_in_days_images_are_kept_for_ever(redis_client, redis_url):
+    settings = ControllerSettings(redis_url=redis_url, feedback_retention_days=None, feedback_retention_entries=None)
+    with TestClient(create_app(settings, run_sweeper=False)) as client:
+        assert client.post("/api/v1/feedback", json=body("flag", (png(),))).status_code == 200
+    (entry,) = read_feedback(redis_client)
+    assert redis_client.ttl(keys.image(entry.images[0])) == -1

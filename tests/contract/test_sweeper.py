@@ -192,3 +192,38 @@ def test_no_worker_is_judged_dead_within_the_grace_after_redis_came_back(redis_c
     assert report.paused and report.dead_workers == []
     assert redis_client.sismember(keys.workers(), "dead")
     assert sweeper.sweep_once(redis_client, reachable_for_s=liveness.REREGISTER_GRACE_S).dead_workers == ["dead"]
+
+
+def test_expired_entries_of_rq_registries_are_pruned_and_live_ones_kept(redis_client):
+    for job_id in ("old-done", "new-done", "old-failed", "old-canceled", "new-canceled"):
+        _enqueue(redis_client, job_id, 1000.0)
+    jobs.claim(redis_client, "w", MODEL, 5)
+    now = time.time()
+    for kind, job_id, expires_at in (
+        ("finished", "old-done", now - 10),
+        ("finished", "new-done", now + 600),
+        ("failed", "old-failed", now - 10),
+        ("canceled", "old-canceled", now - 10),
+        ("canceled", "new-canceled", now + 600),
+    ):
+        redis_client.zadd(keys.rq_registry(kind, MODEL), {job_id: expires_at})  # as rq scores them: expiry times
+    assert sweeper.prune_registries(redis_client) == 3
+    kinds = ("finished", "failed", "canceled")
+    left = {kind: redis_client.zrange(keys.rq_registry(kind, MODEL), 0, -1) for kind in kinds}
+    assert left == {"finished": [b"new-done"], "failed": [], "canceled": [b"new-canceled"]}
+
+
+def test_the_sweeper_thread_prunes_registries(redis_url, redis_client):
+    _enqueue(redis_client, "old", 1000.0)
+    redis_client.zadd(keys.rq_registry("finished", MODEL), {"old": time.time() - 10})
+    stop = threading.Event()
+    thread = threading.Thread(target=sweeper.run_sweeper, args=(redis_url, 0.05, stop), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while redis_client.zcard(keys.rq_registry("finished", MODEL)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert redis_client.zcard(keys.rq_registry("finished", MODEL)) == 0
+    finally:
+        stop.set()
+        thread.join(5)

@@ -52,7 +52,7 @@ def test_votes_and_flags_reach_the_feedback_stream(controller_url, scripted_work
     assert flagged.model == MODEL and flagged.job_ids == [conv.last_reply.job_id]
     assert flagged.params.seed == client.sent[-1].seed
     (digest,) = flagged.images
-    assert r.ttl(keys.image(digest)) == -1  # kept for as long as the entry
+    assert r.ttl(keys.image(digest)) > 364 * 86400  # kept for as long as the entry (feedback retention, 365 days)
     assert feedback_images(r, flagged)[digest] == conv.turns[0].images[0].png
     replayed = feedback_generate_request(r, flagged)
     assert replayed == client.sent[-1]
