@@ -24,8 +24,20 @@ from broker import images
 from broker.context import ControllerContext
 from broker.routes_api import checked_images, context, image_limits, new_job_id, require_live_model
 from broker.streams import follow_job, submit_job
-from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model, require_prompt
-from contract.errors import EndpointGone, InvalidRequest, LlavaError, LlavaWireCode, llava_wire_code
+from broker.validation import (
+    BODY_ERRORS,
+    IMAGE_ERRORS,
+    IMAGE_PLACEHOLDER,
+    JOB_ERRORS,
+    LLAVA_STREAM_MEDIA_TYPE,
+    READ_ERRORS,
+    documented_body,
+    error_responses,
+    read_model,
+    require_prompt,
+    stream_reply,
+)
+from contract.errors import EndpointGone, InvalidRequest, LlavaError, LlavaWireCode, Unauthorized, llava_wire_code
 from contract.messages import (
     MAX_NEW_TOKENS,
     MAX_TEMPERATURE,
@@ -167,6 +179,10 @@ async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[Ll
     LLAVA_STREAM_PATH,
     summary="LLaVA: stream NUL-delimited JSON chunks of prompt + text",
     openapi_extra=documented_body(LlavaGenerateBody),
+    responses={
+        **stream_reply(LLAVA_STREAM_MEDIA_TYPE, "NUL-terminated JSON chunks `{text, error_code}`, LLaVA's stream"),
+        **error_responses(*BODY_ERRORS, *IMAGE_ERRORS, *JOB_ERRORS, media_type=LLAVA_STREAM_MEDIA_TYPE),
+    },
 )
 async def worker_generate_stream(request: Request) -> Response:
     ctx = context(request)
@@ -181,12 +197,16 @@ async def worker_generate_stream(request: Request) -> Response:
     )
 
 
-@router.post("/list_models", summary="LLaVA: models served by live workers")
+@router.post("/list_models", responses=error_responses(*READ_ERRORS), summary="LLaVA: models served by live workers")
 async def list_models(request: Request) -> dict[str, list[str]]:
     return {"models": list(await context(request).serving(fresh=True))}
 
 
-@router.post("/get_worker_address", summary="LLaVA: where to stream from (this controller), or '' if no worker")
+@router.post(
+    "/get_worker_address",
+    responses=error_responses(*BODY_ERRORS),
+    summary="LLaVA: where to stream from (this controller), or '' if no worker",
+)
 async def get_worker_address(request: Request) -> dict[str, str]:
     ctx = context(request)
     body = await read_model(request, ModelName, ctx.settings.max_body_bytes)
@@ -196,7 +216,11 @@ async def get_worker_address(request: Request) -> dict[str, str]:
     return {"address": address.rstrip("/")}
 
 
-@router.post("/worker_get_status", summary="LLaVA: models, speed and queue length summed over live workers")
+@router.post(
+    "/worker_get_status",
+    responses=error_responses(*READ_ERRORS),
+    summary="LLaVA: models, speed and queue length summed over live workers",
+)
 async def worker_get_status(request: Request) -> dict[str, object]:
     ctx = context(request)
     serving = await ctx.serving(fresh=True)
@@ -211,7 +235,11 @@ async def worker_get_status(request: Request) -> dict[str, object]:
     }
 
 
-@router.post("/refresh_all_workers", summary="LLaVA: no-op; liveness comes from Redis keys")
+@router.post(
+    "/refresh_all_workers",
+    responses=error_responses(Unauthorized),
+    summary="LLaVA: no-op; liveness comes from Redis keys",
+)
 async def refresh_all_workers() -> None:
     return None
 
@@ -222,11 +250,21 @@ _JOIN_HINT = (
 )
 
 
-@router.post("/register_worker", status_code=410, summary="LLaVA: removed; workers join through Redis")
+@router.post(
+    "/register_worker",
+    status_code=410,
+    responses=error_responses(Unauthorized, EndpointGone),
+    summary="LLaVA: removed; workers join through Redis",
+)
 async def register_worker() -> JSONResponse:
     raise EndpointGone(f"/register_worker is not supported: {_JOIN_HINT}")
 
 
-@router.post("/receive_heart_beat", status_code=410, summary="LLaVA: removed; liveness is a Redis key")
+@router.post(
+    "/receive_heart_beat",
+    status_code=410,
+    responses=error_responses(Unauthorized, EndpointGone),
+    summary="LLaVA: removed; liveness is a Redis key",
+)
 async def receive_heart_beat() -> JSONResponse:
     raise EndpointGone(f"/receive_heart_beat is not supported: {_JOIN_HINT}")
