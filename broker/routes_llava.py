@@ -74,7 +74,7 @@ class LlavaGenerateBody(BaseModel):
         description="0 generates nothing: after the request's checks, one chunk with the prompt alone, at once "
         "(LLaVA's worker too ends without generating)",
     )
-    stop: str | None = None
+    stop: str | None = Field(default=None, min_length=1, description="a stop string (not empty); none: no stop")
 
     def job_params(self) -> dict[str, object]:
         """The job's sampling params, top_p 0 as greedy decoding; only for max_new_tokens of 1 or more."""
@@ -177,6 +177,7 @@ async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[Ll
 
 @router.post(
     LLAVA_STREAM_PATH,
+    response_class=Response,  # the route returns its own responses: only `responses=` below documents them
     summary="LLaVA: stream NUL-delimited JSON chunks of prompt + text",
     openapi_extra=documented_body(LlavaGenerateBody),
     responses={

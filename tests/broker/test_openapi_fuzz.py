@@ -45,6 +45,7 @@ class ServingWorker:
 
     def _serve(self) -> None:
         while not self.stop.is_set():
+            self.worker.register()  # its liveness key lasts 60 s and nothing else refreshes it
             try:
                 job = self.worker.claim(timeout=0.2)
             except TimeoutError:
@@ -114,3 +115,42 @@ def test_the_spec_tells_the_truth(case: schemathesis.Case, fuzz_client: TestClie
     aim_at_served_model(case)
     response = send(fuzz_client, case)
     case.validate_response(response, checks=CHECKS)
+
+
+def responses_of(path: str, method: str = "post") -> dict:
+    return schema.raw_schema["paths"][path][method]["responses"]
+
+
+def test_generate_routes_document_their_refusals_and_streams() -> None:
+    for path in ("/api/v1/generate", "/v1/chat/completions", "/worker_generate_stream"):
+        documented = responses_of(path)
+        for status in ("401", "404", "413", "429", "503"):
+            assert status in documented, f"{path} does not document {status}"
+        assert "Retry-After" in documented["429"]["headers"]
+    assert "422" in responses_of("/api/v1/generate")
+    assert "422" not in responses_of("/v1/chat/completions")  # OpenAI's routes answer a bad body with 400
+    assert "text/event-stream" in responses_of("/api/v1/generate")["200"]["content"]
+    assert set(responses_of("/v1/chat/completions")["200"]["content"]) == {"application/json", "text/event-stream"}
+    llava = responses_of("/worker_generate_stream")
+    assert set(llava["200"]["content"]) == {"application/octet-stream"}
+    assert set(llava["404"]["content"]) == {"application/octet-stream"}  # LLaVA's error chunk
+
+
+def test_error_bodies_are_documented_in_the_shape_each_route_answers() -> None:
+    def body_ref(responses: dict, status: str) -> str:
+        return responses[status]["content"]["application/json"]["schema"]["$ref"]
+
+    assert body_ref(responses_of("/api/v1/jobs/{job_id}", "get"), "404").endswith("/ErrorReply")
+    assert body_ref(responses_of("/v1/completions"), "404").endswith("/OpenAIError")
+    assert body_ref(responses_of("/api/v1/feedback"), "413").endswith("/ErrorReply")
+    assert set(responses_of("/metrics", "get")["200"]["content"]) == {"text/plain"}
+
+
+# ---- Server errors the fuzz run found, one test each -----------------------------------------------------------
+
+
+def test_an_empty_llava_stop_string_is_refused_by_name(client: TestClient, worker: ScriptedWorker) -> None:
+    body = {"model": worker.model, "prompt": "USER: hi ASSISTANT:", "stop": ""}
+    response = client.post("/worker_generate_stream", json=body)
+    assert response.status_code == 422
+    assert "stop" in response.content.decode()
