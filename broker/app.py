@@ -104,7 +104,7 @@ def create_app(
     """The controller app; its lifespan opens the Redis clients, the chunk relay and the sweeper thread."""
     from broker.metrics import router as metrics_router
     from broker.routes_api import router as api_router
-    from broker.routes_llava import LlavaGenerateBody
+    from broker.routes_llava import LlavaGenerateBody, ModelName
     from broker.routes_llava import router as llava_router
     from broker.routes_openai import router as openai_router
 
@@ -165,7 +165,7 @@ def create_app(
     _document_bodies(
         app, [GenerateRequest, LlavaGenerateBody, ChatCompletionRequest, CompletionRequest, FeedbackRequest]
     )
-    _document_bodies(app, [QueuedEvent, TokenEvent, DoneEvent, ErrorEvent])  # the events of /api/v1/generate
+    _document_bodies(app, [ModelName, QueuedEvent, TokenEvent, DoneEvent, ErrorEvent])  # the events of /api/v1/generate
     return app
 
 

@@ -205,6 +205,7 @@ async def list_models(request: Request) -> dict[str, list[str]]:
 
 @router.post(
     "/get_worker_address",
+    openapi_extra=documented_body(ModelName),
     responses=error_responses(*BODY_ERRORS),
     summary="LLaVA: where to stream from (this controller), or '' if no worker",
 )

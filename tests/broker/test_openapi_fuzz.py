@@ -36,23 +36,30 @@ schema = schemathesis.openapi.from_dict(create_app(settings_for("redis://unused:
 
 
 class ServingWorker:
-    """A scripted worker of `tiny-llava` that, in its own thread, answers every job it claims with two tokens."""
+    """A scripted worker of `tiny-llava` that, in its own thread, answers every job it claims with two tokens.
+    Should the script fail, the worker leaves (so requests get `no_worker` at once instead of waiting for it) and
+    the failure is raised when the block ends."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.worker = ScriptedWorker(client, model=SERVED_MODEL).register()
         self.stop = threading.Event()
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._serve, name="fuzz-worker", daemon=True)
 
     def _serve(self) -> None:
-        while not self.stop.is_set():
-            self.worker.register()  # its liveness key lasts 60 s and nothing else refreshes it
-            try:
-                job = self.worker.claim(timeout=0.2)
-            except TimeoutError:
-                continue  # no job this round; look at the stop flag again
-            self.worker.start(job)
-            self.worker.tokens(job, ["hello", " there"])
-            self.worker.finish(job, "hello there")
+        try:
+            while not self.stop.is_set():
+                self.worker.register()  # its liveness key lasts 60 s and nothing else refreshes it
+                try:
+                    job = self.worker.claim(timeout=0.2)
+                except TimeoutError:
+                    continue  # no job this round; look at the stop flag again
+                self.worker.start(job)
+                self.worker.tokens(job, ["hello", " there"])
+                self.worker.finish(job, "hello there")
+        except BaseException as exc:  # noqa: BLE001 - raised again by __exit__
+            self.error = exc
+            self.worker.unregister()
 
     def __enter__(self) -> ServingWorker:
         self.thread.start()
@@ -61,6 +68,8 @@ class ServingWorker:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join(timeout=15)
+        if self.error is not None:
+            raise self.error
 
 
 @pytest.fixture(scope="module")
