@@ -8,15 +8,18 @@ that model, so the generate paths stream to the end; other models are unknown (4
 
 from __future__ import annotations
 
+import datetime
 import threading
 from collections.abc import Iterator
 
+import httpx
 import pytest
 import redis
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_schema_conformance,
@@ -153,6 +156,26 @@ def test_error_bodies_are_documented_in_the_shape_each_route_answers() -> None:
     assert body_ref(responses_of("/v1/completions"), "404").endswith("/OpenAIError")
     assert body_ref(responses_of("/api/v1/feedback"), "413").endswith("/ErrorReply")
     assert set(responses_of("/metrics", "get")["200"]["content"]) == {"text/plain"}
+
+
+def sse_reply(data: str) -> httpx.Response:
+    request = httpx.Request("POST", "http://testserver/api/v1/generate")
+    response = httpx.Response(
+        200,
+        headers={"content-type": "text/event-stream"},
+        content=f"event: x\ndata: {data}\n\n".encode(),
+        request=request,
+    )
+    response.read()
+    response.elapsed = datetime.timedelta(0)
+    return response
+
+
+def test_the_spec_checks_each_generate_event_against_the_event_models() -> None:
+    case = schema["/api/v1/generate"]["POST"].Case(body={"model": "m"}, media_type="application/json")
+    case.validate_response(sse_reply('{"type": "queued", "job_id": "a", "position": 0}'), checks=CHECKS)
+    with pytest.raises(FailureGroup, match="SSE event payload violates content schema"):
+        case.validate_response(sse_reply('{"type": "bogus"}'), checks=CHECKS)
 
 
 # ---- Server errors the fuzz run found, one test each -----------------------------------------------------------
