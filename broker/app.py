@@ -22,10 +22,10 @@ from broker.context import ControllerContext, StreamTimings, redis_unavailable
 from broker.metrics import ControllerMetrics, StatsWriter
 from broker.relay import ChunkRelay
 from broker.routes_llava import LLAVA_STREAM_PATH, llava_error_response
-from broker.validation import field_errors
+from broker.validation import BODY_ERRORS, IMAGE_ERRORS, error_responses, field_errors
 from contract.errors import LlavaError, RequestInvalid
 from contract.feedback_messages import FeedbackRequest
-from contract.messages import GenerateRequest
+from contract.messages import DoneEvent, ErrorEvent, GenerateRequest, QueuedEvent, TokenEvent
 from contract.openai_messages import ChatCompletionRequest, CompletionRequest, openai_error, openai_status
 from contract.replies import ErrorDetail, ErrorReply
 from infra.redis import async_connect, connect
@@ -105,7 +105,7 @@ def create_app(
     """The controller app; its lifespan opens the Redis clients, the chunk relay and the sweeper thread."""
     from broker.metrics import router as metrics_router
     from broker.routes_api import router as api_router
-    from broker.routes_llava import LlavaGenerateBody
+    from broker.routes_llava import LlavaGenerateBody, ModelName
     from broker.routes_llava import router as llava_router
     from broker.routes_openai import router as openai_router
 
@@ -156,7 +156,9 @@ def create_app(
     app.add_exception_handler(sync_redis.RedisError, _redis_error)
     app.include_router(api_router)
     app.include_router(llava_router)
-    app.include_router(importlib.import_module("broker.feedback").router)
+    app.include_router(
+        importlib.import_module("broker.feedback").router, responses=error_responses(*BODY_ERRORS, *IMAGE_ERRORS)
+    )
     app.include_router(openai_router)
     app.include_router(metrics_router)
     app.state.metrics = metrics
@@ -166,6 +168,7 @@ def create_app(
     _document_bodies(
         app, [GenerateRequest, LlavaGenerateBody, ChatCompletionRequest, CompletionRequest, FeedbackRequest]
     )
+    _document_bodies(app, [ModelName, QueuedEvent, TokenEvent, DoneEvent, ErrorEvent])  # the events of /api/v1/generate
     return app
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -214,7 +214,11 @@ class StatsWriter:
 router = APIRouter()
 
 
-@router.get("/metrics", summary="Prometheus metrics of this controller process, and broker gauges from Redis")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    summary="Prometheus metrics of this controller process, and broker gauges from Redis",
+)
 async def metrics(request: Request) -> Response:
     registry_metrics: ControllerMetrics = request.app.state.metrics
     body = await anyio.to_thread.run_sync(registry_metrics.exposition)

@@ -15,10 +15,24 @@ from broker import images
 from broker.admission import submit_for
 from broker.context import ControllerContext
 from broker.streams import follow_job
-from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model
+from broker.validation import (
+    BODY_ERRORS,
+    IMAGE_ERRORS,
+    IMAGE_PLACEHOLDER,
+    JOB_ERRORS,
+    READ_ERRORS,
+    SSE_MEDIA_TYPE,
+    documented_body,
+    error_responses,
+    read_model,
+    sse_event_schema,
+    stream_reply,
+)
 from contract import jobs
 from contract.errors import JobNotFound, RedisUnavailable, RequestInvalid
 from contract.messages import (
+    DoneEvent,
+    ErrorEvent,
     GenerateRequest,
     ImageUrlPart,
     JobImage,
@@ -27,8 +41,10 @@ from contract.messages import (
     JobRequest,
     JobText,
     JobView,
+    QueuedEvent,
     StreamEvent,
     TextPart,
+    TokenEvent,
 )
 from contract.replies import CancelReply, ModelInfo, ModelList, WorkerList
 
@@ -163,6 +179,14 @@ async def sse_events(events: AsyncIterator[StreamEvent]) -> AsyncIterator[Server
     "/api/v1/generate",
     response_class=EventSourceResponse,
     openapi_extra=documented_body(GenerateRequest),
+    responses={
+        **stream_reply(
+            SSE_MEDIA_TYPE,
+            "`queued`, `token`, then `done` or `error` events (`StreamEvent`)",
+            schema=sse_event_schema([QueuedEvent, TokenEvent, DoneEvent, ErrorEvent]),
+        ),
+        **error_responses(*BODY_ERRORS, *IMAGE_ERRORS, *JOB_ERRORS),
+    },
     summary="Generate a reply as a stream of server-sent events: queued, token, then done or error",
 )
 async def generate(request: Request) -> EventSourceResponse:
@@ -177,7 +201,12 @@ async def generate(request: Request) -> EventSourceResponse:
     )
 
 
-@router.get("/api/v1/models", response_model=ModelList, summary="Models served by live workers")
+@router.get(
+    "/api/v1/models",
+    response_model=ModelList,
+    responses=error_responses(*READ_ERRORS),
+    summary="Models served by live workers",
+)
 async def list_models(request: Request) -> ModelList:
     ctx = context(request)
     serving = await ctx.serving(fresh=True)
@@ -195,7 +224,9 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(models=models)
 
 
-@router.get("/api/v1/workers", response_model=WorkerList, summary="Live workers")
+@router.get(
+    "/api/v1/workers", response_model=WorkerList, responses=error_responses(*READ_ERRORS), summary="Live workers"
+)
 async def list_workers(request: Request) -> WorkerList:
     return WorkerList(workers=await context(request).live_workers(fresh=True))
 
@@ -207,12 +238,22 @@ async def job_view(ctx: ControllerContext, job_id: str) -> JobView:
     return view
 
 
-@router.get("/api/v1/jobs/{job_id}", response_model=JobView, summary="A job's status and, once final, its outcome")
+@router.get(
+    "/api/v1/jobs/{job_id}",
+    response_model=JobView,
+    responses=error_responses(*READ_ERRORS, JobNotFound),
+    summary="A job's status and, once final, its outcome",
+)
 async def get_job(job_id: str, request: Request) -> JobView:
     return await job_view(context(request), job_id)
 
 
-@router.post("/api/v1/jobs/{job_id}/cancel", response_model=CancelReply, summary="Stop a queued or running job")
+@router.post(
+    "/api/v1/jobs/{job_id}/cancel",
+    response_model=CancelReply,
+    responses=error_responses(*READ_ERRORS, JobNotFound),
+    summary="Stop a queued or running job",
+)
 async def cancel_job(job_id: str, request: Request) -> CancelReply:
     ctx = context(request)
     view = await job_view(ctx, job_id)
@@ -228,7 +269,11 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="200 when Redis answers and the relay is subscribed, else 503")
+@router.get(
+    "/readyz",
+    responses=error_responses(RedisUnavailable),
+    summary="200 when Redis answers and the relay is subscribed, else 503",
+)
 async def readyz(request: Request) -> JSONResponse:
     ctx = context(request)
     with anyio.move_on_after(READY_PING_TIMEOUT_S) as ping:

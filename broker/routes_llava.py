@@ -25,8 +25,20 @@ from broker.admission import submit_for
 from broker.context import ControllerContext
 from broker.routes_api import checked_images, context, image_limits, new_job_id, require_live_model
 from broker.streams import follow_job
-from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model, require_prompt
-from contract.errors import EndpointGone, InvalidRequest, LlavaError, LlavaWireCode, llava_wire_code
+from broker.validation import (
+    BODY_ERRORS,
+    IMAGE_ERRORS,
+    IMAGE_PLACEHOLDER,
+    JOB_ERRORS,
+    LLAVA_STREAM_MEDIA_TYPE,
+    READ_ERRORS,
+    documented_body,
+    error_responses,
+    read_model,
+    require_prompt,
+    stream_reply,
+)
+from contract.errors import EndpointGone, InvalidRequest, LlavaError, LlavaWireCode, Unauthorized, llava_wire_code
 from contract.messages import (
     MAX_NEW_TOKENS,
     MAX_TEMPERATURE,
@@ -63,7 +75,7 @@ class LlavaGenerateBody(BaseModel):
         description="0 generates nothing: after the request's checks, one chunk with the prompt alone, at once "
         "(LLaVA's worker too ends without generating)",
     )
-    stop: str | None = None
+    stop: str | None = Field(default=None, min_length=1, description="a stop string (not empty); none: no stop")
 
     def job_params(self) -> dict[str, object]:
         """The job's sampling params, top_p 0 as greedy decoding; only for max_new_tokens of 1 or more."""
@@ -166,8 +178,13 @@ async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[Ll
 
 @router.post(
     LLAVA_STREAM_PATH,
+    response_class=Response,  # the route returns its own responses: only `responses=` below documents them
     summary="LLaVA: stream NUL-delimited JSON chunks of prompt + text",
     openapi_extra=documented_body(LlavaGenerateBody),
+    responses={
+        **stream_reply(LLAVA_STREAM_MEDIA_TYPE, "NUL-terminated JSON chunks `{text, error_code}`, LLaVA's stream"),
+        **error_responses(*BODY_ERRORS, *IMAGE_ERRORS, *JOB_ERRORS, media_type=LLAVA_STREAM_MEDIA_TYPE),
+    },
 )
 async def worker_generate_stream(request: Request) -> Response:
     ctx = context(request)
@@ -182,12 +199,17 @@ async def worker_generate_stream(request: Request) -> Response:
     )
 
 
-@router.post("/list_models", summary="LLaVA: models served by live workers")
+@router.post("/list_models", responses=error_responses(*READ_ERRORS), summary="LLaVA: models served by live workers")
 async def list_models(request: Request) -> dict[str, list[str]]:
     return {"models": list(await context(request).serving(fresh=True))}
 
 
-@router.post("/get_worker_address", summary="LLaVA: where to stream from (this controller), or '' if no worker")
+@router.post(
+    "/get_worker_address",
+    openapi_extra=documented_body(ModelName),
+    responses=error_responses(*BODY_ERRORS),
+    summary="LLaVA: where to stream from (this controller), or '' if no worker",
+)
 async def get_worker_address(request: Request) -> dict[str, str]:
     ctx = context(request)
     body = await read_model(request, ModelName, ctx.settings.max_body_bytes)
@@ -197,7 +219,11 @@ async def get_worker_address(request: Request) -> dict[str, str]:
     return {"address": address.rstrip("/")}
 
 
-@router.post("/worker_get_status", summary="LLaVA: models, speed and queue length summed over live workers")
+@router.post(
+    "/worker_get_status",
+    responses=error_responses(*READ_ERRORS),
+    summary="LLaVA: models, speed and queue length summed over live workers",
+)
 async def worker_get_status(request: Request) -> dict[str, object]:
     ctx = context(request)
     serving = await ctx.serving(fresh=True)
@@ -212,7 +238,11 @@ async def worker_get_status(request: Request) -> dict[str, object]:
     }
 
 
-@router.post("/refresh_all_workers", summary="LLaVA: no-op; liveness comes from Redis keys")
+@router.post(
+    "/refresh_all_workers",
+    responses=error_responses(Unauthorized),
+    summary="LLaVA: no-op; liveness comes from Redis keys",
+)
 async def refresh_all_workers() -> None:
     return None
 
@@ -223,11 +253,21 @@ _JOIN_HINT = (
 )
 
 
-@router.post("/register_worker", status_code=410, summary="LLaVA: removed; workers join through Redis")
+@router.post(
+    "/register_worker",
+    status_code=410,
+    responses=error_responses(Unauthorized, EndpointGone),
+    summary="LLaVA: removed; workers join through Redis",
+)
 async def register_worker() -> JSONResponse:
     raise EndpointGone(f"/register_worker is not supported: {_JOIN_HINT}")
 
 
-@router.post("/receive_heart_beat", status_code=410, summary="LLaVA: removed; liveness is a Redis key")
+@router.post(
+    "/receive_heart_beat",
+    status_code=410,
+    responses=error_responses(Unauthorized, EndpointGone),
+    summary="LLaVA: removed; liveness is a Redis key",
+)
 async def receive_heart_beat() -> JSONResponse:
     raise EndpointGone(f"/receive_heart_beat is not supported: {_JOIN_HINT}")

@@ -25,7 +25,21 @@ from broker.context import ControllerContext
 from broker.remote_images import RemoteImagePolicy, inline_remote_images
 from broker.routes_api import context, image_sources, new_job_id, prepare_job, require_live_model
 from broker.streams import follow_job
-from broker.validation import IMAGE_PLACEHOLDER, documented_body, read_model, require_prompt
+from broker.validation import (
+    BODY_ERRORS,
+    IMAGE_ERRORS,
+    IMAGE_PLACEHOLDER,
+    JOB_ERRORS,
+    READ_ERRORS,
+    RESULT_ERRORS,
+    SSE_MEDIA_TYPE,
+    documented_body,
+    error_responses,
+    read_model,
+    require_prompt,
+    sse_event_schema,
+    stream_reply,
+)
 from contract.errors import GenerationFailed, RequestInvalid
 from contract.messages import (
     DoneEvent,
@@ -225,6 +239,15 @@ async def final_text_completion(
     "/v1/chat/completions",
     summary="OpenAI chat completions (text and image_url parts), streaming or not",
     openapi_extra=documented_body(ChatCompletionRequest),
+    responses={
+        **stream_reply(
+            SSE_MEDIA_TYPE,
+            "`chat.completion` JSON, or its chunks as events with `stream` (the last one's data is `[DONE]`)",
+            schema=sse_event_schema(),
+            json_model=ChatCompletion,
+        ),
+        **error_responses(*BODY_ERRORS, *IMAGE_ERRORS, *JOB_ERRORS, *RESULT_ERRORS, openai=True),
+    },
 )
 async def chat_completions(request: Request):
     ctx = context(request)
@@ -315,6 +338,15 @@ async def prepare_prompt_job(ctx: ControllerContext, body: CompletionRequest) ->
     "/v1/completions",
     summary="OpenAI legacy completions of a text prompt, streaming or not",
     openapi_extra=documented_body(CompletionRequest),
+    responses={
+        **stream_reply(
+            SSE_MEDIA_TYPE,
+            "`text_completion` JSON, or its chunks as events with `stream` (the last one's data is `[DONE]`)",
+            schema=sse_event_schema(),
+            json_model=TextCompletion,
+        ),
+        **error_responses(*BODY_ERRORS, *JOB_ERRORS, *RESULT_ERRORS, openai=True),
+    },
 )
 async def completions(request: Request):
     ctx = context(request)
@@ -323,7 +355,12 @@ async def completions(request: Request):
     return await respond(request, ctx, job, body, "cmpl", text_completion_chunks, final_text_completion)
 
 
-@router.get("/v1/models", response_model=ModelCardList, summary="OpenAI: models served by live workers")
+@router.get(
+    "/v1/models",
+    response_model=ModelCardList,
+    responses=error_responses(*READ_ERRORS, openai=True),
+    summary="OpenAI: models served by live workers",
+)
 async def list_models(request: Request) -> ModelCardList:
     serving = await context(request).serving(fresh=True)
     return ModelCardList(

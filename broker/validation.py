@@ -1,4 +1,5 @@
-"""Reading request bodies within the size limit, and turning validation errors into one clear message."""
+"""Reading request bodies within the size limit, turning validation errors into one clear message, and what the
+OpenAPI spec says each route answers (`documented_body`, `error_responses` and the stream media types)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,29 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from contract.errors import InvalidRequest, PayloadTooLarge, RequestInvalid
+from contract.errors import (
+    ContentRefused,
+    ContextTooLong,
+    DeviceError,
+    GenerationFailed,
+    ImageInvalid,
+    ImageTooLarge,
+    InvalidRequest,
+    LlavaError,
+    ModelNotFound,
+    ModerationUnavailable,
+    NoWorker,
+    PayloadTooLarge,
+    QueueFull,
+    RateLimited,
+    RedisUnavailable,
+    RequestInvalid,
+    Timeout,
+    Unauthorized,
+    WorkerLost,
+)
+from contract.openai_messages import OpenAIError
+from contract.replies import ErrorReply
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -131,3 +154,81 @@ def documented_body(model: type[BaseModel]) -> dict[str, Any]:
     `model` as the required body (the app adds the schema itself, see `app._document_bodies`)."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+# ---- What the spec says each route answers -----------------------------------------------------------------------
+
+# A route that only reads Redis: without a valid key when API keys are on (401), Redis failing on the way (503).
+READ_ERRORS: tuple[type[LlavaError], ...] = (Unauthorized, RedisUnavailable)
+# A route that reads a JSON body: also a bad body (422; 400 under /v1/) and a body over the limit (413).
+BODY_ERRORS: tuple[type[LlavaError], ...] = (*READ_ERRORS, InvalidRequest, PayloadTooLarge)
+# A request's images: unreadable or refused (400), over a size limit (413).
+IMAGE_ERRORS: tuple[type[LlavaError], ...] = (ImageInvalid, ImageTooLarge)
+# A job's checks before it is queued: its model (404 unknown, 503 its workers gone), its queue or its client's share
+# and rate (429), moderation of its text (400 refused, 503 the service not answering).
+JOB_ERRORS: tuple[type[LlavaError], ...] = (
+    ModelNotFound, NoWorker, QueueFull, RateLimited, ContentRefused, ModerationUnavailable,
+)  # fmt: skip
+# A worker's failure, which a non-streaming reply answers with as its status (a stream ends with an error event).
+RESULT_ERRORS: tuple[type[LlavaError], ...] = (ContextTooLong, GenerationFailed, DeviceError, WorkerLost, Timeout)
+
+SSE_MEDIA_TYPE = "text/event-stream"
+LLAVA_STREAM_MEDIA_TYPE = "application/octet-stream"  # LLaVA's stream: NUL-terminated JSON chunks
+_STRING = {"type": "string"}
+_TEXT = {"schema": _STRING}
+_INTEGER = {"type": "integer"}
+
+
+def error_responses(
+    *errors: type[LlavaError], openai: bool = False, media_type: str | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route that may raise `errors`: each one's status with the body it has on that route
+    (`ErrorReply`, or OpenAI's error shape with 400 for 422 when `openai`) and its error codes. With `media_type`
+    the body is documented under that type instead (LLaVA's stream answers one error chunk), except the 401 of
+    the API key check, which is JSON on every route."""
+    by_status: dict[int, list[str]] = {}
+    for error in errors:
+        status = 400 if openai and error.status_code == 422 else error.status_code
+        codes = by_status.setdefault(status, [])
+        if str(error.code) not in codes:
+            codes.append(str(error.code))
+    model = OpenAIError if openai else ErrorReply
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status, codes in sorted(by_status.items()):
+        description = f"error codes: {', '.join(codes)}"
+        if media_type is None or status == Unauthorized.status_code:
+            responses[status] = {"model": model, "description": description}
+        else:
+            responses[status] = {"description": description, "content": {media_type: _TEXT}}
+        if status == QueueFull.status_code:
+            responses[status]["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": _INTEGER}}
+    return responses
+
+
+def sse_event_schema(data_models: Sequence[type[BaseModel]] = ()) -> dict[str, Any]:
+    """The schema of one server-sent event (OpenAPI 3.1 documents an event stream event by event): its `event`
+    name and its `data`, JSON of one of `data_models` when given (their schemas are app components)."""
+    data: dict[str, Any] = {"type": "string"}
+    if data_models:
+        refs = [{"$ref": f"#/components/schemas/{model.__name__}"} for model in data_models]
+        data.update(contentMediaType="application/json", contentSchema={"anyOf": refs})
+    return {
+        "type": "object",
+        "properties": {"event": {"type": "string"}, "data": data, "id": {"type": "string"}},
+        "required": ["data"],
+    }
+
+
+def stream_reply(
+    media_type: str,
+    description: str,
+    *,
+    schema: dict[str, Any] | None = None,
+    json_model: type[BaseModel] | None = None,
+) -> dict[int, Any]:
+    """`responses=` entry for a 200 that streams `media_type` (each event as `schema`, by default a string); with
+    `json_model`, also the JSON reply of a request that does not ask to stream."""
+    reply: dict[str, Any] = {"description": description, "content": {media_type: {"schema": schema or _STRING}}}
+    if json_model is not None:
+        reply["model"] = json_model
+    return {200: reply}

@@ -21,6 +21,7 @@ RULES: list[tuple[list[str], set[str], str]] = [
     ([f"workers/{pattern}" for pattern in ENGINE_MODULES], {"redis", "rq"}, "the engine knows nothing of Redis"),
 ]  # fmt: skip
 
+
 def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
     """Every module `path` imports, absolute, relative imports resolved against its package under `root`."""
     package = path.relative_to(root).with_suffix("").parts[:-1]
