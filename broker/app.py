@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import importlib
 import logging
@@ -22,6 +23,7 @@ from broker.metrics import ControllerMetrics, StatsWriter
 from broker.relay import ChunkRelay
 from broker.routes_llava import LLAVA_STREAM_PATH, llava_error_response
 from broker.validation import field_errors
+from contract import liveness
 from contract.errors import LlavaError, RequestInvalid
 from contract.feedback_messages import FeedbackRequest
 from contract.messages import GenerateRequest
@@ -128,10 +130,14 @@ def create_app(
             timings=stream_timings,
             observe=lambda model: metrics.observe(model, stats.record),
         )
+        lease = asyncio.create_task(liveness.hold_controller_lease(redis, app.state.ctx.controller_id))
         sweeper = _start_sweeper(settings) if run_sweeper else None
         try:
             yield
         finally:
+            lease.cancel()  # and the lease is deleted: workers cancel what this process still streams
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease
             if sweeper is not None:
                 thread, stop = sweeper
                 stop.set()

@@ -52,6 +52,8 @@ class ControllerContext:
     workers_cache_s: float = 1.0
     # Called with the model as a stream starts; returns an observer (`on_event(event)`, `close()`): metrics.
     observe: Callable[[str], Any] | None = None
+    # This process's id: jobs carry it, and its lease (`keys.controller()`) ending cancels them.
+    controller_id: str = field(default_factory=liveness.new_controller_id)
     _workers: tuple[float, list[WorkerInfo]] | None = field(default=None, repr=False)
 
     async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
