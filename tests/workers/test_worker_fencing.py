@@ -6,14 +6,16 @@ runs while it is closed (as under SIGSTOP), and the test knows the exact moment 
 
 from __future__ import annotations
 
+import signal
 import threading
 from typing import Any
 
 import redis
 
-from contract import keys, sweeper
+from contract import jobs, keys, liveness, sweeper
 from contract.messages import DoneEvent, ErrorEvent, TokenEvent, parse_event
 from tests.workers.harness import RunningWorker, make_worker, status, submit, wait_for
+from tests.workers.test_worker_process import _start_worker_process
 from workers.heartbeat import Heartbeat
 from workers.worker import Worker
 
@@ -145,3 +147,34 @@ def test_a_job_taken_away_and_claimed_again_by_the_same_worker_runs_cleanly(redi
     _assert_one_clean_stream(listener.of("b"), "bee bee bee bee bee")
     assert status(redis_client, "b") == "finished"
     assert status(redis_client, "a") == "failed"
+
+
+def test_a_worker_process_woken_from_sigstop_stays_silent_on_its_lost_job_and_serves_again(redis_client, redis_url):
+    stop_sweeper = threading.Event()
+    sweeping = threading.Thread(
+        target=sweeper.run_sweeper, args=(redis_url, liveness.SWEEP_INTERVAL_S, stop_sweeper), daemon=True
+    )
+    sweeping.start()
+    listener = Listener(redis_client, "long", "next")
+    process = _start_worker_process(redis_url, "sleeper")
+    try:
+        submit(redis_client, "long", "talk [[tokens=100000]]", subscribe=False)
+        wait_for(lambda: len(listener.of("long")) >= 2, timeout=60, what="long streaming")
+        process.send_signal(signal.SIGSTOP)
+        wait_for(lambda: listener.final("long"), timeout=liveness.DEATH_TO_ERROR_S + 10, what="worker_lost")
+        process.send_signal(signal.SIGCONT)
+        wait_for(lambda: redis_client.exists(keys.worker("sleeper")), what="registered again")
+        submit(redis_client, "next", "new [[tokens=3]]", subscribe=False)
+        wait_for(lambda: listener.final("next"), timeout=30, what="the next job served")
+    finally:
+        stop_sweeper.set()
+        sweeping.join(5)
+        process.send_signal(signal.SIGCONT)
+        process.kill()
+        process.wait(10)
+        listener.close()
+    _assert_one_clean_stream(listener.of("next"), "new new new")
+    assert jobs.view(redis_client, "next").outcome.worker_id == "sleeper"
+    long_events = listener.of("long")
+    assert isinstance(long_events[-1], ErrorEvent) and long_events[-1].code == "worker_lost", long_events[-3:]
+    assert status(redis_client, "long") == "failed"
