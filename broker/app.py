@@ -130,7 +130,9 @@ def create_app(
             timings=stream_timings,
             observe=lambda model: metrics.observe(model, stats.record),
         )
-        lease = asyncio.create_task(liveness.hold_controller_lease(redis, app.state.ctx.controller_id))
+        # A client of its own: a pool busy with a thousand streams must never delay the lease past its TTL.
+        lease_redis = async_connect(settings.redis_url)
+        lease = asyncio.create_task(liveness.hold_controller_lease(lease_redis, app.state.ctx.controller_id))
         sweeper = _start_sweeper(settings) if run_sweeper else None
         try:
             yield
@@ -138,6 +140,7 @@ def create_app(
             lease.cancel()  # and the lease is deleted: workers cancel what this process still streams
             with contextlib.suppress(asyncio.CancelledError):
                 await lease
+            await lease_redis.aclose()
             if sweeper is not None:
                 thread, stop = sweeper
                 stop.set()

@@ -35,7 +35,8 @@ def workers() -> str:
 
 
 def worker_jobs(worker_id: str) -> str:
-    """HASH job id -> `ClaimState` of the jobs a worker holds; TTL WORKER_JOBS_TTL_S, refreshed by heartbeat."""
+    """HASH job id -> `ClaimState` of the jobs a worker holds; TTL WORKER_JOBS_TTL_S, refreshed by heartbeat. A
+    worker owns a job while its id is here (a sweeper removes it): its writes for the job check this atomically."""
     return f"{PREFIX}worker:{worker_id}:jobs"
 
 
