@@ -28,14 +28,14 @@ class NotOwned(RuntimeError):
     or cut off): nothing was written, and the worker must drop the job."""
 
 
-# KEYS[1]: the worker's job table; per job i: KEYS[2i] its chunk channel, KEYS[2i+1] its cancel flag.
-# ARGV per job i: ARGV[2i-1] its id, ARGV[2i] the token event to publish ('' for none).
+# KEYS[1]: the worker's job table; KEYS[i + 1]: job i's cancel flag. ARGV per job i: ARGV[3i-2] its id, ARGV[3i-1]
+# its chunk channel, ARGV[3i] the token event to publish ('' for none).
 # A job counts as the worker's only if it is in the table as started or streaming: `claimed` there means a fresh
 # claim of a job that was taken away and queued again, not the run this worker has in its engine.
 _STEP = f"""
 local out = {{}}
-for i = 1, #ARGV / 2 do
-  local id, event = ARGV[2 * i - 1], ARGV[2 * i]
+for i = 1, #KEYS - 1 do
+  local id, channel, event = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
   local state = redis.call('HGET', KEYS[1], id)
   if (not state) or state == '{ClaimState.claimed.value}' then
     out[i] = {TAKEN_AWAY}
@@ -44,9 +44,9 @@ for i = 1, #ARGV / 2 do
       if state ~= '{ClaimState.streaming.value}' then
         redis.call('HSET', KEYS[1], id, '{ClaimState.streaming.value}')
       end
-      redis.call('PUBLISH', KEYS[2 * i], event)
+      redis.call('PUBLISH', channel, event)
     end
-    out[i] = redis.call('EXISTS', KEYS[2 * i + 1])
+    out[i] = redis.call('EXISTS', KEYS[i + 1])
   end
 end
 return out
@@ -75,8 +75,8 @@ def queue_step(pipe: Pipeline, worker_id: str, step: Sequence[tuple[str, str]]) 
     script_keys = [keys.worker_jobs(worker_id)]
     args: list[str] = []
     for job_id, event in step:
-        script_keys += [keys.chunks(job_id), keys.cancel(job_id)]
-        args += [job_id, event]
+        script_keys.append(keys.cancel(job_id))
+        args += [job_id, keys.chunks(job_id), event]
     pipe.eval(_STEP, len(script_keys), *script_keys, *args)
 
 
