@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import importlib
 import logging
@@ -23,6 +24,7 @@ from broker.metrics import ControllerMetrics, StatsWriter
 from broker.relay import ChunkRelay
 from broker.routes_llava import LLAVA_STREAM_PATH, llava_error_response
 from broker.validation import BODY_ERRORS, IMAGE_ERRORS, error_responses, field_errors
+from contract import liveness
 from contract.errors import LlavaError, RequestInvalid
 from contract.feedback_messages import FeedbackRequest
 from contract.messages import DoneEvent, ErrorEvent, GenerateRequest, QueuedEvent, TokenEvent
@@ -131,10 +133,17 @@ def create_app(
         )
         app.state.admission = Admission(redis, settings, keys_checked=bool(api_keys))
         app.state.ctx.on_job_end = app.state.admission.job_ended
+        # A client of its own: a pool busy with a thousand streams must never delay the lease past its TTL.
+        lease_redis = async_connect(settings.redis_url)
+        lease = asyncio.create_task(liveness.hold_controller_lease(lease_redis, app.state.ctx.controller_id))
         sweeper = _start_sweeper(settings) if run_sweeper else None
         try:
             yield
         finally:
+            lease.cancel()  # and the lease is deleted: workers cancel what this process still streams
+            with contextlib.suppress(asyncio.CancelledError):
+                await lease
+            await lease_redis.aclose()
             if sweeper is not None:
                 thread, stop = sweeper
                 stop.set()

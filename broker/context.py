@@ -54,6 +54,8 @@ class ControllerContext:
     observe: Callable[[str], Any] | None = None
     # Awaited once as a stream ends: (job id, its done or error event or None when its client went away, text).
     on_job_end: Callable[[str, Any, str], Awaitable[None]] | None = None
+    # This process's id: jobs carry it, and its lease (`keys.controller()`) ending cancels them.
+    controller_id: str = field(default_factory=liveness.new_controller_id)
     _workers: tuple[float, list[WorkerInfo]] | None = field(default=None, repr=False)
 
     async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

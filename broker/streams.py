@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 async def submit_job(ctx: ControllerContext, request: JobRequest) -> Subscription:
     """Subscribe to the job's events, then enqueue it; QueueFull (429) and RedisUnavailable (503) propagate."""
+    request = request.model_copy(update={"controller_id": ctx.controller_id})
     sub = ctx.relay.register(request.job_id)
     try:
         if not await sub.wait_subscribed(ctx.timings.relay_wait_s):

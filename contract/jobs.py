@@ -20,7 +20,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
-from contract import keys
+from contract import keys, liveness, ownership
 from contract.errors import QueueFull
 from contract.liveness import worker_lost_error
 from contract.messages import ClaimState, DoneEvent, ErrorEvent, FinishReason, JobOutcome, JobRequest, JobView, Timings
@@ -52,6 +52,16 @@ if #ids > 0 then
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
 return ids
+"""
+
+
+# Forgets a settled worker (job table, inbox, id) unless it came back meanwhile: what a woken worker claimed since
+# is its own, and its heartbeat keeps its id registered.
+_FORGET_WORKER = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('SREM', KEYS[4], ARGV[1])
+return 1
 """
 
 
@@ -88,7 +98,11 @@ def queue_position(redis: Redis, model: str, job_id: str) -> int | None:
 
 def enqueue(redis: Redis, request: JobRequest, *, max_queue: int, result_ttl: int) -> Job:
     """Put a job at the back of its model's queue; QueueFull (429) when `max_queue` jobs already wait."""
-    depth = redis.llen(keys.rq_queue(request.model))
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.llen(keys.rq_queue(request.model))
+        if request.controller_id:  # so that no worker finds the lease missing right after a controller reconnects
+            liveness.queue_lease(pipe, request.controller_id)
+        depth = pipe.execute()[0]
     if depth >= max_queue:
         raise QueueFull(
             f"the queue of model {request.model!r} is full ({depth} jobs waiting, limit {max_queue})",
@@ -171,15 +185,10 @@ def claim_blocking(redis: Redis, worker_id: str, model: str, n: int, timeout: fl
     return taken
 
 
-def put_back(redis: Redis, worker_id: str, model: str, job_ids: Iterable[str]) -> None:
-    """Return claimed, never-started jobs to the front of their queue, in their original order."""
-    ids = list(job_ids)
-    if not ids:
-        return
-    with redis.pipeline() as pipe:
-        pipe.lpush(keys.rq_queue(model), *reversed(ids))
-        pipe.hdel(keys.worker_jobs(worker_id), *ids)
-        pipe.execute()
+def put_back(redis: Redis, worker_id: str, model: str, job_ids: Iterable[str]) -> int:
+    """Return claimed, never-started jobs to the front of their queue, in their original order; only those the
+    worker still holds (a job a sweeper requeued meanwhile is not queued twice). How many went back."""
+    return ownership.put_back(redis, worker_id, model, job_ids)
 
 
 def mark_started(redis: Redis, worker_id: str, job_id: str) -> Execution | None:
@@ -196,19 +205,26 @@ def mark_started(redis: Redis, worker_id: str, job_id: str) -> Execution | None:
     return execution
 
 
-def start_claimed(redis: Redis, worker_id: str, request: JobRequest) -> bool:
-    """`mark_started` for a job this worker just claimed (its record is known to exist), in one round trip that
-    also reads the job's cancel flag; returns whether a cancel was requested."""
+def start_claimed(redis: Redis, worker_id: str, request: JobRequest, *, judge_lease: bool = False) -> bool:
+    """`mark_started` for a job this worker just claimed (its record is known to exist), unless it should not run:
+    returns True, and marks nothing, when a cancel was requested or (with `judge_lease`) the lease of the controller
+    that streams it is gone. Raises `ownership.NotOwned` when a sweeper took the job away since the claim."""
     job = Job(request.job_id, connection=redis, serializer=JSONSerializer)
     job.origin = keys.queue_name(request.model)
-    with redis.pipeline() as pipe:
-        pipe.exists(keys.cancel(request.job_id))
+    lease = keys.controller(request.controller_id) if judge_lease and request.controller_id else None
+
+    def should_not_run(pipe: Pipeline) -> bool | None:
+        if pipe.exists(keys.cancel(request.job_id)):
+            return True
+        return True if lease is not None and not pipe.exists(lease) else None
+
+    def start(pipe: Pipeline) -> None:
         Execution.create(job, STARTED_TTL_S, pipeline=pipe, worker_name=worker_id)
         job.prepare_for_execution(worker_id, pipeline=pipe)
         pipe.persist(job.key)
         pipe.hset(keys.worker_jobs(worker_id), request.job_id, ClaimState.started.value)
-        cancel_requested = pipe.execute()[0]
-    return bool(cancel_requested)
+
+    return bool(ownership.write_if_owned(redis, worker_id, request.job_id, start, check=should_not_run))
 
 
 def mark_streaming(pipe: Pipeline, worker_id: str, job_id: str) -> None:
@@ -243,63 +259,91 @@ def _remove_executions(job: Job, pipe: Pipeline) -> None:
 
 def _end(redis: Redis, job: Job, outcome: JobOutcome, *, worker_id: str | None = None) -> None:
     """Move a job to its final rq status and registry, with `outcome` in its meta, expiring after result_ttl."""
-    ttl = job.result_ttl if job.result_ttl and job.result_ttl > 0 else 600
-    job.meta["outcome"] = outcome.model_dump(mode="json")
-    job.ended_at = job.ended_at or rq_now()
     with redis.pipeline() as pipe:
-        _remove_executions(job, pipe)
-        # rq's public registry and result API, so that `rq info` and `job.latest_result()` tell the truth.
-        if outcome.status == JobStatus.FINISHED.value:
-            job.set_status(JobStatus.FINISHED, pipeline=pipe)
-            job.save(pipeline=pipe)
-            Result.create(
-                job, Result.Type.SUCCESSFUL, ttl, return_value=outcome.model_dump(mode="json"),
-                worker_name=worker_id or "", pipeline=pipe,
-            )  # fmt: skip
-            FinishedJobRegistry(job.origin, connection=redis, serializer=JSONSerializer).add(job, ttl, pipeline=pipe)
-        elif outcome.status == JobStatus.CANCELED.value:
-            job.set_status(JobStatus.CANCELED, pipeline=pipe)
-            job.save(pipeline=pipe)
-            CanceledJobRegistry(job.origin, connection=redis, serializer=JSONSerializer).add(job, ttl, pipeline=pipe)
-        else:
-            job.set_status(JobStatus.FAILED, pipeline=pipe)
-            job.save(pipeline=pipe)
-            message = outcome.error.message if outcome.error else "failed"
-            code = outcome.error.code if outcome.error else "error"
-            failure = f"{code}: {message}"
-            registry = FailedJobRegistry(job.origin, connection=redis, serializer=JSONSerializer)
-            registry.add(job, ttl=job.failure_ttl, exc_string=failure, pipeline=pipe)
-            Result.create_failure(job, job.failure_ttl, failure, worker_name=worker_id or "", pipeline=pipe)
-        job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
-        if worker_id:
-            pipe.hdel(keys.worker_jobs(worker_id), job.id)
-        pipe.expire(keys.cancel(job.id), 60)
+        _queue_end(pipe, redis, job, outcome, worker_id=worker_id)
         pipe.execute()
 
 
-def finish(redis: Redis, worker_id: str, outcome: JobOutcome) -> None:
-    """Record a job's final outcome (finished, canceled or failed) and drop it from the worker's job table."""
+def _queue_end(pipe: Pipeline, redis: Redis, job: Job, outcome: JobOutcome, *, worker_id: str | None = None) -> None:
+    """Queue `_end`'s writes on a transaction pipeline (in MULTI mode)."""
+    ttl = job.result_ttl if job.result_ttl and job.result_ttl > 0 else 600
+    job.meta["outcome"] = outcome.model_dump(mode="json")
+    job.ended_at = job.ended_at or rq_now()
+    _remove_executions(job, pipe)
+    # rq's public registry and result API, so that `rq info` and `job.latest_result()` tell the truth.
+    if outcome.status == JobStatus.FINISHED.value:
+        job.set_status(JobStatus.FINISHED, pipeline=pipe)
+        job.save(pipeline=pipe)
+        Result.create(
+            job, Result.Type.SUCCESSFUL, ttl, return_value=outcome.model_dump(mode="json"),
+            worker_name=worker_id or "", pipeline=pipe,
+        )  # fmt: skip
+        FinishedJobRegistry(job.origin, connection=redis, serializer=JSONSerializer).add(job, ttl, pipeline=pipe)
+    elif outcome.status == JobStatus.CANCELED.value:
+        job.set_status(JobStatus.CANCELED, pipeline=pipe)
+        job.save(pipeline=pipe)
+        CanceledJobRegistry(job.origin, connection=redis, serializer=JSONSerializer).add(job, ttl, pipeline=pipe)
+    else:
+        job.set_status(JobStatus.FAILED, pipeline=pipe)
+        job.save(pipeline=pipe)
+        message = outcome.error.message if outcome.error else "failed"
+        code = outcome.error.code if outcome.error else "error"
+        failure = f"{code}: {message}"
+        registry = FailedJobRegistry(job.origin, connection=redis, serializer=JSONSerializer)
+        registry.add(job, ttl=job.failure_ttl, exc_string=failure, pipeline=pipe)
+        Result.create_failure(job, job.failure_ttl, failure, worker_name=worker_id or "", pipeline=pipe)
+    job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+    if worker_id:
+        pipe.hdel(keys.worker_jobs(worker_id), job.id)
+    pipe.expire(keys.cancel(job.id), 60)
+
+
+def finish(redis: Redis, worker_id: str, outcome: JobOutcome, *, fenced: bool = False) -> bool:
+    """Record a job's final outcome (finished, canceled or failed) and drop it from the worker's job table.
+
+    With `fenced`, only while the job is still in that table (checked atomically with the write): False, and
+    nothing written, when a sweeper took the job away meanwhile. True otherwise (also for a job with no record)."""
     job = fetch_job(redis, outcome.job_id)
     if job is None:
         redis.hdel(keys.worker_jobs(worker_id), outcome.job_id)
-        return
+        return True
     outcome.worker_id = worker_id
-    _end(redis, job, outcome, worker_id=worker_id)
+    if not fenced:
+        _end(redis, job, outcome, worker_id=worker_id)
+        return True
+    try:
+        ownership.write_if_owned(
+            redis, worker_id, job.id, lambda pipe: _queue_end(pipe, redis, job, outcome, worker_id=worker_id)
+        )
+    except ownership.NotOwned:
+        return False
+    return True
 
 
-def requeue(redis: Redis, worker_id: str, job_id: str) -> bool:
-    """Put a job of a dead or stopping worker back at the front of its queue, as never started."""
+def requeue(redis: Redis, worker_id: str, job_id: str, *, fenced: bool = False) -> bool:
+    """Put a job of a dead or stopping worker back at the front of its queue, as never started. With `fenced`, only
+    while the job is still in the worker's job table (else False, nothing written)."""
     job = fetch_job(redis, job_id)
     if job is None:
         redis.hdel(keys.worker_jobs(worker_id), job_id)
         return False
-    with redis.pipeline() as pipe:
+
+    def write(pipe: Pipeline) -> None:
         _remove_executions(job, pipe)
         job.set_status(JobStatus.QUEUED, pipeline=pipe)
         pipe.hdel(job.key, "worker_name", "started_at")
         pipe.lpush(keys.rq_queue(keys.model_from_queue_name(job.origin)), job_id)
         pipe.hdel(keys.worker_jobs(worker_id), job_id)
-        pipe.execute()
+
+    if not fenced:
+        with redis.pipeline() as pipe:
+            write(pipe)
+            pipe.execute()
+        return True
+    try:
+        ownership.write_if_owned(redis, worker_id, job_id, write)
+    except ownership.NotOwned:
+        return False
     return True
 
 
@@ -338,6 +382,7 @@ def settle_worker(
     fail with `worker_lost`. `still_mine` is asked before each job (a sweep lock); False raises RuntimeError."""
     table = keys.worker_jobs(worker_id)
     held: dict[str, str] = {_text(k): _text(v) for k, v in redis.hgetall(table).items()}
+    in_table = set(held)  # writes for these are fenced: the worker may wake up and settle a job itself meanwhile
     for job_id in redis.lrange(keys.worker_inbox(worker_id), 0, -1):
         held.setdefault(_text(job_id), ClaimState.claimed.value)
     to_requeue: list[tuple[float, str]] = []
@@ -351,9 +396,9 @@ def settle_worker(
         if state == ClaimState.streaming.value:
             # The record first, so a client that reads it after the event sees the failure.
             error = worker_lost_error(job_id, worker_id)
-            finish(redis, worker_id, _settled_outcome(job, JobStatus.FAILED.value, error=error))
-            redis.publish(keys.chunks(job_id), error.model_dump_json())
-            settled.failed.append(job_id)
+            if finish(redis, worker_id, _settled_outcome(job, JobStatus.FAILED.value, error=error), fenced=True):
+                redis.publish(keys.chunks(job_id), error.model_dump_json())
+                settled.failed.append(job_id)
         elif is_cancel_requested(redis, job_id):
             done = DoneEvent(job_id=job_id, finish_reason=FinishReason.cancelled, timings=_timings(job))
             finish(redis, worker_id, _settled_outcome(job, JobStatus.CANCELED.value))
@@ -363,12 +408,10 @@ def settle_worker(
             to_requeue.append((_timings(job).enqueued_at or 0.0, job_id))
     # Each requeue pushes to the front: push the newest first so the oldest ends up first, as it was.
     for _, job_id in sorted(to_requeue, reverse=True):
-        if requeue(redis, worker_id, job_id):
+        if requeue(redis, worker_id, job_id, fenced=job_id in in_table):
             settled.requeued.append(job_id)
-    with redis.pipeline(transaction=False) as pipe:
-        pipe.delete(table, keys.worker_inbox(worker_id))
-        pipe.srem(keys.workers(), worker_id)
-        pipe.execute()
+    forget_keys = (keys.worker(worker_id), table, keys.worker_inbox(worker_id), keys.workers())
+    redis.eval(_FORGET_WORKER, len(forget_keys), *forget_keys, worker_id)
 
 
 def _text(value: bytes | str) -> str:

@@ -18,6 +18,10 @@ WORKER_JOBS_TTL_S = 24 * 3600
 CANCEL_TTL_S = 600
 IMAGE_TTL_S = 3600
 SWEEP_LOCK_TTL_MS = 1500
+# A controller process refreshes its lease every CONTROLLER_LEASE_INTERVAL_S; once the lease is gone (TTL
+# CONTROLLER_LEASE_TTL_S), workers cancel that controller's jobs: nobody is left to read them.
+CONTROLLER_LEASE_TTL_S = 5
+CONTROLLER_LEASE_INTERVAL_S = 1.0
 
 
 def worker(worker_id: str) -> str:
@@ -31,7 +35,8 @@ def workers() -> str:
 
 
 def worker_jobs(worker_id: str) -> str:
-    """HASH job id -> `ClaimState` of the jobs a worker holds; TTL WORKER_JOBS_TTL_S, refreshed by heartbeat."""
+    """HASH job id -> `ClaimState` of the jobs a worker holds; TTL WORKER_JOBS_TTL_S, refreshed by heartbeat. A
+    worker owns a job while its id is here (a sweeper removes it): its writes for the job check this atomically."""
     return f"{PREFIX}worker:{worker_id}:jobs"
 
 
@@ -39,6 +44,12 @@ def worker_inbox(worker_id: str) -> str:
     """LIST a worker's blocking claim (BLMOVE) lands a job id in before it enters `worker_jobs()`; the sweeper
     treats ids left here as claimed. No TTL: emptied at once by the claim that filled it."""
     return f"{PREFIX}worker:{worker_id}:inbox"
+
+
+def controller(controller_id: str) -> str:
+    """STRING, the lease of one controller process (its host and pid, for operators); TTL CONTROLLER_LEASE_TTL_S,
+    refreshed every CONTROLLER_LEASE_INTERVAL_S by that process and deleted when it stops."""
+    return f"{PREFIX}controller:{controller_id}"
 
 
 def queue_name(model: str) -> str:

@@ -1,4 +1,5 @@
-"""Worker liveness, in one place: register, heartbeat, unregister, and which workers are live or dead.
+"""Liveness, in one place: workers register, heartbeat, unregister, and which are live or dead; controllers hold a
+lease (`keys.controller()`) while they stream jobs.
 
 A worker is live while its `keys.worker()` key exists (TTL `keys.WORKER_TTL_S`, refreshed every
 `keys.HEARTBEAT_INTERVAL_S` by a thread of its own); it is dead when that key expired while its id is still in
@@ -8,15 +9,24 @@ it only queues its commands there; without one, it runs them in one round trip o
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
+import redis as redis_lib
 from redis import Redis
 from redis.client import Pipeline
 
 from contract import keys
 from contract.errors import WorkerLost
 from contract.messages import ErrorEvent, WorkerInfo
+
+log = logging.getLogger(__name__)
 
 # After Redis was unreachable (or restarted), liveness is judged only once every live worker has had a full TTL,
 # many heartbeats, to write its key again: keys expire during an outage whatever the workers do.
@@ -134,3 +144,38 @@ def worker_lost_error(job_id: str, worker_id: str, *, reason: str = "stopped res
             "Please regenerate the response."
         ),
     )
+
+
+def new_controller_id() -> str:
+    """A controller process's id: host, pid and a random suffix (a restarted process gets a new one)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def queue_lease(pipe: Any, controller_id: str) -> None:
+    """Queue, on a (sync or async) pipeline, the write of a controller's lease with its TTL."""
+    pipe.set(keys.controller(controller_id), controller_id, ex=keys.CONTROLLER_LEASE_TTL_S)
+
+
+async def hold_controller_lease(
+    client: Any, controller_id: str, *, interval_s: float = keys.CONTROLLER_LEASE_INTERVAL_S
+) -> None:
+    """Refresh a controller's lease on a `redis.asyncio.Redis` client every `interval_s` until cancelled, then
+    delete it (workers then cancel its jobs at once). Survives Redis outages: logs once and keeps trying."""
+    down = False
+    try:
+        while True:
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    queue_lease(pipe, controller_id)
+                    await pipe.execute()
+                if down:
+                    log.info("controller lease %s: Redis reachable again", controller_id)
+                down = False
+            except (redis_lib.ConnectionError, redis_lib.TimeoutError, OSError) as exc:
+                if not down:
+                    log.warning("controller lease %s: Redis unreachable (%s); retrying", controller_id, exc)
+                down = True
+            await asyncio.sleep(interval_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.delete(keys.controller(controller_id)), 1.0)

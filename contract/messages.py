@@ -145,6 +145,10 @@ class JobRequest(BaseModel):
     images: list[str] = Field(default_factory=list)
     params: SamplingParams = Field(default_factory=SamplingParams)
     enqueued_at: float = Field(default_factory=time.time)
+    controller_id: str | None = Field(
+        default=None, description="the controller process streaming the job; its lease (`keys.controller()`) ending "
+        "cancels the job. None: no controller follows it (the job runs to its end)",
+    )  # fmt: skip
 
 
 # ---- Stream events (worker -> Redis pub/sub -> controller -> SSE) --------------------------------------------

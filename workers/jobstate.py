@@ -160,6 +160,16 @@ class Backoff:
         self.delay = 0.0
         self.until = 0.0
         self.down = False
+        self.last_failure = time.monotonic()  # until `reachable_for` says more, Redis was reached just now
+
+    def reachable_for_s(self) -> float:
+        """Seconds since the last Redis error (or since Redis was first reached)."""
+        return time.monotonic() - self.last_failure
+
+    def reachable_for(self, seconds: float) -> None:
+        """Redis has answered for `seconds` without this process seeing an error (e.g. its uptime, at start)."""
+        if not self.down:
+            self.last_failure = min(self.last_failure, time.monotonic() - seconds)
 
     def ready(self) -> bool:
         return time.monotonic() >= self.until
@@ -168,6 +178,7 @@ class Backoff:
         if not self.down:
             log.warning("Redis unreachable during %s (%s); backing off and retrying", what, exc)
         self.down = True
+        self.last_failure = time.monotonic()
         self.delay = min(self.cap, max(self.base, self.delay * 2))
         self.until = time.monotonic() + self.delay
 

@@ -17,9 +17,9 @@ from typing import Any
 import redis as redis_lib
 from redis import Redis
 
-from contract import jobs, keys, liveness
+from contract import jobs, keys, liveness, ownership
 from contract.errors import DeviceError, GenerationFailed, LlavaError
-from contract.messages import FinishReason, JobRequest, TokenEvent, WorkerInfo, error_from_event
+from contract.messages import ClaimState, FinishReason, JobRequest, TokenEvent, WorkerInfo, error_from_event
 from infra.settings import WorkerSettings
 from workers.engine_types import Engine, JobUpdate
 from workers.heartbeat import Heartbeat
@@ -33,6 +33,10 @@ EXIT_DEVICE_ERROR = 3
 CLAIM_BLOCK_S = 1
 SOFTWARE_VERSION = "0.1.0"
 _REDIS_ERRORS = (redis_lib.ConnectionError, redis_lib.TimeoutError)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class Worker:
@@ -66,7 +70,8 @@ class Worker:
         self._backoff = Backoff()
         self._claim_paused = False  # set after a put_back; cleared when a job ends and frees capacity
         self.returning: list[str] = []  # claimed job ids to put back at the front of the queue
-        self._claimed_ids: list[bytes] = []  # claimed in the last step's publish round trip, not yet admitted
+        self._claimed_ids: list[bytes | str] = []  # claimed in a step's publish round trip, not yet admitted
+        self._dropping: set[str] = set()  # taken away by a sweeper; the engine lets go of them at its next step
         self.heartbeat = Heartbeat(redis, self.info)
         self.metrics = metrics  # workers.metrics.WorkerMetrics, when --metrics-port is set
 
@@ -149,11 +154,14 @@ class Worker:
 
     def _claim(self) -> list[JobRequest]:
         """Jobs claimed with the last step's publish (busy), or a blocking claim (idle)."""
-        claimed_ids, self._claimed_ids = self._claimed_ids, []
+        claimed_ids, self._claimed_ids = [_text(i) for i in self._claimed_ids], []
+        # A job taken away and claimed again waits until the engine has let go of its old run.
+        self._claimed_ids = [i for i in claimed_ids if i in self._dropping]
+        claimed_ids = [i for i in claimed_ids if i not in self._dropping]
         if not self._backoff.ready():
             if not self.engine.has_work():
                 self._backoff.wait_if_down()
-            self.returning += [i.decode() if isinstance(i, bytes) else i for i in claimed_ids]
+            self.returning += claimed_ids
             return []
         try:
             if claimed_ids or self.engine.has_work():
@@ -164,9 +172,10 @@ class Worker:
             claimed = jobs.claim_blocking(self.redis, self.worker_id, self.model_name, free, CLAIM_BLOCK_S)
         except _REDIS_ERRORS as exc:
             self._backoff.failed("claim", exc)
-            self.returning += [i.decode() if isinstance(i, bytes) else i for i in claimed_ids]
+            self.returning += claimed_ids
             return []
         self._backoff.ok()
+        self._forget_stale(r.job_id for r in claimed)
         return claimed
 
     # ---- admit ------------------------------------------------------------------------------------------------
@@ -183,6 +192,8 @@ class Worker:
             except _REDIS_ERRORS as exc:  # it goes back to the queue once Redis answers
                 self._backoff.failed("admit", exc)
                 back.append(request.job_id)
+            except ownership.NotOwned:  # a sweeper took it since the claim (this worker was frozen in between)
+                log.warning("job %s was taken away before it started; dropping it", request.job_id)
             except Exception as exc:  # the one catch point per job: a bad job fails alone
                 log.exception("job %s failed during admission", request.job_id)
                 error = exc if isinstance(exc, LlavaError) else GenerationFailed(f"admitting the job failed: {exc}")
@@ -211,7 +222,7 @@ class Worker:
                 return False
             raise GenerationFailed(f"job needs {prepared.kv_tokens} KV tokens, more than this worker's token budget")
         job.started_at = time.time()
-        if jobs.start_claimed(self.redis, self.worker_id, request):
+        if jobs.start_claimed(self.redis, self.worker_id, request, judge_lease=self._may_judge_leases()):
             job.end(FinishReason.cancelled)
             self._end(job)
             return True
@@ -233,13 +244,16 @@ class Worker:
     # ---- publish ----------------------------------------------------------------------------------------------
 
     def _publish(self, updates: list[JobUpdate]) -> None:
-        """Fold the step's updates into job state, then one pipelined round trip: new text, first-token notes,
-        cancel checks of running jobs and the claim of jobs for free slots. Final events go out in `_finish`, after
-        the job record is written."""
+        """Fold the step's updates into job state, then one pipelined round trip: new text (published only while
+        each job is still this worker's), first-token notes, cancel checks of running jobs, the leases of their
+        controllers, and the claim of jobs for free slots. Final events go out in `_finish`, after the job record
+        is written."""
         now = time.time()
         for update in updates:
             job = self.active.get(update.job_id)
             if job is None:
+                if update.finish_reason is not None:
+                    self._dropping.discard(update.job_id)  # the engine let go of a job taken away
                 continue
             job.take(update, now)
             if update.finish_reason is not None:
@@ -248,21 +262,18 @@ class Worker:
                 self._claim_paused = False
         if not self._backoff.ready():
             return
-        sending = [j for j in (*self.active.values(), *self.finishing) if j.unsent]
-        running = list(self.active)
-        if not (sending or running):
+        checked = [*self.active.values(), *(j for j in self.finishing if j.unsent)]
+        if not checked:
             return
+        controllers = sorted({j.request.controller_id for j in self.active.values() if j.request.controller_id})
+        if not self._may_judge_leases():
+            controllers = []
         try:
             with self.redis.pipeline(transaction=False) as pipe:
-                for job in sending:
-                    if not job.streaming:
-                        # Noted before the text goes out, so a sweeper never requeues a job the client saw.
-                        jobs.mark_streaming(pipe, self.worker_id, job.job_id)
-                    event = TokenEvent(job_id=job.job_id, text=job.unsent, seq=job.seq + 1)
-                    pipe.publish(keys.chunks(job.job_id), event.model_dump_json())
-                for job_id in running:
-                    pipe.exists(keys.cancel(job_id))
-                claiming = running and self._may_claim()
+                ownership.queue_step(pipe, self.worker_id, [(j.job_id, self._token_event(j)) for j in checked])
+                for controller_id in controllers:
+                    pipe.exists(keys.controller(controller_id))
+                claiming = bool(self.active) and self._may_claim()
                 if claiming:
                     jobs.queue_claim(pipe, self.worker_id, self.model_name, self.engine.free_slots())
                 results = pipe.execute()
@@ -270,14 +281,50 @@ class Worker:
             self._backoff.failed("publish", exc)
             return
         self._backoff.ok()
-        for job in sending:
-            job.sent()
+        gone = {c for c, alive in zip(controllers, results[1 : 1 + len(controllers)], strict=True) if not alive}
+        for job, reply in zip(checked, ownership.step_replies(results[0]), strict=True):
+            if reply == ownership.TAKEN_AWAY:
+                self._drop(job.job_id)
+                continue
+            if job.unsent:
+                job.sent()
+            stop = reply == 1 or job.request.controller_id in gone
+            if stop and job.job_id in self.active and not job.cancel_sent:
+                if reply != 1:
+                    log.warning("job %s: the lease of controller %s is gone; cancelling", job.job_id,
+                                job.request.controller_id)  # fmt: skip
+                job.cancel_sent = True
+                self.engine.cancel(job.job_id)
         if claiming:
-            self._claimed_ids = list(results.pop())
-        for job_id, flagged in zip(running, results[len(results) - len(running) :], strict=True):
-            if flagged and job_id in self.active and not self.active[job_id].cancel_sent:
-                self.active[job_id].cancel_sent = True
-                self.engine.cancel(job_id)
+            claimed = [_text(i) for i in results[-1]]
+            self._forget_stale(claimed)
+            self._claimed_ids = [*self._claimed_ids, *claimed]
+
+    @staticmethod
+    def _token_event(job: ActiveJob) -> str:
+        """The token event of the job's unsent text ('' when there is none)."""
+        return TokenEvent(job_id=job.job_id, text=job.unsent, seq=job.seq + 1).model_dump_json() if job.unsent else ""
+
+    def _may_judge_leases(self) -> bool:
+        """Whether a missing controller lease means a dead controller: only once this worker has reached Redis for
+        longer than the lease TTL since its last Redis error (leases lapse during an outage whatever controllers do)."""
+        return self._backoff.reachable_for_s() > keys.CONTROLLER_LEASE_TTL_S and not self.heartbeat.lost.is_set()
+
+    def _drop(self, job_id: str) -> None:
+        """Forget a job a sweeper took away (requeued or failed): nothing more is written for it."""
+        log.warning("job %s was taken away from this worker (requeued or failed by a sweeper); dropping it", job_id)
+        if self.active.pop(job_id, None) is not None:
+            self.engine.cancel(job_id)
+            self._dropping.add(job_id)
+        self.finishing = [j for j in self.finishing if j.job_id != job_id]
+        self.returning = [i for i in self.returning if i != job_id]
+
+    def _forget_stale(self, claimed: Any) -> None:
+        """A job this worker claims from the queue while it still holds it was taken away and requeued: drop the
+        old run (its id can be in the queue only after a sweeper took it)."""
+        for job_id in claimed:
+            if job_id in self.active or any(j.job_id == job_id for j in self.finishing) or job_id in self.returning:
+                self._drop(job_id)
 
     # ---- finish -----------------------------------------------------------------------------------------------
 
@@ -294,7 +341,9 @@ class Worker:
                 continue
             try:
                 if not job.recorded:
-                    jobs.finish(self.redis, self.worker_id, job.outcome())
+                    if not jobs.finish(self.redis, self.worker_id, job.outcome(), fenced=True):
+                        log.warning("job %s was taken away from this worker; its outcome is not written", job.job_id)
+                        continue
                     job.recorded = True
                     log.info("job %s %s (%d tokens)", job.job_id, job.status, job.usage.completion_tokens)
                     if self.metrics is not None:
@@ -340,7 +389,8 @@ class Worker:
             self.engine.cancel(job_id)
         for job_id, job in list(self.active.items()):
             if requeue and not job.streaming and not job.unsent:
-                if self._retry_redis("requeue", lambda j=job_id: jobs.requeue(self.redis, self.worker_id, j)):
+                requeue_one = lambda j=job_id: jobs.requeue(self.redis, self.worker_id, j, fenced=True)  # noqa: E731
+                if self._retry_redis("requeue", requeue_one):
                     del self.active[job_id]
                     log.info("job %s returned to the queue", job_id)
                     continue
@@ -366,6 +416,7 @@ class Worker:
                 if not self.redis.exists(keys.worker(self.worker_id)) and self.redis.exists(table, inbox):
                     jobs.settle_worker(self.redis, self.worker_id, jobs.Settled())
                 liveness.register(self.redis, self.info())
+                self._backoff.reachable_for(liveness.redis_uptime_s(self.redis))
                 return True
             except _REDIS_ERRORS as exc:
                 self._backoff.failed("register", exc)
@@ -373,18 +424,21 @@ class Worker:
         return False
 
     def _reconcile(self) -> None:
-        """After a heartbeat gap longer than the TTL: drop jobs a sweeper took away (already requeued/failed)."""
+        """After a heartbeat gap longer than the TTL: drop the jobs a sweeper took away (requeued or failed), before
+        anything else is written for them. A running job is still this worker's only while its table entry says
+        started or streaming (`claimed` is a new claim of a job that went back to the queue)."""
         try:
-            raw = self.redis.hkeys(keys.worker_jobs(self.worker_id))
-            held = {k.decode() if isinstance(k, bytes) else k for k in raw}
+            raw = self.redis.hgetall(keys.worker_jobs(self.worker_id))
+            held = {_text(k): _text(v) for k, v in raw.items()}
         except _REDIS_ERRORS as exc:
             self._backoff.failed("reconcile", exc)
             return
         self.heartbeat.lost.clear()
-        for job_id in [j for j in self.active if j not in held]:
-            log.warning("job %s was taken over by the sweeper while this worker was unreachable", job_id)
-            self.engine.cancel(job_id)
-            self.active.pop(job_id)
+        running_states = (ClaimState.started.value, ClaimState.streaming.value)
+        for job_id in [j for j in self.active if held.get(j) not in running_states]:
+            self._drop(job_id)
+        for job_id in [j.job_id for j in self.finishing if j.job_id not in held]:
+            self._drop(job_id)
 
     def _deregister(self) -> None:
         if self._retry_redis("deregister", lambda: liveness.unregister(self.redis, self.worker_id)) is False:
