@@ -1,7 +1,7 @@
 """The whole system under faults, and what happened to every request.
 
     python -m bench.chaos [--engine scripted|tiny] [--workers 3] [--in-flight 12] [--kills 100]
-                          [--outages 2,8,20] [--restarts 1] [--no-controller-kill] [--out bench/results/chaos.json]
+                          [--outages 2,8,20] [--restarts 1] [--cpu-hogs 2] [--no-controller-kill] [--out bench/results/chaos.json]
 
 Real processes: an embedded append-only redis-server, two `llava-serve controller` replicas and `--workers`
 `llava-serve worker` processes, with either the scripted engine (workers/scripted.py: a deterministic fake engine
@@ -11,7 +11,8 @@ Clients keep `--in-flight` SSE streams open at all times, spread over the contro
 
 1. worker deaths: `--kills` times, a random worker gets SIGKILL or SIGSTOP (mixed) and a replacement starts; a
    stopped worker is woken (SIGCONT) after the death-detection bound and then stopped, to check that it does not
-   publish into streams another worker now owns;
+   publish into streams another worker now owns; `--cpu-hogs` busy processes load every core meanwhile, so a live
+   worker whose heartbeat competes for the CPU must still never be swept;
 2. Redis: `--restarts` restarts, then outages of `--outages` seconds each (the server stopped and started again on
    the same port with its append-only file);
 3. one controller of the two killed (SIGKILL) while its streams run.
@@ -32,6 +33,8 @@ import asyncio
 import json
 import random
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -41,14 +44,15 @@ from pathlib import Path
 
 import httpx
 import redis as redis_lib
-from rq.registry import StartedJobRegistry
 
 from bench.common import percentile
 from bench.load_checks import check_stream, load_request
+from cli.processes import Proc, cli, env_for, start_controller, wait_for_workers
 from contract import keys
-from contract.messages import DoneEvent, ErrorEvent, QueuedEvent, TokenEvent, parse_event
+from contract.client import ControllerClient, aiter_events, error_from_response
+from contract.messages import DoneEvent, ErrorEvent, FinishReason, StreamEvent, TokenEvent
 from infra.embedded_redis import EmbeddedRedis
-from infra.process import Proc, cli, env_for, start_controller, wait_for_workers
+from infra.process import die_with_parent
 
 SCRIPTED_MODEL = "scripted-load"
 # Tokens per reply, cycled over requests: short ones keep requests flowing, long ones are running when a fault hits.
@@ -67,6 +71,7 @@ class ChaosConfig:
     restarts: int = 1
     outages_s: tuple[float, ...] = (2.0, 8.0, 20.0)
     controller_kill: bool = True
+    cpu_hogs: int = 2  # busy-looping processes beside the workers while they are killed: no live worker may be swept
     step_delay_s: float = 0.05
     stream_timeout_s: float = 120.0
     seed: int = 0
@@ -130,6 +135,7 @@ class System:
         self.retired: list[Proc] = []
         self.lock = threading.Lock()
         self.next_worker = 0
+        self.hogs: list[subprocess.Popen] = []
         self.model, self.worker_args = self._engine_args()
 
     def _engine_args(self) -> tuple[str, list[str]]:
@@ -160,6 +166,17 @@ class System:
         with self.lock:
             self.workers[worker_id] = proc
         return worker_id
+
+    def start_hogs(self, count: int) -> None:
+        """Processes that keep every core busy, so that heartbeats compete for the CPU as under a long prefill."""
+        spin = [sys.executable, "-c", "while True: pass"]
+        self.hogs += [subprocess.Popen(spin, preexec_fn=die_with_parent) for _ in range(count)]
+
+    def stop_hogs(self) -> None:
+        for hog in self.hogs:
+            hog.kill()
+            hog.wait()
+        self.hogs = []
 
     def kill_worker(self, rng: random.Random) -> Kill:
         with self.lock:
@@ -198,6 +215,7 @@ class System:
         self.redis_server.start()
 
     def stop(self) -> None:
+        self.stop_hogs()
         for proc in [*self.workers.values(), *self.retired, *self.controllers]:
             proc.signal(signal.SIGCONT)
             proc.stop()
@@ -235,7 +253,7 @@ class Clients:
         record = RequestRecord(index, controller, self.phase, tokens, time.perf_counter())
         self.records.append(record)
         body = load_request(index, tokens, self.system.model).model_dump(mode="json")
-        events: list[tuple[float, QueuedEvent | TokenEvent | DoneEvent | ErrorEvent]] = []
+        events: list[tuple[float, StreamEvent]] = []
         try:
             await asyncio.wait_for(self._stream(client, controller, body, record, events),
                                    self.config.stream_timeout_s)  # fmt: skip
@@ -257,25 +275,14 @@ class Clients:
         async with client.stream("POST", url, json=body) as response:
             record.job_id = response.headers.get("x-job-id")
             if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                try:
-                    code = json.loads(text)["error"]["code"]
-                except (ValueError, KeyError, TypeError):
-                    code = f"http_{response.status_code}"
-                record.outcome = f"error:{code}"
+                await response.aread()
+                record.outcome = f"error:{error_from_response(response).code}"
                 return
-            data: list[str] = []
-            async for line in response.aiter_lines():
-                if line == "":
-                    if data:
-                        event = parse_event("\n".join(data))
-                        events.append((time.perf_counter(), event))
-                        if isinstance(event, TokenEvent):
-                            record.tokens_received += 1
-                        record.job_id = record.job_id or event.job_id
-                    data = []
-                elif line.startswith("data:"):
-                    data.append(line[5:].removeprefix(" "))
+            async for event in aiter_events(response):
+                events.append((time.perf_counter(), event))
+                if isinstance(event, TokenEvent):
+                    record.tokens_received += 1
+                record.job_id = record.job_id or event.job_id
 
     def _judge(self, record: RequestRecord, events: list) -> None:
         if record.outcome.startswith("error:"):
@@ -311,10 +318,12 @@ def fault_schedule(system: System, clients: Clients, config: ChaosConfig, kills:
     rng = random.Random(config.seed)
     time.sleep(2.0)
     clients.phase = "kills"
+    system.start_hogs(config.cpu_hogs)
     for _ in range(config.kills):
         time.sleep(config.kill_interval_s)
         kills.append(system.kill_worker(rng))
     time.sleep(config.stop_hold_s + 4.0)
+    system.stop_hogs()
     clients.phase = "redis"
     for duration in [0.0] * config.restarts + list(config.outages_s):
         time.sleep(3.0)
@@ -375,22 +384,21 @@ def measure(system: System, clients: Clients, kills: list[Kill], outages: list[t
 def _orphans(system: System, clients: Clients) -> tuple[int, int]:
     """Jobs of the killed controller that ran on to their end, and the tokens made after their client was cut."""
     cut = [r for r in clients.records if r.outcome == "cut" and r.job_id]
+    client = ControllerClient(system.urls[0])
     jobs, tokens = 0, 0
     deadline = time.monotonic() + 60
-    for r in cut:
-        while True:
-            view = httpx.get(f"{system.urls[0]}/api/v1/jobs/{r.job_id}", timeout=5).json()
-            outcome = view.get("outcome")
-            if outcome is not None or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        if outcome is None:
-            jobs += 1
-            continue
-        made = int(outcome.get("usage", {}).get("completion_tokens", 0))
-        tokens += max(0, made - r.tokens_received)
-        if outcome.get("finish_reason") != "cancelled":
-            jobs += 1
+    try:
+        for r in cut:
+            outcome = client.job(r.job_id).outcome
+            while outcome is None and time.monotonic() < deadline:
+                time.sleep(0.2)  # polling a record that a worker will write; the deadline bounds it
+                outcome = client.job(r.job_id).outcome
+            if outcome is None or outcome.finish_reason != FinishReason.cancelled:
+                jobs += 1
+            if outcome is not None:
+                tokens += max(0, outcome.usage.completion_tokens - r.tokens_received)
+    finally:
+        client.close()
     return jobs, tokens
 
 
@@ -399,10 +407,10 @@ def leftovers(system: System) -> list[str]:
     entries, keys of ours with no TTL."""
     r = system.redis
     left = []
-    queue = f"rq:queue:{keys.queue_name(system.model)}"
+    queue = keys.rq_queue(system.model)
     if n := r.llen(queue):
         left.append(f"{n} job(s) in {queue}")
-    if n := StartedJobRegistry(keys.queue_name(system.model), connection=r).count:
+    if n := r.zcard(keys.rq_registry("wip", system.model)):
         left.append(f"{n} job(s) in rq's started registry")
     for key in r.scan_iter(match=f"{keys.PREFIX}*", count=1000):
         name = key.decode()
@@ -474,12 +482,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restarts", type=int, default=1, help="Redis restarts (down and straight back up)")
     parser.add_argument("--outages", default="2,8,20", help="Redis outages, seconds each, comma separated")
     parser.add_argument("--no-controller-kill", action="store_true")
+    parser.add_argument("--cpu-hogs", type=int, default=2, help="busy processes beside the workers during the kills")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/chaos.json"))
     args = parser.parse_args(argv)
     config = ChaosConfig(
         engine=args.engine, workers=args.workers, in_flight=args.in_flight, kills=args.kills,
         kill_interval_s=args.kill_interval_s, restarts=args.restarts, controller_kill=not args.no_controller_kill,
+        cpu_hogs=args.cpu_hogs,
         outages_s=tuple(float(s) for s in args.outages.split(",") if s.strip()), seed=args.seed,
     )  # fmt: skip
     report = run_chaos(config)
