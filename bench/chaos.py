@@ -1,0 +1,505 @@
+"""The whole system under faults, and what happened to every request.
+
+    python -m bench.chaos [--engine scripted|tiny] [--workers 3] [--in-flight 12] [--kills 100]
+                          [--outages 2,8,20] [--restarts 1] [--cpu-hogs 2] [--no-controller-kill] [--out bench/results/chaos.json]
+
+Real processes: an embedded append-only redis-server, two `llava-serve controller` replicas and `--workers`
+`llava-serve worker` processes, with either the scripted engine (workers/scripted.py: a deterministic fake engine
+for fault tests of the broker, not a model, so every reply can be checked word for word) or the real tiny
+random-weight LLaVA (`--engine tiny`: the reply cannot be predicted, so only its consistency is checked).
+Clients keep `--in-flight` SSE streams open at all times, spread over the controllers, while three phases run:
+
+1. worker deaths: `--kills` times, a random worker gets SIGKILL or SIGSTOP (mixed) and a replacement starts; a
+   stopped worker is woken (SIGCONT) after the death-detection bound and then stopped, to check that it does not
+   publish into streams another worker now owns; `--cpu-hogs` busy processes load every core meanwhile, so a live
+   worker whose heartbeat competes for the CPU must still never be swept;
+2. Redis: `--restarts` restarts, then outages of `--outages` seconds each (the server stopped and started again on
+   the same port with its append-only file);
+3. one controller of the two killed (SIGKILL) while its streams run.
+
+Every request ends as one of: done (and right), error by code, cut (its controller was killed: the client sees the
+connection close, which is all a dead process can give), lost (neither done nor error, or a `done` whose text or
+seq is wrong) or hung (nothing final within `--stream-timeout-s`). Also measured: kill-to-error latency of the
+streams a dead worker held (p50 / max), `worker_lost` errors of jobs no killed worker held (false sweeps), errors
+during outages shorter than the controller's outage allowance (false errors), tokens generated after their
+controller died (for no client), and what is left in Redis once everything has stopped. Prints a table, writes
+JSON (default bench/results/chaos.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import redis as redis_lib
+
+from bench.common import percentile
+from bench.load_checks import check_stream, load_request
+from cli.processes import Proc, cli, env_for, start_controller, wait_for_workers
+from contract import keys
+from contract.client import ControllerClient, aiter_events, error_from_response
+from contract.messages import DoneEvent, ErrorEvent, FinishReason, StreamEvent, TokenEvent
+from infra.embedded_redis import EmbeddedRedis
+from infra.process import die_with_parent
+
+SCRIPTED_MODEL = "scripted-load"
+# Tokens per reply, cycled over requests: short ones keep requests flowing, long ones are running when a fault hits.
+REPLY_TOKENS = (16, 48, 120)
+OUTAGE_ALLOWANCE_S = 30.0  # the controller's default Redis outage allowance
+
+
+@dataclass
+class ChaosConfig:
+    engine: str = "scripted"
+    workers: int = 3
+    in_flight: int = 12
+    kills: int = 100
+    kill_interval_s: float = 1.5
+    stop_hold_s: float = 8.0  # how long a SIGSTOPped worker stays frozen before it is woken
+    restarts: int = 1
+    outages_s: tuple[float, ...] = (2.0, 8.0, 20.0)
+    controller_kill: bool = True
+    cpu_hogs: int = 2  # busy-looping processes beside the workers while they are killed: no live worker may be swept
+    step_delay_s: float = 0.05
+    stream_timeout_s: float = 120.0
+    seed: int = 0
+
+
+@dataclass
+class RequestRecord:
+    index: int
+    controller: int
+    phase: str
+    tokens: int
+    sent_at: float
+    job_id: str | None = None
+    outcome: str = "hung"  # done, error:<code>, cut, lost, hung
+    problem: str | None = None
+    ended_at: float | None = None
+    tokens_received: int = 0
+
+
+@dataclass
+class Kill:
+    worker_id: str
+    how: str  # SIGKILL or SIGSTOP
+    at: float
+    held: list[str]
+
+
+@dataclass
+class ChaosReport:
+    config: dict
+    requests: int = 0
+    worker_kills: int = 0
+    jobs_held_by_killed: int = 0  # jobs in the job tables of killed workers at the moment of the kill
+    done: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    cut: int = 0
+    lost: int = 0
+    hung: int = 0
+    kill_to_error_p50_s: float | None = None
+    kill_to_error_max_s: float | None = None
+    false_worker_lost: int = 0
+    false_outage_errors: int = 0
+    orphan_tokens: int = 0
+    orphan_jobs: int = 0
+    leftover: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # one line per lost or hung request
+    wall_s: float = 0.0
+
+
+class System:
+    """The processes under test, with the means to kill them."""
+
+    def __init__(self, config: ChaosConfig, workdir: Path) -> None:
+        self.config = config
+        self.workdir = workdir
+        self.redis_server = EmbeddedRedis(workdir / "redis", persist=True).start()
+        self.redis = redis_lib.Redis.from_url(self.redis_server.url, socket_timeout=5)
+        self.controllers: list[Proc] = []
+        self.urls: list[str] = []
+        self.workers: dict[str, Proc] = {}
+        self.retired: list[Proc] = []
+        self.lock = threading.Lock()
+        self.next_worker = 0
+        self.hogs: list[subprocess.Popen] = []
+        self.model, self.worker_args = self._engine_args()
+
+    def _engine_args(self) -> tuple[str, list[str]]:
+        if self.config.engine == "scripted":
+            delay = str(self.config.step_delay_s)
+            args = ["--engine", "scripted", "--model-path", SCRIPTED_MODEL, "--scripted-step-delay", delay]
+            return SCRIPTED_MODEL, [*args, "--max-batch", "16"]
+        from workers.tiny_model import build_tiny_model
+
+        path = build_tiny_model(self.workdir / "tiny-chaos")
+        return path.name, ["--model-path", str(path), "--max-batch", "8", "--device", "cpu", "--threads", "1"]
+
+    def start(self) -> None:
+        for _ in range(2):
+            proc, url = start_controller(self.redis_server.url, self.workdir)
+            self.controllers.append(proc)
+            self.urls.append(url)
+        for _ in range(self.config.workers):
+            self.start_worker()
+        wait_for_workers(self.urls[0], self.model, self.config.workers, list(self.workers.values()))
+
+    def start_worker(self) -> str:
+        with self.lock:
+            worker_id = f"chaos-w{self.next_worker}"
+            self.next_worker += 1
+        proc = Proc(worker_id, cli("worker", "--worker-id", worker_id, *self.worker_args),
+                    env_for(self.redis_server.url), self.workdir)  # fmt: skip
+        with self.lock:
+            self.workers[worker_id] = proc
+        return worker_id
+
+    def start_hogs(self, count: int) -> None:
+        """Processes that keep every core busy, so that heartbeats compete for the CPU as under a long prefill."""
+        spin = [sys.executable, "-c", "while True: pass"]
+        self.hogs += [subprocess.Popen(spin, preexec_fn=die_with_parent) for _ in range(count)]
+
+    def stop_hogs(self) -> None:
+        for hog in self.hogs:
+            hog.kill()
+            hog.wait()
+        self.hogs = []
+
+    def kill_worker(self, rng: random.Random) -> Kill:
+        with self.lock:
+            worker_id = rng.choice(sorted(self.workers))
+            proc = self.workers.pop(worker_id)
+        how = rng.choice(["SIGKILL", "SIGSTOP"])
+        proc.signal(signal.SIGKILL if how == "SIGKILL" else signal.SIGSTOP)
+        at = time.perf_counter()
+        # The job table of a dead or frozen worker stays as it was until a sweeper takes it: what it held.
+        held = [raw.decode() for raw in self._retry(lambda: self.redis.hkeys(keys.worker_jobs(worker_id)))]
+        self.start_worker()
+        if how == "SIGSTOP":
+            threading.Timer(self.config.stop_hold_s, self._wake_and_stop, [proc]).start()
+        else:
+            self.retired.append(proc)
+        return Kill(worker_id, how, at, held)
+
+    def _wake_and_stop(self, proc: Proc) -> None:
+        """A frozen worker wakes up after its jobs went elsewhere; then it is stopped for good."""
+        proc.signal(signal.SIGCONT)
+        threading.Timer(2.0, proc.signal, [signal.SIGTERM]).start()
+        self.retired.append(proc)
+
+    def _retry(self, call, attempts: int = 50):
+        for _ in range(attempts - 1):
+            try:
+                return call()
+            except redis_lib.RedisError:
+                time.sleep(0.2)
+        return call()
+
+    def redis_down(self) -> None:
+        self.redis_server.stop()
+
+    def redis_up(self) -> None:
+        self.redis_server.start()
+
+    def stop(self) -> None:
+        self.stop_hogs()
+        for proc in [*self.workers.values(), *self.retired, *self.controllers]:
+            proc.signal(signal.SIGCONT)
+            proc.stop()
+        self.redis.close()
+        self.redis_server.stop()
+
+
+class Clients:
+    """Keeps `in_flight` streams open over the live controllers, records how each one ends."""
+
+    def __init__(self, system: System, config: ChaosConfig) -> None:
+        self.system = system
+        self.config = config
+        self.records: list[RequestRecord] = []
+        self.phase = "start"
+        self.live_controllers = list(range(len(system.urls)))
+        self.killed_controller: int | None = None
+        self.stopping = False
+
+    async def run(self) -> None:
+        limits = httpx.Limits(max_connections=self.config.in_flight * 2 + 8)
+        timeout = httpx.Timeout(10.0, read=self.config.stream_timeout_s)
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+            tasks: set[asyncio.Task] = set()
+            while not self.stopping:
+                while len(tasks) < self.config.in_flight and not self.stopping:
+                    tasks.add(asyncio.create_task(self.one(client, len(self.records))))
+                finished, tasks = await asyncio.wait(tasks, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
+            if tasks:
+                await asyncio.wait(tasks)
+
+    async def one(self, client: httpx.AsyncClient, index: int) -> None:
+        controller = self.live_controllers[index % len(self.live_controllers)]
+        tokens = REPLY_TOKENS[index % len(REPLY_TOKENS)]
+        record = RequestRecord(index, controller, self.phase, tokens, time.perf_counter())
+        self.records.append(record)
+        body = load_request(index, tokens, self.system.model).model_dump(mode="json")
+        events: list[tuple[float, StreamEvent]] = []
+        try:
+            await asyncio.wait_for(self._stream(client, controller, body, record, events),
+                                   self.config.stream_timeout_s)  # fmt: skip
+        except asyncio.TimeoutError:
+            record.outcome, record.problem = "hung", f"no final event within {self.config.stream_timeout_s:g} s"
+            return
+        except httpx.HTTPError as exc:
+            if self.killed_controller == controller:
+                record.outcome = "cut"
+            else:
+                record.outcome, record.problem = "lost", f"{type(exc).__name__}: {exc}"
+            record.ended_at = time.perf_counter()
+            return
+        record.ended_at = time.perf_counter()
+        self._judge(record, events)
+
+    async def _stream(self, client, controller: int, body: dict, record: RequestRecord, events: list) -> None:
+        url = f"{self.system.urls[controller]}/api/v1/generate"
+        async with client.stream("POST", url, json=body) as response:
+            record.job_id = response.headers.get("x-job-id")
+            if response.status_code != 200:
+                await response.aread()
+                record.outcome = f"error:{error_from_response(response).code}"
+                return
+            async for event in aiter_events(response):
+                events.append((time.perf_counter(), event))
+                if isinstance(event, TokenEvent):
+                    record.tokens_received += 1
+                record.job_id = record.job_id or event.job_id
+
+    def _judge(self, record: RequestRecord, events: list) -> None:
+        if record.outcome.startswith("error:"):
+            return
+        final = events[-1][1] if events else None
+        if isinstance(final, ErrorEvent):
+            record.outcome = f"error:{final.code}"
+            record.ended_at = events[-1][0]
+            return
+        if not isinstance(final, DoneEvent):
+            record.outcome, record.problem = "lost", f"the stream ended after {len(events)} events with no final one"
+            return
+        if self.config.engine == "scripted":
+            problem = check_stream(record.index, record.tokens, events, record.job_id)
+        else:
+            problem = _consistency(events)
+        record.outcome, record.problem = ("lost", problem) if problem else ("done", None)
+
+
+def _consistency(events: list) -> str | None:
+    """For a model whose reply is not known in advance: seq 1, 2, ... and the done text is the tokens joined."""
+    tokens = [event for _, event in events if isinstance(event, TokenEvent)]
+    if [t.seq for t in tokens] != list(range(1, len(tokens) + 1)):
+        return f"token seq not 1, 2, ...: {[t.seq for t in tokens][:40]}"
+    if "".join(t.text for t in tokens) != events[-1][1].text:
+        return "done text is not the token events joined"
+    return None
+
+
+def fault_schedule(system: System, clients: Clients, config: ChaosConfig, kills: list[Kill],
+                   outages: list[tuple[float, float, float]]) -> None:  # fmt: skip
+    """The three phases, one after the other, while the clients keep streams in flight."""
+    rng = random.Random(config.seed)
+    time.sleep(2.0)
+    clients.phase = "kills"
+    system.start_hogs(config.cpu_hogs)
+    for _ in range(config.kills):
+        time.sleep(config.kill_interval_s)
+        kills.append(system.kill_worker(rng))
+    time.sleep(config.stop_hold_s + 4.0)
+    system.stop_hogs()
+    clients.phase = "redis"
+    for duration in [0.0] * config.restarts + list(config.outages_s):
+        time.sleep(3.0)
+        start = time.perf_counter()
+        system.redis_down()
+        time.sleep(duration)
+        system.redis_up()
+        outages.append((start, time.perf_counter(), duration))
+    time.sleep(5.0)
+    if config.controller_kill:
+        clients.phase = "controller"
+        time.sleep(3.0)
+        clients.killed_controller = 1
+        clients.live_controllers = [0]
+        system.controllers[1].signal(signal.SIGKILL)
+        time.sleep(3.0)
+    clients.stopping = True
+
+
+def measure(system: System, clients: Clients, kills: list[Kill], outages: list[tuple[float, float, float]],
+            config: ChaosConfig) -> ChaosReport:  # fmt: skip
+    report = ChaosReport(config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()})
+    records = clients.records
+    report.requests = len(records)
+    outcomes = Counter(r.outcome for r in records)
+    report.done = outcomes["done"]
+    report.cut, report.lost, report.hung = outcomes["cut"], outcomes["lost"], outcomes["hung"]
+    report.errors = {k.split(":", 1)[1]: v for k, v in sorted(outcomes.items()) if k.startswith("error:")}
+    report.problems = [f"request {r.index} ({r.phase}, job {r.job_id}): {r.outcome}: {r.problem}"
+                       for r in records if r.outcome in ("lost", "hung")][:50]  # fmt: skip
+
+    held_by = {job_id: kill for kill in kills for job_id in kill.held}
+    report.worker_kills, report.jobs_held_by_killed = len(kills), len(held_by)
+    latencies = []
+    for r in records:
+        if r.outcome != "error:worker_lost":
+            continue
+        kill = held_by.get(r.job_id or "")
+        if kill is None:
+            report.false_worker_lost += 1
+        elif r.ended_at is not None:
+            latencies.append(r.ended_at - kill.at)
+    if latencies:
+        report.kill_to_error_p50_s = round(percentile(latencies, 50), 2)
+        report.kill_to_error_max_s = round(max(latencies), 2)
+
+    short = [(start, end) for start, end, duration in outages if duration < OUTAGE_ALLOWANCE_S]
+    for r in records:
+        if r.phase == "redis" and r.outcome.startswith("error:") and r.outcome != "error:worker_lost":
+            if any(r.sent_at <= end and (r.ended_at or end) >= start for start, end in short):
+                report.false_outage_errors += 1
+
+    if config.controller_kill:
+        report.orphan_jobs, report.orphan_tokens = _orphans(system, clients)
+    return report
+
+
+def _orphans(system: System, clients: Clients) -> tuple[int, int]:
+    """Jobs of the killed controller that ran on to their end, and the tokens made after their client was cut."""
+    cut = [r for r in clients.records if r.outcome == "cut" and r.job_id]
+    client = ControllerClient(system.urls[0])
+    jobs, tokens = 0, 0
+    deadline = time.monotonic() + 60
+    try:
+        for r in cut:
+            outcome = client.job(r.job_id).outcome
+            while outcome is None and time.monotonic() < deadline:
+                time.sleep(0.2)  # polling a record that a worker will write; the deadline bounds it
+                outcome = client.job(r.job_id).outcome
+            if outcome is None or outcome.finish_reason != FinishReason.cancelled:
+                jobs += 1
+            if outcome is not None:
+                tokens += max(0, outcome.usage.completion_tokens - r.tokens_received)
+    finally:
+        client.close()
+    return jobs, tokens
+
+
+def leftovers(system: System) -> list[str]:
+    """What the stopped system left in Redis that nothing will clean: job tables, queued jobs, started-registry
+    entries, keys of ours with no TTL."""
+    r = system.redis
+    left = []
+    queue = keys.rq_queue(system.model)
+    if n := r.llen(queue):
+        left.append(f"{n} job(s) in {queue}")
+    if n := r.zcard(keys.rq_registry("wip", system.model)):
+        left.append(f"{n} job(s) in rq's started registry")
+    for key in r.scan_iter(match=f"{keys.PREFIX}*", count=1000):
+        name = key.decode()
+        if name in (keys.feedback(), keys.replays()):
+            continue
+        if r.ttl(name) == -1:
+            left.append(f"{name} has no TTL ({r.type(name).decode()})")
+    return left
+
+
+def run_chaos(config: ChaosConfig, workdir: Path | None = None) -> ChaosReport:
+    """Start the system, run the phases with clients in flight, stop everything and report."""
+    with tempfile.TemporaryDirectory(prefix="llava-chaos-") as tmp:
+        workdir = workdir or Path(tmp)
+        system = System(config, workdir)
+        kills: list[Kill] = []
+        outages: list[tuple[float, float, float]] = []
+        started = time.perf_counter()
+        try:
+            system.start()
+            clients = Clients(system, config)
+            # Faults run on this thread: children die with the thread that started them (PR_SET_PDEATHSIG).
+            streams = threading.Thread(target=asyncio.run, args=(clients.run(),))
+            streams.start()
+            try:
+                fault_schedule(system, clients, config, kills, outages)
+            finally:
+                clients.stopping = True
+                streams.join()
+            report = measure(system, clients, kills, outages, config)
+            for proc in [*system.workers.values(), *system.retired, *system.controllers]:
+                proc.signal(signal.SIGCONT)
+                proc.stop()
+            report.leftover = leftovers(system)
+        finally:
+            system.stop()
+        report.wall_s = round(time.perf_counter() - started, 1)
+        return report
+
+
+def print_table(report: ChaosReport) -> None:
+    errors = ", ".join(f"{code} {n}" for code, n in report.errors.items()) or "none"
+    rows = [
+        ("worker kills / jobs they held", f"{report.worker_kills} / {report.jobs_held_by_killed}"),
+        ("requests", report.requests), ("done", report.done), ("error by code", errors),
+        ("cut (controller killed)", report.cut),
+        ("lost", report.lost), ("hung", report.hung),
+        ("kill→error p50 / max (s)", f"{report.kill_to_error_p50_s} / {report.kill_to_error_max_s}"),
+        ("false worker_lost (live worker swept)", report.false_worker_lost),
+        ("errors in outages within the allowance", report.false_outage_errors),
+        ("jobs / tokens generated for no client", f"{report.orphan_jobs} / {report.orphan_tokens}"),
+        ("left in Redis", len(report.leftover)), ("wall (s)", report.wall_s),
+    ]  # fmt: skip
+    width = max(len(name) for name, _ in rows)
+    print(f"chaos run, engine {report.config['engine']}, {report.config['kills']} worker kills")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value}")
+    for line in [*report.problems[:10], *report.leftover[:10]]:
+        print(f"  ! {line}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=["scripted", "tiny"], default="scripted")
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--in-flight", type=int, default=12, help="streams kept open at all times")
+    parser.add_argument("--kills", type=int, default=100, help="worker kills (SIGKILL and SIGSTOP mixed)")
+    parser.add_argument("--kill-interval-s", type=float, default=1.5)
+    parser.add_argument("--restarts", type=int, default=1, help="Redis restarts (down and straight back up)")
+    parser.add_argument("--outages", default="2,8,20", help="Redis outages, seconds each, comma separated")
+    parser.add_argument("--no-controller-kill", action="store_true")
+    parser.add_argument("--cpu-hogs", type=int, default=2, help="busy processes beside the workers during the kills")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/chaos.json"))
+    args = parser.parse_args(argv)
+    config = ChaosConfig(
+        engine=args.engine, workers=args.workers, in_flight=args.in_flight, kills=args.kills,
+        kill_interval_s=args.kill_interval_s, restarts=args.restarts, controller_kill=not args.no_controller_kill,
+        cpu_hogs=args.cpu_hogs,
+        outages_s=tuple(float(s) for s in args.outages.split(",") if s.strip()), seed=args.seed,
+    )  # fmt: skip
+    report = run_chaos(config)
+    print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(asdict(report), indent=2))
+    print(f"written {args.out}")
+    bad = report.lost or report.hung or report.false_worker_lost or report.false_outage_errors or report.leftover
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
