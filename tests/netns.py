@@ -162,6 +162,10 @@ class Network:
     def heal(self, host: Host) -> None:
         ip("link", "set", host.port, "up")
 
+    def heal_all(self) -> None:
+        for host in self.hosts.values():
+            ip("link", "set", host.port, "up", check=False)
+
     def _pin_neighbours(self, host: Host) -> None:
         """Permanent neighbour entries between `host` and every other host and the bridge, both ways."""
         mac = _mac("-n", host.netns, "link", "show", "eth0")
