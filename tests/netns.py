@@ -116,6 +116,11 @@ class Network:
         return f"llbr{self.run_id}"
 
     @property
+    def bridge_mac(self) -> str:
+        """A locally administered address of our own for the bridge, fixed for the whole run."""
+        return "02:6c:76:" + ":".join(self.run_id[k : k + 2] for k in range(0, 6, 2))
+
+    @property
     def gateway(self) -> str:
         """The test process's own address on the bridge."""
         assert self.subnet is not None
@@ -128,6 +133,8 @@ class Network:
             self.subnet = _free_subnet()
             ip("link", "add", self.bridge, "type", "bridge")
             self._made_bridge = True
+            # a bridge takes the lowest address of its ports unless given one: hosts pin this one (see cut)
+            ip("link", "set", self.bridge, "address", self.bridge_mac)
             ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
             ip("link", "set", self.bridge, "up")
         return self
@@ -176,8 +183,8 @@ class Network:
                    "permanent")  # fmt: skip
                 ip("-n", other.netns, "neigh", "replace", host.address, "lladdr", mac, "dev", "eth0", "nud",
                    "permanent")  # fmt: skip
-        bridge_mac = _mac("link", "show", self.bridge)
-        ip("-n", host.netns, "neigh", "replace", self.gateway, "lladdr", bridge_mac, "dev", "eth0", "nud", "permanent")
+        ip("-n", host.netns, "neigh", "replace", self.gateway, "lladdr", self.bridge_mac, "dev", "eth0", "nud",
+           "permanent")  # fmt: skip
         ip("neigh", "replace", host.address, "lladdr", mac, "dev", self.bridge, "nud", "permanent")
 
     def destroy(self) -> list[str]:

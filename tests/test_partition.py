@@ -502,6 +502,8 @@ def test_a_worker_partitioned_from_redis_loses_its_streams_its_queue_moves_on_an
     observer.start()
     try:
         run = asyncio.run(partition_scenario(system, observer))
+    except AssertionError as exc:  # the scenario could not be played out: say where, with every log
+        pytest.fail(f"{exc}\n{system.logs()}", pytrace=False)
     finally:
         observer.stop()
     judge(run, connect(system.redis_url), observer)
