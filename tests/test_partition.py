@@ -36,12 +36,11 @@ import pytest
 import redis as redis_lib
 
 from bench.load_checks import MODEL, Arrival, check_stream, load_request, scripted_reply
-from broker import jobs
-from contract import keys
+from cli.processes import Proc, cli, env_for
+from contract import jobs, keys
 from contract.client import aiter_events
 from contract.messages import ClaimState, DoneEvent, ErrorEvent, StreamEvent, TokenEvent, parse_event
 from infra.embedded_redis import redis_server_binary
-from infra.process import Proc, cli, env_for
 from infra.redis import connect
 from tests.netns import Host, Network, unavailable_reason
 
