@@ -1,7 +1,8 @@
 """The whole system under faults, and what happened to every request.
 
     python -m bench.chaos [--engine scripted|tiny] [--workers 3] [--in-flight 12] [--kills 100]
-                          [--outages 2,8,20] [--restarts 1] [--cpu-hogs 2] [--no-controller-kill] [--out bench/results/chaos.json]
+                          [--outages 2,8,20] [--restarts 1] [--cpu-hogs 2] [--no-controller-kill]
+                          [--out bench/results/chaos.json]
 
 Real processes: an embedded append-only redis-server, two `llava-serve controller` replicas and `--workers`
 `llava-serve worker` processes, with either the scripted engine (workers/scripted.py: a deterministic fake engine
