@@ -158,10 +158,30 @@ def light_latencies(
     return latencies, outcomes
 
 
-def phase_row(name: str, latencies: list[float], outcomes: Counter[str]) -> dict:
+class CpuSeconds:
+    """CPU seconds the controller and the worker used since the last `lap()` (or creation)."""
+
+    def __init__(self, procs) -> None:
+        import psutil
+
+        self._procs = {"controller": psutil.Process(procs[0].pid), "worker": psutil.Process(procs[1].pid)}
+        self._last = self._now()
+
+    def _now(self) -> dict[str, float]:
+        return {name: sum(p.cpu_times()[:2]) for name, p in self._procs.items()}
+
+    def lap(self) -> dict[str, float]:
+        now = self._now()
+        used = {name: round(now[name] - self._last[name], 1) for name in now}
+        self._last = now
+        return used
+
+
+def phase_row(name: str, latencies: list[float], outcomes: Counter[str], cpu: dict[str, float]) -> dict:
     return {"phase": name, "requests": len(latencies), "outcomes": dict(outcomes),
             "p50_ms": round(percentile(latencies, 50) * 1000, 1), "p99_ms": round(percentile(latencies, 99) * 1000, 1),
-            "max_ms": round(max(latencies) * 1000, 1)}  # fmt: skip
+            "max_ms": round(max(latencies) * 1000, 1), "controller_cpu_s": cpu["controller"],
+            "worker_cpu_s": cpu["worker"]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--light", type=int, default=40, help="light requests per phase, one after another")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens per light request")
     parser.add_argument("--threads", type=int, default=1, help="the worker's torch threads (OMP_NUM_THREADS)")
+    parser.add_argument("--heavy", choices=["both", "text", "images"], default="both",
+                        help="which heavy clients run in the second phase (one alone isolates its cost)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("bench/results/heavy.json"))
     args = parser.parse_args(argv)
 
@@ -184,33 +206,41 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"serving {model} on the CPU; logs in {workdir}", flush=True)
         stream_once(url, text_request(model, "warm up", args.max_new_tokens))
+        cpu = CpuSeconds(procs)
         idle = light_latencies(url, model, args.light, args.max_new_tokens)
-        heavy = [HeavyClient(url, "60 MB prompt", "text", model, []).start(),
-                 HeavyClient(url, "8 x 40 MP images", "images", model, pngs).start()]  # fmt: skip
+        cpu_idle = cpu.lap()
+        heavy = []
+        if args.heavy in ("both", "text"):
+            heavy.append(HeavyClient(url, "60 MB prompt", "text", model, []).start())
+        if args.heavy in ("both", "images"):
+            heavy.append(HeavyClient(url, "8 x 40 MP images", "images", model, pngs).start())
         time.sleep(2.0)  # let the heavy requests get going before measuring (a warm-up, not synchronisation)
         # the light client goes on until every heavy client has finished a request: it overlaps their whole cost
         loaded = light_latencies(url, model, args.light, args.max_new_tokens,
                                  until=lambda: all(c.completed.value > 0 for c in heavy))  # fmt: skip
+        cpu_loaded = cpu.lap()
         for client in heavy:
             client.stop()
         load_after = os.getloadavg()
     finally:
         stop_system(redis, procs)
 
-    rows = [phase_row("idle", *idle), phase_row("with heavy clients", *loaded)]
+    rows = [phase_row("idle", *idle, cpu_idle), phase_row("with heavy clients", *loaded, cpu_loaded)]
     ratio = rows[1]["p50_ms"] / rows[0]["p50_ms"]
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs)\n")
-    print("| light client | requests | p50 ms | p99 ms | max ms | outcomes |\n|---|---|---|---|---|---|")
+    print("| light client | requests | p50 ms | p99 ms | max ms | controller CPU s | worker CPU s | outcomes |\n"
+          "|---|---|---|---|---|---|---|---|")  # fmt: skip
     for row in rows:
         print(f"| {row['phase']} | {row['requests']} | {row['p50_ms']} | {row['p99_ms']} | {row['max_ms']} | "
-              f"{row['outcomes']} |")  # fmt: skip
+              f"{row['controller_cpu_s']} | {row['worker_cpu_s']} | {row['outcomes']} |")  # fmt: skip
     print(f"\np50 with heavy clients / idle: {ratio:.2f}x (target: within 2x)\n")
     print("| heavy client | requests | median s | outcomes |\n|---|---|---|---|")
     for client in heavy:
         print(f"| {client.name} | {len(client.seconds)} | {percentile(client.seconds, 50):.2f} | "
               f"{dict(client.outcomes)} |")  # fmt: skip
     report = {
-        "model": model, "device": "cpu", "worker_threads": args.threads, "max_new_tokens": args.max_new_tokens,
+        "model": model, "device": "cpu", "heavy_clients": args.heavy, "worker_threads": args.threads,
+        "max_new_tokens": args.max_new_tokens,
         "cpus": os.cpu_count(), "load_average_before": list(load_before), "load_average_after": list(load_after),
         "light": rows, "p50_ratio": round(ratio, 2), "target_ratio": 2.0,
         "heavy": [{"client": c.name, "requests": len(c.seconds), "median_s": round(percentile(c.seconds, 50), 2),

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import pytest
 
+from contract import jobs, keys
 from contract.errors import ErrorCode, PayloadTooLarge
 from contract.limits import max_prompt_chars
 from contract.messages import DoneEvent, ErrorEvent, SamplingParams
 from infra.settings import WorkerSettings
 from tests.workers.gated_tokenizer import GatedTokenizer
-from tests.workers.harness import MODEL, RunningWorker, submit
+from tests.workers.harness import MODEL, RunningWorker, status, submit
 from workers.cli import build_engine
 from workers.engine import EngineJob
-from workers.worker import Worker
+from workers.worker import EXIT_OK, Worker
 
 
 def gated_worker(redis_client, tiny_model_path, marker: str | None = None) -> tuple[Worker, GatedTokenizer]:
@@ -67,3 +68,18 @@ def test_the_engine_checks_the_bound_before_tokenizing(redis_client, tiny_model_
     with pytest.raises(PayloadTooLarge, match=f"limit of {limit} characters"):
         engine.prepare(EngineJob("huge", SamplingParams(), prompt="x" * (limit + 1)))
     assert gate.calls == 0
+
+
+def test_a_job_still_being_prepared_when_the_worker_stops_goes_back_to_the_queue(redis_client, tiny_model_path):
+    worker, gate = gated_worker(redis_client, tiny_model_path, marker="zebra")
+    try:
+        running = RunningWorker(worker)
+        with running:
+            submit(redis_client, "slow", "a zebra crossing", subscribe=False, max_new_tokens=4)
+            assert gate.entered.wait(60), "the slow job's tokenization never started"
+            assert running.stop() == EXIT_OK
+        assert jobs.queue_position(redis_client, MODEL, "slow") == 0
+        assert status(redis_client, "slow") == "queued"
+        assert not redis_client.hexists(keys.worker_jobs("w1"), "slow")
+    finally:
+        gate.release.set()
