@@ -7,6 +7,7 @@ preparation is not finished does not hold back the ready jobs claimed after it.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -17,6 +18,9 @@ R = TypeVar("R")  # what is prepared from (a job request)
 P = TypeVar("P")  # what preparing gives (a prepared job)
 
 DEFAULT_PREPARE_THREADS = 2
+# Niceness of the preparation threads (Linux schedules threads as tasks): on a busy CPU the step loop goes first, so
+# decoding a client's large images slows that client's job more than everyone's decode steps.
+PREPARE_NICE = 10
 
 
 @dataclass
@@ -97,6 +101,7 @@ class Preparer(Generic[R, P]):
             self._inbox.put(None)
 
     def _run(self) -> None:
+        lower_priority(PREPARE_NICE)
         while True:
             preparation = self._inbox.get()
             if preparation is None:
@@ -110,3 +115,11 @@ class Preparer(Generic[R, P]):
             with self._finished:
                 preparation.done = True
                 self._finished.notify_all()
+
+
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's niceness by `nice` where the system allows it (Linux); elsewhere nothing."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+    except (AttributeError, OSError):  # no per-thread priorities here
+        pass
