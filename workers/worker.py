@@ -197,27 +197,28 @@ class Worker:
             self.preparing.submit(request.job_id, request)
         if self.preparing and not self.engine.has_work():
             self.preparing.wait(PREPARE_POLL_S)  # nothing to step meanwhile
-        back: list[str] = []
+        back: list[Preparation[JobRequest, PreparedJob]] = []
         for preparation in self.preparing.take_ready():
             request = preparation.request
             if back:  # keep queue order: nothing overtakes a job that did not fit
-                back.append(request.job_id)
+                back.append(preparation)
                 continue
             try:
                 if not self._admit_one(preparation):
-                    back.append(request.job_id)
-                    later = [p.job_id for p in self.preparing.in_flight() if p.seq > preparation.seq]
-                    back += self.preparing.drop(later)
+                    back.append(preparation)
             except _REDIS_ERRORS as exc:  # it goes back to the queue once Redis answers
                 self._backoff.failed("admit", exc)
-                back.append(request.job_id)
+                back.append(preparation)
             except Exception as exc:  # the one catch point per job: a bad job fails alone
                 log.exception("job %s failed during admission", request.job_id)
                 error = exc if isinstance(exc, LlavaError) else GenerationFailed(f"admitting the job failed: {exc}")
                 self._end(ActiveJob.from_request(request), error=error)
         if back:
+            # the jobs claimed after the first one sent back go back too, those still being prepared included
+            later = [p for p in self.preparing.in_flight() if p.seq > back[0].seq]
+            self.preparing.drop([p.job_id for p in later])
             self._claim_paused = True
-            self.returning += back
+            self.returning += [p.job_id for p in sorted([*back, *later], key=lambda p: p.seq)]
             self._return_claimed()
 
     def _return_claimed(self) -> None:
