@@ -4,6 +4,8 @@ context could hold is refused before it is tokenized. Real engine on the tiny mo
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from contract import jobs, keys
@@ -12,9 +14,10 @@ from contract.limits import max_prompt_chars
 from contract.messages import DoneEvent, ErrorEvent, SamplingParams
 from infra.settings import WorkerSettings
 from tests.workers.gated_tokenizer import GatedTokenizer
-from tests.workers.harness import MODEL, RunningWorker, status, submit
+from tests.workers.harness import MODEL, RunningWorker, status, submit, wait_for
 from workers.cli import build_engine
 from workers.engine import EngineJob
+from workers.scripted import ScriptedEngine
 from workers.worker import EXIT_OK, Worker
 
 
@@ -83,3 +86,29 @@ def test_a_job_still_being_prepared_when_the_worker_stops_goes_back_to_the_queue
         assert not redis_client.hexists(keys.worker_jobs("w1"), "slow")
     finally:
         gate.release.set()
+
+
+def test_when_a_job_does_not_fit_the_jobs_claimed_after_it_go_back_too_in_claim_order(redis_client):
+    engine = ScriptedEngine(max_batch=4, token_budget=40)
+    engine.add(engine.prepare(EngineJob("big", SamplingParams(max_new_tokens=30), prompt="a big job")))  # 33 of 40
+    held = threading.Event()
+    prepare = engine.prepare
+
+    def held_prepare(job: EngineJob):  # "b" is still being prepared when the others are ready
+        if job.job_id == "b" and not held.wait(30):
+            raise AssertionError("never released")
+        return prepare(job)
+
+    engine.prepare = held_prepare
+    worker = Worker(WorkerSettings(model_path=MODEL, worker_id="w1"), engine, redis_client, model_name=MODEL)
+    try:
+        for job_id, tokens in (("a", 30), ("b", 1), ("c", 1)):  # "a" does not fit; "c" would
+            submit(redis_client, job_id, "x", subscribe=False, max_new_tokens=tokens)
+        worker._admit(jobs.claim(redis_client, "w1", MODEL, 3))
+        wait_for(lambda: all(p.done for p in worker.preparing.in_flight() if p.job_id != "b"), what="a and c ready")
+        worker._admit([])
+        assert [jobs.queue_position(redis_client, MODEL, j) for j in ("a", "b", "c")] == [0, 1, 2]
+        assert not worker.preparing and worker.active == {}
+    finally:
+        held.set()
+        worker.preparing.close()
