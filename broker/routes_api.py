@@ -30,6 +30,7 @@ from broker.validation import (
 )
 from contract import jobs
 from contract.errors import JobNotFound, RedisUnavailable, RequestInvalid
+from contract.limits import check_prompt_chars
 from contract.messages import (
     DoneEvent,
     ErrorEvent,
@@ -138,10 +139,22 @@ async def checked_images(ctx: ControllerContext, sources: list[tuple[str, str]])
     return checked
 
 
-async def require_live_model(ctx: ControllerContext, model: str) -> None:
+async def require_live_model(ctx: ControllerContext, model: str, prompt_chars: int = 0) -> None:
     """ModelNotFound (404, naming the live models) when no worker serves `model`, NoWorker (503) when its workers
-    are gone; a Redis failure propagates to the app's handler (503)."""
-    await ctx.require_model(model)
+    are gone, PayloadTooLarge (413, naming the limit) when `prompt_chars` characters of prompt text could fit the
+    context of none of them (`contract.limits`); a Redis failure propagates to the app's handler (503)."""
+    workers = await ctx.require_model(model)
+    contexts = [w.context_length for w in workers if w.context_length]
+    if contexts and len(contexts) == len(workers):  # a worker of unknown context might take any prompt
+        check_prompt_chars(prompt_chars, max(contexts), model)
+
+
+def text_chars(body: GenerateRequest) -> int:
+    """Characters of text in a generate request's messages (images left out)."""
+    return sum(
+        len(m.content) if isinstance(m.content, str) else sum(len(p.text) for p in m.content if isinstance(p, TextPart))
+        for m in body.messages
+    )
 
 
 def new_job_id() -> str:
@@ -154,7 +167,7 @@ async def prepare_job(ctx: ControllerContext, body: GenerateRequest) -> JobReque
     sources = image_sources(body)
     images.check_image_count(len(sources), image_limits(ctx))
     check_no_placeholder_text(body)
-    await require_live_model(ctx, body.model)
+    await require_live_model(ctx, body.model, prompt_chars=text_chars(body))
     checked = await checked_images(ctx, sources)
     return JobRequest(
         job_id=new_job_id(),

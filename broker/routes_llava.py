@@ -158,7 +158,7 @@ async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[Ll
             f"prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(sent)} image(s) were sent; "
             f"each image needs exactly one {IMAGE_PLACEHOLDER} in the prompt"
         )
-    await require_live_model(ctx, body.model)
+    await require_live_model(ctx, body.model, prompt_chars=len(body.prompt))
     sources = [(f"images[{i}]", value) for i, value in enumerate(sent)]
     if body.max_new_tokens == 0:
         limits = image_limits(ctx)

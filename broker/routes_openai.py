@@ -330,7 +330,7 @@ async def prepare_prompt_job(ctx: ControllerContext, body: CompletionRequest) ->
                 }
             ]
         )
-    await require_live_model(ctx, body.model)
+    await require_live_model(ctx, body.model, prompt_chars=len(body.prompt))
     return JobRequest(job_id=new_job_id(), model=body.model, prompt=body.prompt, params=body.sampling_params())
 
 

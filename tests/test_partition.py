@@ -112,7 +112,7 @@ class System:
         order = [n for n in self.procs if n.startswith("w")] + [n for n in self.procs if n.startswith("controller")]
         for name in [*order, "redis"]:
             if name in self.procs:
-                self.procs[name].stop(timeout=20)
+                self.procs[name].stop(timeout_s=20)
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, system: System) -> None:

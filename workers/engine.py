@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from contract.errors import ContextTooLong, InvalidRequest, LlavaError
+from contract.limits import check_prompt_chars, job_text_chars
 from contract.messages import FinishReason, Usage
 from workers.batch import PaddedBatch, Prefilled, output_cache, prefill_groups, prefill_inputs
 from workers.engine_types import Engine, EngineImage, EngineJob, JobUpdate, PreparedJob
@@ -160,10 +161,13 @@ class TransformersEngine:
     # ---- admission ------------------------------------------------------------------------------------------
 
     def prepare(self, job: EngineJob) -> PreparedJob:
-        """Template, tokenize and preprocess images; raise InvalidRequest, ImageInvalid or ContextTooLong."""
+        """Template, tokenize and preprocess images; raise InvalidRequest, ImageInvalid, ContextTooLong, or
+        PayloadTooLarge for prompt text longer than any prompt that fits (checked first, in characters). Safe to call
+        from another thread while `step` runs (the worker prepares off its step loop)."""
         token, images = self.loaded.image_token, job.images
         if (job.messages is None) == (job.prompt is None):
             raise InvalidRequest("exactly one of messages and prompt must be set")
+        check_prompt_chars(job_text_chars(job.messages, job.prompt), self.job_limit)
         if job.messages is not None:
             prompt = render_messages(self.loaded.processor, job.messages, token, len(images))
         else:

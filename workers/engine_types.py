@@ -65,8 +65,9 @@ class PreparedJob:
 @runtime_checkable
 class Engine(Protocol):
     """A batching engine as the worker drives it: `prepare` a job, `add` it when it `fits`, then `step` until it
-    has no work. Not thread-safe: one loop calls it. A job's own fault ends that job with an error update; only a
-    device that cannot be used any more turns `healthy` False (the worker then exits)."""
+    has no work. One loop calls it, except `prepare`: the worker prepares jobs on other threads while `step` runs, so
+    `prepare` must be thread-safe and leave the running batch alone. A job's own fault ends that job with an error
+    update; only a device that cannot be used any more turns `healthy` False (the worker then exits)."""
 
     max_batch: int  # jobs running at once, at most
     healthy: bool

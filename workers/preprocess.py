@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,8 @@ def check_prompt(prompt: str, image_token: str, n_images: int) -> None:
 
 
 class ImageCache:
-    """LRU of preprocessed images by content digest: multi-turn chats resend the same images every turn."""
+    """LRU of preprocessed images by content digest: multi-turn chats resend the same images every turn.
+    Thread-safe: jobs are prepared on several threads; an image is processed outside the lock."""
 
     def __init__(self, processor: Any, image_token: str, image_token_id: int, capacity: int = 128) -> None:
         self._processor = processor
@@ -65,6 +67,7 @@ class ImageCache:
         self._image_token_id = image_token_id
         self.capacity = capacity
         self._entries: OrderedDict[str, ProcessedImage] = OrderedDict()
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
@@ -73,16 +76,19 @@ class ImageCache:
 
     def get(self, digest: str, image: Image.Image) -> ProcessedImage:
         """The processed image for `digest`, computing it from `image` on a miss."""
-        entry = self._entries.get(digest)
-        if entry is not None:
-            self._entries.move_to_end(digest)
-            self.hits += 1
-            return entry
-        self.misses += 1
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is not None:
+                self._entries.move_to_end(digest)
+                self.hits += 1
+                return entry
+            self.misses += 1
         entry = self._process(digest, image)
-        self._entries[digest] = entry
-        if len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[digest] = entry
+            self._entries.move_to_end(digest)
+            if len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
         return entry
 
     def _process(self, digest: str, image: Image.Image) -> ProcessedImage:

@@ -19,11 +19,13 @@ from redis import Redis
 
 from contract import jobs, keys, liveness, ownership
 from contract.errors import DeviceError, GenerationFailed, LlavaError
+from contract.limits import check_prompt_chars, job_text_chars
 from contract.messages import ClaimState, FinishReason, JobRequest, TokenEvent, WorkerInfo, error_from_event
 from infra.settings import WorkerSettings
-from workers.engine_types import Engine, JobUpdate
+from workers.engine_types import Engine, JobUpdate, PreparedJob
 from workers.heartbeat import Heartbeat
 from workers.jobstate import ActiveJob, Backoff, failure_update, load_images
+from workers.preparing import DEFAULT_PREPARE_THREADS, Preparation, Preparer
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ EXIT_OK = 0
 EXIT_CRASHED = 1
 EXIT_DEVICE_ERROR = 3
 CLAIM_BLOCK_S = 1
+PREPARE_POLL_S = 0.02  # while jobs are being prepared and none runs: how long the loop waits on them or a claim
 SOFTWARE_VERSION = "0.1.0"
 _REDIS_ERRORS = (redis_lib.ConnectionError, redis_lib.TimeoutError)
 
@@ -52,6 +55,7 @@ class Worker:
         device: str = "cpu",
         context_length: int | None = None,
         metrics: Any = None,
+        prepare_threads: int = DEFAULT_PREPARE_THREADS,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -74,6 +78,8 @@ class Worker:
         self._dropping: set[str] = set()  # taken away by a sweeper; the engine lets go of them at its next step
         self.heartbeat = Heartbeat(redis, self.info)
         self.metrics = metrics  # workers.metrics.WorkerMetrics, when --metrics-port is set
+        # Claimed jobs being prepared off the step loop (images loaded, templated, tokenized); see `_admit`.
+        self.preparing: Preparer[JobRequest, PreparedJob] = Preparer(self._prepare, prepare_threads)
 
     # ---- control ----------------------------------------------------------------------------------------------
 
@@ -114,6 +120,7 @@ class Worker:
             self._abandon(GenerationFailed(f"worker {self.worker_id} crashed while generating"), requeue=False)
             code = EXIT_CRASHED
         finally:
+            self.preparing.close()
             self.heartbeat.stop()
             self._deregister()
         return code
@@ -139,7 +146,7 @@ class Worker:
             elif self.finishing or self.active:
                 self._publish([])
             self._finish()
-            self.busy_slots = self.engine.active_count
+            self.busy_slots = self.engine.active_count + len(self.preparing)
             if self.metrics is not None:
                 self.metrics.set_running(self.busy_slots)
             if not self.engine.has_work() and (self.finishing or self.returning or self._stop.is_set()):
@@ -148,7 +155,7 @@ class Worker:
     # ---- claim ------------------------------------------------------------------------------------------------
 
     def _may_claim(self) -> bool:
-        if self._stop.is_set() or self.returning or self.engine.free_slots() <= 0:
+        if self._stop.is_set() or self.returning or self._free_slots() <= 0:
             return False
         return not (self._claim_paused and self.engine.has_work())
 
@@ -168,8 +175,9 @@ class Worker:
                 return jobs.claimed_requests(self.redis, self.worker_id, claimed_ids)
             if not self._may_claim():
                 return []
-            free = self.engine.free_slots()
-            claimed = jobs.claim_blocking(self.redis, self.worker_id, self.model_name, free, CLAIM_BLOCK_S)
+            free = self._free_slots()
+            block_s = PREPARE_POLL_S if self.preparing else CLAIM_BLOCK_S
+            claimed = jobs.claim_blocking(self.redis, self.worker_id, self.model_name, free, block_s)
         except _REDIS_ERRORS as exc:
             self._backoff.failed("claim", exc)
             self.returning += claimed_ids
@@ -180,18 +188,36 @@ class Worker:
 
     # ---- admit ------------------------------------------------------------------------------------------------
 
+    def _free_slots(self) -> int:
+        """Engine slots taken neither by admitted jobs nor by jobs being prepared."""
+        return max(self.engine.free_slots() - len(self.preparing), 0)
+
+    def _prepare(self, request: JobRequest) -> PreparedJob:
+        """On a preparation thread: the cheap size bound, then the job's images from Redis and the engine's
+        `prepare` (templating, tokenizing, image preprocessing), none of it on the step loop."""
+        check_prompt_chars(job_text_chars(request.messages, request.prompt), self.context_length, request.model)
+        job = ActiveJob.from_request(request)
+        return self.engine.prepare(job.engine_job(load_images(self.redis, request.images)))
+
     def _admit(self, claimed: list[JobRequest]) -> None:
-        back: list[str] = []
+        """Start preparing the claimed jobs off the loop; admit the jobs whose preparation finished, in claim order
+        (one still preparing holds back no other)."""
         for request in claimed:
+            self.preparing.submit(request.job_id, request)
+        if self.preparing and not self.engine.has_work():
+            self.preparing.wait(PREPARE_POLL_S)  # nothing to step meanwhile
+        back: list[Preparation[JobRequest, PreparedJob]] = []
+        for preparation in self.preparing.take_ready():
+            request = preparation.request
             if back:  # keep queue order: nothing overtakes a job that did not fit
-                back.append(request.job_id)
+                back.append(preparation)
                 continue
             try:
-                if not self._admit_one(request):
-                    back.append(request.job_id)
+                if not self._admit_one(preparation):
+                    back.append(preparation)
             except _REDIS_ERRORS as exc:  # it goes back to the queue once Redis answers
                 self._backoff.failed("admit", exc)
-                back.append(request.job_id)
+                back.append(preparation)
             except ownership.NotOwned:  # a sweeper took it since the claim (this worker was frozen in between)
                 log.warning("job %s was taken away before it started; dropping it", request.job_id)
             except Exception as exc:  # the one catch point per job: a bad job fails alone
@@ -199,8 +225,11 @@ class Worker:
                 error = exc if isinstance(exc, LlavaError) else GenerationFailed(f"admitting the job failed: {exc}")
                 self._end(ActiveJob.from_request(request), error=error)
         if back:
+            # the jobs claimed after the first one sent back go back too, those still being prepared included
+            later = [p for p in self.preparing.in_flight() if p.seq > back[0].seq]
+            self.preparing.drop([p.job_id for p in later])
             self._claim_paused = True
-            self.returning += back
+            self.returning += [p.job_id for p in sorted([*back, *later], key=lambda p: p.seq)]
             self._return_claimed()
 
     def _return_claimed(self) -> None:
@@ -213,10 +242,15 @@ class Worker:
             return
         self.returning = []
 
-    def _admit_one(self, request: JobRequest) -> bool:
-        """Admit one claimed job; False when it does not fit the engine now (it goes back to the queue)."""
+    def _admit_one(self, preparation: Preparation[JobRequest, PreparedJob]) -> bool:
+        """Admit one prepared job; False when it does not fit the engine now (it goes back to the queue). Raises
+        what preparing it raised."""
+        if preparation.error is not None:
+            raise preparation.error
+        request, prepared = preparation.request, preparation.prepared
+        if prepared is None:
+            raise GenerationFailed("preparing the job gave no result")
         job = ActiveJob.from_request(request)
-        prepared = self.engine.prepare(job.engine_job(load_images(self.redis, request.images)))
         if not self.engine.fits(prepared):
             if self.engine.has_work():
                 return False
@@ -275,7 +309,7 @@ class Worker:
                     pipe.exists(keys.controller(controller_id))
                 claiming = bool(self.active) and self._may_claim()
                 if claiming:
-                    jobs.queue_claim(pipe, self.worker_id, self.model_name, self.engine.free_slots())
+                    jobs.queue_claim(pipe, self.worker_id, self.model_name, self._free_slots())
                 results = pipe.execute()
         except _REDIS_ERRORS as exc:
             self._backoff.failed("publish", exc)
@@ -373,6 +407,7 @@ class Worker:
                 self._drain_deadline or float("inf"), time.monotonic() + self.settings.drain_timeout_s
             )
             log.info("stopping: draining %d job(s) within %.0f s", len(self.active), self.settings.drain_timeout_s)
+            self.returning += self.preparing.drop()  # never started: back to the queue for another worker
         if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and self.active:
             log.warning("drain timeout: settling %d unfinished job(s)", len(self.active))
             self._abandon(None, requeue=True)
@@ -385,6 +420,7 @@ class Worker:
     def _abandon(self, error: LlavaError | None, *, requeue: bool) -> None:
         """Settle every job still in the engine: requeue those that streamed nothing (when `requeue`), fail the
         rest with `error` (default: a worker_lost-style error), and write every pending result."""
+        self.returning += self.preparing.drop()  # never started: back to the queue
         for job_id in list(self.active):
             self.engine.cancel(job_id)
         for job_id, job in list(self.active.items()):
@@ -434,6 +470,7 @@ class Worker:
             self._backoff.failed("reconcile", exc)
             return
         self.heartbeat.lost.clear()
+        self.preparing.drop([p.job_id for p in self.preparing.in_flight() if p.job_id not in held])
         running_states = (ClaimState.started.value, ClaimState.streaming.value)
         for job_id in [j for j in self.active if held.get(j) not in running_states]:
             self._drop(job_id)
