@@ -1,0 +1,69 @@
+"""What the engine needs to know of each model family, in one place: which families are served exactly, how
+their prompts' extra inputs batch, and which are refused (with why).
+
+The family's own processor builds the whole prompt (placeholders, special tokens, every extra tensor) and the
+model's own forward gives positions; a `Family` only says what the engine cannot find out by itself. A family
+listed here was checked token for token against `generate` (tests/workers/test_families.py); any other model type
+is refused at start, so no model is served wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Family:
+    """One served family, by the config's `model_type`."""
+
+    name: str
+    # The processor's outputs that are never model inputs (PaliGemma's `labels` when a suffix is given).
+    dropped: frozenset[str] = frozenset({"labels"})
+    # Outputs of one row per token (shape [1, prompt]): left-padded with 0 like the prompt when jobs batch.
+    per_token: frozenset[str] = frozenset({"token_type_ids", "mm_token_type_ids"})
+    # True when the image processor's output for several images is each image's output concatenated (zero-padded
+    # where ragged) along dim 0: then one image's tensors are cached by digest and reused across jobs.
+    images_stack: bool = False
+    # True when the compiled decode step (fixed slots, 1-D positions) is exact for the family.
+    compiled: bool = True
+    # Keyword arguments for the processor call (e.g. no video processor).
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("llava", images_stack=True),
+        Family("llava_next", images_stack=True),
+    )
+}
+
+# Known families the engine does not serve yet, with the reason given at start.
+REFUSED: dict[str, str] = {
+    "qwen2_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry",
+    "qwen2_5_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry",
+    "llava_onevision": "not checked against generate yet",
+    "idefics3": "not checked against generate yet",
+    "smolvlm": "not checked against generate yet",
+    "mistral3": "not checked against generate yet",
+    "gemma3": "not checked against generate yet (bidirectional image attention from token_type_ids)",
+    "paligemma": "not checked against generate yet (no chat template on real checkpoints)",
+    "internvl": "not checked against generate yet",
+    "aya_vision": "not checked against generate yet",
+}
+
+
+class UnsupportedFamily(ValueError):
+    """The model's family is not served: the message names it and says why."""
+
+
+def family_of(config: Any) -> Family:
+    """The `Family` of a model config; raise UnsupportedFamily naming the family and why it is not served."""
+    model_type = getattr(config, "model_type", None) or "unknown"
+    family = FAMILIES.get(model_type)
+    if family is not None:
+        return family
+    served = ", ".join(sorted(FAMILIES))
+    why = REFUSED.get(model_type, "not a family this worker knows")
+    raise UnsupportedFamily(f"model family {model_type!r} is not served: {why} (served: {served})")
