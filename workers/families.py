@@ -36,6 +36,7 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family("llava", images_stack=True),
         Family("llava_next", images_stack=True),
+        Family("idefics3"),
     )
 }
 
@@ -44,7 +45,6 @@ REFUSED: dict[str, str] = {
     "qwen2_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry",
     "qwen2_5_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry",
     "llava_onevision": "not checked against generate yet",
-    "idefics3": "not checked against generate yet",
     "smolvlm": "not checked against generate yet",
     "mistral3": "not checked against generate yet",
     "gemma3": "not checked against generate yet (bidirectional image attention from token_type_ids)",

@@ -1,0 +1,132 @@
+"""Every served family gives `generate`'s tokens through the engine: batched with other jobs, with a job joining
+mid-batch, for images of four sizes, two images in one turn, a multi-turn chat and a text-only turn."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from contract.messages import JobImage, JobMessage, JobText, SamplingParams
+from tests.workers.tiny_families import BUILDERS, family_loaded
+from workers.engine import EngineImage, EngineJob, TransformersEngine
+from workers.families import FAMILIES, REFUSED, UnsupportedFamily, family_of
+
+NEW_TOKENS = 12
+SIZES = [(20, 20), (60, 40), (30, 70), (90, 90)]
+
+
+def image(i: int, size: tuple[int, int]) -> EngineImage:
+    gen = torch.Generator().manual_seed(i)
+    pixels = (torch.rand((size[1], size[0], 3), generator=gen) * 255).to(torch.uint8).numpy()
+    return EngineImage(f"digest-{i}-{size[0]}x{size[1]}", Image.fromarray(pixels))
+
+
+def user(*parts: object) -> JobMessage:
+    return JobMessage(
+        role="user",
+        content=[JobImage(digest=p.digest) if isinstance(p, EngineImage) else JobText(text=p) for p in parts],
+    )
+
+
+def conversations() -> dict[str, tuple[list[JobMessage], list[EngineImage]]]:
+    images = [image(i, size) for i, size in enumerate(SIZES)]
+    two = [image(10, (40, 30)), image(11, (30, 50))]
+    chats = {f"size{i}": ([user(img, "What is in this picture?")], [img]) for i, img in enumerate(images)}
+    chats["two"] = ([user(two[0], "and", two[1], "compare the two images")], two)
+    chats["turns"] = (
+        [
+            user(images[1], "Describe the image."),
+            JobMessage(role="assistant", content=[JobText(text="A small house and a tree.")]),
+            user("And what colour is the car?"),
+        ],
+        [images[1]],
+    )
+    chats["text"] = ([user("The quick brown fox jumps over the lazy dog. Why?")], [])
+    return chats
+
+
+def job(name: str, messages: list[JobMessage], images: list[EngineImage]) -> EngineJob:
+    params = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS)
+    return EngineJob(name, params, messages=messages, images=images)
+
+
+def reference(loaded, messages: list[JobMessage], images: list[EngineImage]) -> list[int]:
+    """`generate`'s greedy tokens for the conversation, its inputs built by the processor's own chat template."""
+    by_digest = {img.digest: img.image for img in images}
+    chat = [
+        {
+            "role": m.role,
+            "content": [
+                {"type": "image", "image": by_digest[p.digest]}
+                if isinstance(p, JobImage)
+                else {"type": "text", "text": p.text}
+                for p in m.content
+            ],
+        }
+        for m in messages
+    ]
+    inputs = loaded.processor.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    inputs.pop("labels", None)
+    out = loaded.model.generate(
+        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=loaded.pad_token_id
+    )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_family_matches_generate_batched_and_joining(family):
+    loaded = family_loaded(family)
+    chats = conversations()
+    expected = {name: reference(loaded, *chat) for name, chat in chats.items()}
+    engine = TransformersEngine(loaded, max_batch=8)
+    late = "turns"
+    tokens: dict[str, list[int]] = {name: [] for name in chats}
+    for name, chat in chats.items():
+        if name != late:
+            engine.add(engine.prepare(job(name, *chat)))
+    for step in range(200):
+        if step == 3:
+            engine.add(engine.prepare(job(late, *chats[late])))
+        for update in engine.step():
+            tokens[update.job_id] += update.token_ids
+        if step > 3 and not engine.has_work():
+            break
+    assert not engine.has_work()
+    for name in chats:
+        assert tokens[name] == expected[name], f"{family}: {name}"
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_a_position_bug_changes_the_greedy_text(family):
+    """The checkpoints are sharp enough: a gap in the positions (as when tokens are lost) changes the next token
+    for most conversations."""
+    loaded = family_loaded(family)
+    engine = TransformersEngine(loaded)
+    changed = 0
+    for messages, images in conversations().values():
+        prepared = engine.prepare(job("x", messages, images))
+        extras = {k: v[None] if k in loaded.family.per_token else v for k, v in prepared.image_inputs.items()}
+        ids = prepared.input_ids[None]
+        right = torch.arange(ids.shape[1])[None]
+        gap = right.clone()
+        gap[:, -6:] += 3
+        with torch.no_grad():
+            a = loaded.model(input_ids=ids, position_ids=right, **extras).logits[0, -1].argmax()
+            b = loaded.model(input_ids=ids, position_ids=gap, **extras).logits[0, -1].argmax()
+        changed += int(a != b)
+    assert changed >= 3
+
+
+def test_unsupported_families_are_refused_with_the_reason():
+    class Config:
+        model_type = "qwen2_vl"
+
+    with pytest.raises(UnsupportedFamily, match="qwen2_vl.*M-RoPE"):
+        family_of(Config())
+    Config.model_type = "some_new_vlm"
+    with pytest.raises(UnsupportedFamily, match="'some_new_vlm' is not served"):
+        family_of(Config())
+    assert not set(FAMILIES) & set(REFUSED)

@@ -1,0 +1,147 @@
+"""Tiny random-weight checkpoints of each served family, built in-process (no hub) once per test session.
+
+Each uses the family's own config, model and processor classes (the slow PIL image processors, no torchvision),
+a byte-level BPE tokenizer with the family's special tokens, and the LLaVA-1.5 style chat template with the family's
+image placeholder. Attention is sharpened (query and key weights scaled) so that a wrong position or a missing
+token changes the greedy text.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from workers.model import LoadedModel, wrap_model
+from workers.tiny_model import _CORPUS, CHAT_TEMPLATE, IMAGE_TOKEN, build_bpe_tokenizer, copy_special_token_ids
+
+SHARPEN = 10.0  # query and key weights are multiplied by this: attention logits by its square
+
+
+def template_for(placeholder: str) -> str:
+    """The tiny chat template, an image part written as `placeholder` (the processor's text for one image)."""
+    return CHAT_TEMPLATE.replace("'<image>\\n'", repr(placeholder + "\n"))
+
+
+def tokenizer(extra: tuple[str, ...] = (), image_token: str = IMAGE_TOKEN, placeholder: str = IMAGE_TOKEN):
+    return build_bpe_tokenizer(
+        _CORPUS * 4, 400, extra_special=extra, image_token=image_token, chat_template=template_for(placeholder)
+    )
+
+
+def llama(tok: Any, cls_name: str = "LlamaConfig", **kw: Any) -> Any:
+    import transformers
+
+    return getattr(transformers, cls_name)(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        **kw,
+    )
+
+
+def finish(model: Any, processor: Any, tok: Any, name: str, seed: int = 0) -> LoadedModel:
+    """Sharpen the language model's attention, spread its output logits and wrap it as the engine loads it."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            if "vision" in module_name or not module_name.endswith(("q_proj", "k_proj")):
+                continue
+            module.weight.mul_(SHARPEN)
+        head = model.get_output_embeddings()
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen))
+    copy_special_token_ids(model, tok)
+    return wrap_model(model, processor, device="cpu", dtype=torch.float32, name=f"tiny-{name}")
+
+
+def build_llava() -> LoadedModel:
+    from tests.workers.tiny_llava import tiny_loaded
+
+    loaded = tiny_loaded()
+    return finish(copy.deepcopy(loaded.model), loaded.processor, loaded.tokenizer, "llava")
+
+
+def build_llava_next() -> LoadedModel:
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tok = tokenizer()
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=llama(tok),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    images = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=tok.chat_template,
+        num_additional_image_tokens=1,
+    )
+    return finish(model, processor, tok, "llava_next")
+
+
+def build_idefics3() -> LoadedModel:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, Idefics3VisionConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    grid = tuple(f"<row_{r}_col_{c}>" for r in range(1, 3) for c in range(1, 3))
+    tok = tokenizer(extra=("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", *grid))
+    vision = Idefics3VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    config = Idefics3Config(
+        vision_config=vision,
+        text_config=llama(tok),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        scale_factor=2,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Idefics3ForConditionalGeneration(config).eval()
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    processor = Idefics3Processor(
+        image_processor=images, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template
+    )
+    return finish(model, processor, tok, "idefics3")
+
+
+BUILDERS: dict[str, Callable[[], LoadedModel]] = {
+    "llava": build_llava,
+    "llava_next": build_llava_next,
+    "idefics3": build_idefics3,
+}
+
+
+@functools.cache
+def family_loaded(name: str) -> LoadedModel:
+    return BUILDERS[name]()
