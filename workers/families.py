@@ -41,15 +41,18 @@ FAMILIES: dict[str, Family] = {
 }
 
 # Known families the engine does not serve yet, with the reason given at start.
+_VIDEO = "its processor needs a video processor, which needs torchvision (not installed beside the pinned torch)"
 REFUSED: dict[str, str] = {
-    "qwen2_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry",
-    "qwen2_5_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry",
-    "llava_onevision": "not checked against generate yet",
-    "smolvlm": "not checked against generate yet",
-    "mistral3": "not checked against generate yet",
+    "qwen2_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry; "
+    + _VIDEO,
+    "qwen2_5_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry; "
+    + _VIDEO,
+    "llava_onevision": _VIDEO,
+    "smolvlm": _VIDEO,
+    "internvl": _VIDEO,
+    "mistral3": "its processor (PixtralProcessor) needs torchvision (not installed beside the pinned torch)",
     "gemma3": "not checked against generate yet (bidirectional image attention from token_type_ids)",
     "paligemma": "not checked against generate yet (no chat template on real checkpoints)",
-    "internvl": "not checked against generate yet",
     "aya_vision": "not checked against generate yet",
 }
 
