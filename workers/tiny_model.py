@@ -53,9 +53,10 @@ def build_bpe_tokenizer(
     extra_special: tuple[str, ...] = (),
     image_token: str = IMAGE_TOKEN,
     chat_template: str = CHAT_TEMPLATE,
+    named: dict[str, str] | None = None,
 ):  # -> TokenizersBackend (PreTrainedTokenizerFast)
     """A byte-level BPE trained on `corpus`, with LLaVA-1.5's special tokens (and `extra_special`) and chat
-    template, padding left."""
+    template, padding left. `named` adds attributes naming special tokens (Gemma 3's `boi_token`...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -75,7 +76,7 @@ def build_bpe_tokenizer(
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": image_token},
+        extra_special_tokens={"image_token": image_token, **(named or {})},
         additional_special_tokens=[t for t in extra_special if t not in SPECIAL_TOKENS],
         chat_template=chat_template,
         add_bos_token=False,

@@ -23,12 +23,24 @@ SHARPEN = 10.0  # query and key weights are multiplied by this: attention logits
 
 def template_for(placeholder: str) -> str:
     """The tiny chat template, an image part written as `placeholder` (the processor's text for one image)."""
-    return CHAT_TEMPLATE.replace("'<image>\\n'", repr(placeholder + "\n"))
+    template = CHAT_TEMPLATE.replace("'<image>\n'", "'" + placeholder + "\n'")
+    assert placeholder in template
+    return template
 
 
-def tokenizer(extra: tuple[str, ...] = (), image_token: str = IMAGE_TOKEN, placeholder: str = IMAGE_TOKEN):
+def tokenizer(
+    extra: tuple[str, ...] = (),
+    image_token: str = IMAGE_TOKEN,
+    placeholder: str = IMAGE_TOKEN,
+    named: dict[str, str] | None = None,
+):
     return build_bpe_tokenizer(
-        _CORPUS * 4, 400, extra_special=extra, image_token=image_token, chat_template=template_for(placeholder)
+        _CORPUS * 4,
+        400,
+        extra_special=extra,
+        image_token=image_token,
+        chat_template=template_for(placeholder),
+        named=named,
     )
 
 
@@ -135,10 +147,54 @@ def build_idefics3() -> LoadedModel:
     return finish(model, processor, tok, "idefics3")
 
 
+def siglip(image_size: int = 32) -> Any:
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=8,
+    )
+
+
+def build_gemma3() -> LoadedModel:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
+    tok = tokenizer(
+        extra=("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+        image_token="<image_soft_token>",
+        placeholder="<start_of_image>",
+        named=named,
+    )
+    text = llama(tok, "Gemma3TextConfig", head_dim=16, sliding_window=12)
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=siglip(),
+        mm_tokens_per_image=4,
+        boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+        eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+        image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    images = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    processor = Gemma3Processor(
+        image_processor=images, tokenizer=tok, chat_template=tok.chat_template, image_seq_length=4
+    )
+    return finish(model, processor, tok, "gemma3")
+
+
 BUILDERS: dict[str, Callable[[], LoadedModel]] = {
     "llava": build_llava,
     "llava_next": build_llava_next,
     "idefics3": build_idefics3,
+    "gemma3": build_gemma3,
 }
 
 
