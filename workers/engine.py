@@ -174,7 +174,12 @@ class TransformersEngine:
             raise InvalidRequest("exactly one of messages and prompt must be set")
         if job.messages is not None:
             prompt = render_messages(
-                loaded.processor, job.messages, loaded.image_token, len(images), specials=self._specials
+                loaded.processor,
+                job.messages,
+                loaded.image_token,
+                len(images),
+                specials=self._specials,
+                chat_template=loaded.chat_template,
             )
         else:
             prompt = str(job.prompt)

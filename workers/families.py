@@ -29,6 +29,24 @@ class Family:
     compiled: bool = True
     # Keyword arguments for the processor call (e.g. no video processor).
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The chat template when the checkpoint has none.
+    chat_template: str | None = None
+    # True when the processor cannot take a prompt without an image.
+    needs_images: bool = False
+
+
+# PaliGemma checkpoints have no chat template: every image placeholder first, then the turns' text, one line each
+# (the processor writes BOS after the last image and the closing newline, as the model was trained on:
+# `<image>...<bos>prefix\n`).
+PALIGEMMA_TEMPLATE = (
+    "{% for message in messages %}{% if message['content'] is not string %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+    "{% endif %}{% endfor %}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{% if not loop.last %}{{ '\n' }}{% endif %}{% endfor %}"
+)
 
 
 FAMILIES: dict[str, Family] = {
@@ -40,6 +58,8 @@ FAMILIES: dict[str, Family] = {
         # token_type_ids (per token) give the bidirectional attention within each image at prefill; the compiled
         # step's 4-D mask would drop the sliding window of its local layers, so it runs eager.
         Family("gemma3", compiled=False),
+        # The processor returns `labels` (dropped) and token_type_ids (the prefix attends both ways).
+        Family("paligemma", compiled=False, chat_template=PALIGEMMA_TEMPLATE, needs_images=True),
     )
 }
 
@@ -54,7 +74,6 @@ REFUSED: dict[str, str] = {
     "smolvlm": _VIDEO,
     "internvl": _VIDEO,
     "mistral3": "its processor (PixtralProcessor) needs torchvision (not installed beside the pinned torch)",
-    "paligemma": "not checked against generate yet (no chat template on real checkpoints)",
     "aya_vision": "not checked against generate yet",
 }
 

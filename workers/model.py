@@ -95,6 +95,12 @@ def load_model(model_path: str, *, device: str = "auto", dtype: str = "auto") ->
         raise InvalidRequest(f"model path {model_path!r} is not a directory with a config.json")
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved_device)
+    try:
+        from transformers import AutoConfig
+
+        family = family_of(AutoConfig.from_pretrained(path))
+    except UnsupportedFamily as exc:  # refused before loading any weights
+        raise InvalidRequest(f"model path {model_path!r}: {exc}") from exc
 
     try:
         processor = AutoProcessor.from_pretrained(path)
@@ -104,15 +110,9 @@ def load_model(model_path: str, *, device: str = "auto", dtype: str = "auto") ->
     if tokenizer is None or not hasattr(processor, "image_processor"):
         raise InvalidRequest(f"model path {model_path!r} has no image processor + tokenizer (not image-text-to-text)")
     chat_template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
-    if not chat_template:
+    if not chat_template and not family.chat_template:
         raise InvalidRequest(f"model path {model_path!r} has no chat template on its processor or tokenizer")
 
-    try:
-        from transformers import AutoConfig
-
-        family_of(AutoConfig.from_pretrained(path))
-    except UnsupportedFamily as exc:  # refused before loading any weights
-        raise InvalidRequest(f"model path {model_path!r}: {exc}") from exc
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa", **kwargs)
@@ -135,6 +135,7 @@ def wrap_model(model: Any, processor: Any, *, device: str, dtype: torch.dtype, n
     model.eval()
     tokenizer = processor.tokenizer
     chat_template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    chat_template = chat_template or family.chat_template
     image_token = getattr(processor, "image_token", None) or "<image>"
     image_token_id = getattr(model.config, "image_token_id", None)
     if image_token_id is None:

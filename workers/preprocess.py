@@ -175,6 +175,8 @@ def build_inputs(
 ) -> PromptInputs:
     """Run the model's processor once on the templated `prompt` with every (digest, image): the prompt's ids and
     extra inputs. Raise ImageInvalid when an image cannot be processed, InvalidRequest for anything else."""
+    if family.needs_images and not images:
+        raise InvalidRequest(f"model family {family.name} needs at least one image in the prompt")
     rgb = [image.convert("RGB") if image.mode != "RGB" else image for _, image in images]
     tokenizer = processor.tokenizer
     bos = getattr(tokenizer, "bos_token", None)

@@ -3,10 +3,13 @@ mid-batch, for images of four sizes, two images in one turn, a multi-turn chat a
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from PIL import Image
 
+from contract.errors import InvalidRequest
 from contract.messages import JobImage, JobMessage, JobText, SamplingParams
 from tests.workers.tiny_families import BUILDERS, family_loaded
 from workers.engine import EngineImage, EngineJob, TransformersEngine, run_to_completion
@@ -29,7 +32,7 @@ def user(*parts: object) -> JobMessage:
     )
 
 
-def conversations() -> dict[str, tuple[list[JobMessage], list[EngineImage]]]:
+def conversations(family: str = "") -> dict[str, tuple[list[JobMessage], list[EngineImage]]]:
     images = [image(i, size) for i, size in enumerate(SIZES)]
     two = [image(10, (40, 30)), image(11, (30, 50))]
     chats = {f"size{i}": ([user(img, "What is in this picture?")], [img]) for i, img in enumerate(images)}
@@ -42,7 +45,8 @@ def conversations() -> dict[str, tuple[list[JobMessage], list[EngineImage]]]:
         ],
         [images[1]],
     )
-    chats["text"] = ([user("The quick brown fox jumps over the lazy dog. Why?")], [])
+    if not (family and FAMILIES[family].needs_images):
+        chats["text"] = ([user("The quick brown fox jumps over the lazy dog. Why?")], [])
     return chats
 
 
@@ -67,7 +71,12 @@ def reference(loaded, messages: list[JobMessage], images: list[EngineImage]) -> 
         for m in messages
     ]
     inputs = loaded.processor.apply_chat_template(
-        chat, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        chat,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        chat_template=loaded.chat_template,
     )
     inputs.pop("labels", None)
     out = loaded.model.generate(
@@ -76,11 +85,16 @@ def reference(loaded, messages: list[JobMessage], images: list[EngineImage]) -> 
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
+@functools.cache
+def expected(family: str, name: str) -> list[int]:
+    """`reference` of conversation `name`, computed once per session."""
+    return reference(family_loaded(family), *conversations(family)[name])
+
+
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_family_matches_generate_batched_and_joining(family):
     loaded = family_loaded(family)
-    chats = conversations()
-    expected = {name: reference(loaded, *chat) for name, chat in chats.items()}
+    chats = conversations(family)
     engine = TransformersEngine(loaded, max_batch=8)
     late = "turns"
     tokens: dict[str, list[int]] = {name: [] for name in chats}
@@ -96,19 +110,26 @@ def test_family_matches_generate_batched_and_joining(family):
             break
     assert not engine.has_work()
     for name in chats:
-        assert tokens[name] == expected[name], f"{family}: {name}"
+        assert tokens[name] == expected(family, name), f"{family}: {name}"
 
 
 @pytest.mark.parametrize("family", sorted(f for f in BUILDERS if FAMILIES[f].compiled))
 def test_compiled_decode_matches_generate(family):
     loaded = family_loaded(family)
-    chats = conversations()
+    chats = conversations(family)
     engine = TransformersEngine(loaded, max_batch=8, compile=True, compile_backend="eager")
     assert engine.compiled
     jobs = [job(name, *chat) for name, chat in chats.items()]
     out = run_to_completion(engine, jobs)
-    for name, chat in chats.items():
-        assert out[name].token_ids == reference(loaded, *chat), f"{family}: {name}"
+    for name in chats:
+        assert out[name].token_ids == expected(family, name), f"{family}: {name}"
+
+
+def test_a_family_that_needs_images_refuses_a_text_only_prompt():
+    engine = TransformersEngine(family_loaded("paligemma"))
+    messages, images = conversations()["text"]
+    with pytest.raises(InvalidRequest, match="paligemma needs at least one image"):
+        engine.prepare(job("t", messages, images))
 
 
 def test_families_the_compiled_step_cannot_take_run_eager(caplog):
@@ -118,25 +139,38 @@ def test_families_the_compiled_step_cannot_take_run_eager(caplog):
     assert "gemma3" in caplog.text and "running eager" in caplog.text
 
 
+def greedy_with_positions(model, ids, positions, extras, steps: int = 6) -> list[int]:
+    """Greedy tokens with no cache, the prompt at `positions` and each new token one position further."""
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            token = int(model(input_ids=ids, position_ids=positions, **extras).logits[0, -1].argmax())
+        out.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        extras = {k: torch.cat([v, v[:, -1:]], dim=1) if k == "token_type_ids" else v for k, v in extras.items()}
+    return out
+
+
 @pytest.mark.parametrize("family", sorted(BUILDERS))
 def test_a_position_bug_changes_the_greedy_text(family):
-    """The checkpoints are sharp enough: positions off by a few (as when tokens are miscounted) change the next token
-    for most conversations."""
+    """The checkpoints are sharp enough: positions off by a few (as when tokens are miscounted) change the greedy
+    text of most conversations."""
     loaded = family_loaded(family)
     engine = TransformersEngine(loaded)
     changed = 0
-    for messages, images in conversations().values():
+    chats = conversations(family)
+    for name, (messages, images) in chats.items():
         prepared = engine.prepare(job("x", messages, images))
         extras = {k: v[None] if k in loaded.family.per_token else v for k, v in prepared.image_inputs.items()}
         ids = prepared.input_ids[None]
         right = torch.arange(ids.shape[1])[None]
-        gap = right.clone()
-        gap[:, -6:] -= 3
-        with torch.no_grad():
-            a = loaded.model(input_ids=ids, position_ids=right, **extras).logits[0, -1].argmax()
-            b = loaded.model(input_ids=ids, position_ids=gap, **extras).logits[0, -1].argmax()
-        changed += int(a != b)
-    assert changed >= 3
+        wrong = right.clone()
+        wrong[:, -6:] -= 3
+        served = greedy_with_positions(loaded.model, ids, right, extras)
+        assert served == expected(family, name)[: len(served)]
+        changed += served != greedy_with_positions(loaded.model, ids, wrong, extras)
+    assert changed > len(chats) // 2
 
 
 def test_unsupported_families_are_refused_with_the_reason():

@@ -190,11 +190,36 @@ def build_gemma3() -> LoadedModel:
     return finish(model, processor, tok, "gemma3")
 
 
+def build_paligemma() -> LoadedModel:
+    """No chat template, as on real checkpoints: the family's template is used."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tok = tokenizer()
+    tok.chat_template = None
+    images = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    images.image_seq_length = 16
+    processor = PaliGemmaProcessor(image_processor=images, tokenizer=tok)  # adds its <loc>/<seg> tokens
+    config = PaliGemmaConfig(
+        vision_config=siglip(),
+        text_config=llama(tok, "GemmaConfig", head_dim=16),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vocab_size=len(tok),
+        projection_dim=64,
+        hidden_size=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = PaliGemmaForConditionalGeneration(config).eval()
+    return finish(model, processor, tok, "paligemma")
+
+
 BUILDERS: dict[str, Callable[[], LoadedModel]] = {
     "llava": build_llava,
     "llava_next": build_llava_next,
     "idefics3": build_idefics3,
     "gemma3": build_gemma3,
+    "paligemma": build_paligemma,
 }
 
 
