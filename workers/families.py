@@ -59,7 +59,7 @@ FAMILIES: dict[str, Family] = {
         # step's 4-D mask would drop the sliding window of its local layers, so it runs eager.
         Family("gemma3", compiled=False),
         # The processor returns `labels` (dropped) and token_type_ids (the prefix attends both ways).
-        Family("paligemma", compiled=False, chat_template=PALIGEMMA_TEMPLATE, needs_images=True),
+        Family("paligemma", images_stack=True, compiled=False, chat_template=PALIGEMMA_TEMPLATE, needs_images=True),
     )
 }
 
