@@ -55,6 +55,7 @@ FAMILIES: dict[str, Family] = {
         Family("llava", images_stack=True),
         Family("llava_next", images_stack=True),
         Family("idefics3"),
+        Family("aya_vision", compiled=False),
         # token_type_ids (per token) give the bidirectional attention within each image at prefill; the compiled
         # step's 4-D mask would drop the sliding window of its local layers, so it runs eager.
         Family("gemma3", compiled=False),
@@ -74,7 +75,6 @@ REFUSED: dict[str, str] = {
     "smolvlm": _VIDEO,
     "internvl": _VIDEO,
     "mistral3": "its processor (PixtralProcessor) needs torchvision (not installed beside the pinned torch)",
-    "aya_vision": "not checked against generate yet",
 }
 
 

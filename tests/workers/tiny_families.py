@@ -214,12 +214,40 @@ def build_paligemma() -> LoadedModel:
     return finish(model, processor, tok, "paligemma")
 
 
+def build_aya_vision() -> LoadedModel:
+    from transformers import AyaVisionConfig, AyaVisionForConditionalGeneration, AyaVisionProcessor
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    markers = ("<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>")
+    tok = tokenizer(extra=markers)
+    images = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=4)
+    processor = AyaVisionProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=8,
+        img_size=32,
+        downsample_factor=2,
+        chat_template=tok.chat_template,
+    )
+    config = AyaVisionConfig(
+        vision_config=siglip(),
+        text_config=llama(tok, "Cohere2Config", head_dim=16, sliding_window=12),
+        downsample_factor=2,
+        image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = AyaVisionForConditionalGeneration(config).eval()
+    return finish(model, processor, tok, "aya_vision")
+
+
 BUILDERS: dict[str, Callable[[], LoadedModel]] = {
     "llava": build_llava,
     "llava_next": build_llava_next,
     "idefics3": build_idefics3,
     "gemma3": build_gemma3,
     "paligemma": build_paligemma,
+    "aya_vision": build_aya_vision,
 }
 
 
