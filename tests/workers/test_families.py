@@ -183,3 +183,13 @@ def test_unsupported_families_are_refused_with_the_reason():
     with pytest.raises(UnsupportedFamily, match="'some_new_vlm' is not served"):
         family_of(Config())
     assert not set(FAMILIES) & set(REFUSED)
+
+
+def test_the_worker_refuses_an_unsupported_checkpoint_before_loading_it(tmp_path):
+    from transformers import Qwen2VLConfig
+
+    from workers.model import load_model
+
+    Qwen2VLConfig().save_pretrained(tmp_path)
+    with pytest.raises(InvalidRequest, match="'qwen2_vl' is not served: M-RoPE"):
+        load_model(str(tmp_path), device="cpu")
