@@ -40,11 +40,16 @@ class PromptInputs:
 
 
 def special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
-    """A regex matching the text of every added token of `tokenizer` (BOS/EOS, turn markers, image tokens...)."""
+    """A regex matching the text of the tokenizer's control tokens: its special tokens (BOS/EOS, turn markers, image
+    tokens...) and added tokens written as markup (`<...>`, `[...]`, `|`). Added tokens that are plain words or
+    whitespace runs are left alone, so ordinary text tokenizes as it always does."""
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    texts = {str(getattr(t, "content", t)) for t in decoder.values()}
-    texts |= {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
-    texts = {t for t in texts if len(t) > 1}
+    texts = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    for token in decoder.values():
+        content = str(getattr(token, "content", token))
+        if getattr(token, "special", False) or any(c in content for c in "<>[]|"):
+            texts.add(content)
+    texts = {t for t in texts if len(t) > 1 and t.strip()}
     if not texts:
         return None
     return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))

@@ -10,7 +10,7 @@ from contract.messages import JobMessage, JobText, SamplingParams
 from tests.workers.tiny_llava import tiny_loaded
 from workers.engine import EngineJob, TransformersEngine, run_to_completion
 from workers.families import FAMILIES
-from workers.preprocess import WORD_JOINER, build_inputs, render_messages, special_token_pattern
+from workers.preprocess import WORD_JOINER, as_text, build_inputs, render_messages, special_token_pattern
 from workers.tiny_model import _CORPUS, build_bpe_tokenizer, llava_processor
 
 # Qwen2-VL's (ChatML) turn markers, as its chat template writes them.
@@ -63,3 +63,10 @@ def test_template_markers_outside_user_text_stay_control_tokens(loaded):
     specials = special_token_pattern(loaded.tokenizer)
     assert render_messages(loaded.processor, [user("plain words")], "<image>", 0, specials=specials) == prompt
     assert prompt.startswith(loaded.tokenizer.bos_token)
+
+
+def test_plain_added_tokens_are_left_alone():
+    tok = build_bpe_tokenizer(_CORPUS * 4, 400, extra_special=("<|im_end|>",))
+    tok.add_tokens(["\n\n", "TILE"])  # added, not special: whitespace runs and words stay ordinary text
+    specials = special_token_pattern(tok)
+    assert as_text("a\n\nTILE b</s><|im_end|>", specials) == f"a\n\nTILE b<{WORD_JOINER}/s><{WORD_JOINER}|im_end|>"
