@@ -72,7 +72,7 @@ class TransformersEngine:
         # CUDA) over a few bucketed shapes, so jobs joining and leaving never recompile it.
         if compile and not loaded.family.compiled:
             log.warning(
-                "model family %s: the compiled decode step cannot take its positions; running eager",
+                "model family %s: the compiled decode step is not exact for it (its attention masks); running eager",
                 loaded.family.name,
             )
             compile = False
@@ -168,7 +168,8 @@ class TransformersEngine:
 
     def prepare(self, job: EngineJob) -> PreparedJob:
         """Template the conversation and run the model's own processor once on it with all its images (prompt
-        ids and every extra input); raise InvalidRequest, ImageInvalid or ContextTooLong. Thread-safe."""
+        ids and every extra input); raise InvalidRequest, ImageInvalid or ContextTooLong. It touches no engine state
+        but the image cache (locked), so it may run in another thread than `step`."""
         loaded, images = self.loaded, job.images
         if (job.messages is None) == (job.prompt is None):
             raise InvalidRequest("exactly one of messages and prompt must be set")
