@@ -19,7 +19,14 @@ from workers.batch import PaddedBatch, Prefilled, output_cache, prefill_groups, 
 from workers.engine_types import Engine, EngineImage, EngineJob, JobUpdate, PreparedJob
 from workers.faults import device_error, is_device_fault, is_fatal_device_fault, job_error, sample_rows
 from workers.model import LoadedModel
-from workers.preprocess import ImageCache, build_inputs, check_prompt, render_messages, special_token_pattern
+from workers.preprocess import (
+    ImageCache,
+    build_inputs,
+    check_prompt,
+    render_messages,
+    special_token_pattern,
+    wire_prompt,
+)
 from workers.running import RunningJob
 from workers.slots import SlotBatch, SlotCache, decode_forward
 
@@ -183,7 +190,7 @@ class TransformersEngine:
                 chat_template=loaded.chat_template,
             )
         else:
-            prompt = str(job.prompt)
+            prompt = wire_prompt(str(job.prompt), loaded.image_token)
             check_prompt(prompt, loaded.image_token, len(images))
         built = build_inputs(
             loaded.processor, loaded.family, prompt, [(img.digest, img.image) for img in images], self.images

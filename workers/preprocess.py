@@ -101,6 +101,15 @@ def render_messages(
         raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from exc
 
 
+# The image placeholder of prompts that come templated over LLaVA's wire format.
+WIRE_IMAGE_TOKEN = "<image>"
+
+
+def wire_prompt(prompt: str, image_token: str) -> str:
+    """A prompt templated by a LLaVA client with the model's own image placeholder in place of `<image>`."""
+    return prompt if image_token == WIRE_IMAGE_TOKEN else prompt.replace(WIRE_IMAGE_TOKEN, image_token)
+
+
 def check_prompt(prompt: str, image_token: str, n_images: int) -> None:
     """A pre-templated prompt must carry exactly one image token per image."""
     found = prompt.count(image_token)

@@ -193,3 +193,16 @@ def test_the_worker_refuses_an_unsupported_checkpoint_before_loading_it(tmp_path
     Qwen2VLConfig().save_pretrained(tmp_path)
     with pytest.raises(InvalidRequest, match="'qwen2_vl' is not served: M-RoPE"):
         load_model(str(tmp_path), device="cpu")
+
+
+def test_a_wire_prompt_gets_the_familys_image_placeholder():
+    """LLaVA clients send prompts templated with `<image>`; Gemma 3's processor expects `<start_of_image>`."""
+    loaded = family_loaded("gemma3")
+    img = image(0, (40, 40))
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    prepared = TransformersEngine(loaded).prepare(
+        EngineJob("w", params, prompt="USER: <image>\nhi ASSISTANT:", images=[img])
+    )
+    direct = loaded.processor(text=["USER: <start_of_image>\nhi ASSISTANT:"], images=[img.image], return_tensors="pt")
+    assert prepared.input_ids.tolist() == direct["input_ids"][0].tolist()
+    assert int((prepared.input_ids == loaded.model.config.image_token_index).sum()) == 4
