@@ -197,9 +197,16 @@ class DecodeBatch:
         )
 
 
-def prefill_inputs(prepared: Sequence[Any], pad_token_id: int, device: str, dtype: torch.dtype) -> dict[str, Any]:
+def prefill_inputs(
+    prepared: Sequence[Any],
+    pad_token_id: int,
+    device: str,
+    dtype: torch.dtype,
+    per_token: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
     """Model kwargs (no cache) of one prefill forward over the left-padded prompts of `prepared` (PreparedJobs of
-    one `prefill_groups` group), images included."""
+    one `prefill_groups` group), every extra input of the processor included: the `per_token` ones ([prompt] each)
+    are left-padded with 0 like the ids, the others are concatenated along dim 0."""
     lengths = [p.prompt_tokens for p in prepared]
     longest = max(lengths)
     input_ids = torch.full((len(prepared), longest), pad_token_id, dtype=torch.long)
@@ -215,7 +222,12 @@ def prefill_inputs(prepared: Sequence[Any], pad_token_id: int, device: str, dtyp
         "position_ids": position_ids.to(device),
     }
     for key in prepared[0].image_inputs:
-        value = torch.cat([p.image_inputs[key] for p in prepared]).to(device)
+        parts = [p.image_inputs[key] for p in prepared]
+        if key in per_token:
+            value = torch.stack([_left_pad(t, longest, 0) for t in parts])
+        else:  # image tensors: one entry per image (or per prompt) along dim 0
+            value = torch.cat(parts)
+        value = value.to(device)
         inputs[key] = value.to(dtype) if value.is_floating_point() else value
     return inputs
 

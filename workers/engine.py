@@ -20,7 +20,14 @@ from workers.batch import PaddedBatch, Prefilled, output_cache, prefill_groups, 
 from workers.engine_types import Engine, EngineImage, EngineJob, JobUpdate, PreparedJob
 from workers.faults import device_error, is_device_fault, is_fatal_device_fault, job_error, sample_rows
 from workers.model import LoadedModel
-from workers.preprocess import ImageCache, check_prompt, render_messages, stack_image_tensors
+from workers.preprocess import (
+    ImageCache,
+    build_inputs,
+    check_prompt,
+    render_messages,
+    special_token_pattern,
+    wire_prompt,
+)
 from workers.running import RunningJob
 from workers.slots import SlotBatch, SlotCache, decode_forward
 
@@ -62,7 +69,8 @@ class TransformersEngine:
         self.token_budget = token_budget if token_budget is not None else self._default_token_budget()
         if self.token_budget < 2:
             raise ValueError(f"token_budget must be >= 2, not {self.token_budget}")
-        self.images = ImageCache(loaded.processor, loaded.image_token, loaded.image_token_id, image_cache_size)
+        self.images = ImageCache(image_cache_size)
+        self._specials = special_token_pattern(loaded.tokenizer)
         # Prompt tokens prefilled per step at most (vLLM's max_num_batched_tokens): bounds how long the running
         # batch waits for new jobs; a longer prompt still goes, alone.
         self.prefill_tokens = prefill_tokens
@@ -70,6 +78,12 @@ class TransformersEngine:
         self._pending: list[RunningJob] = []
         # compile: one slot per job in a cache allocated once, and a torch.compile'd decode step (CUDA graphs on
         # CUDA) over a few bucketed shapes, so jobs joining and leaving never recompile it.
+        if compile and not loaded.family.compiled:
+            log.warning(
+                "model family %s: the compiled decode step is not exact for it (its attention masks); running eager",
+                loaded.family.name,
+            )
+            compile = False
         self.compiled = compile
         self._running: PaddedBatch | SlotBatch
         if compile:
@@ -161,27 +175,30 @@ class TransformersEngine:
     # ---- admission ------------------------------------------------------------------------------------------
 
     def prepare(self, job: EngineJob) -> PreparedJob:
-        """Template, tokenize and preprocess images; raise InvalidRequest, ImageInvalid, ContextTooLong, or
-        PayloadTooLarge for prompt text longer than any prompt that fits (checked first, in characters). Safe to call
-        from another thread while `step` runs (the worker prepares off its step loop)."""
-        token, images = self.loaded.image_token, job.images
+        """Template the conversation and run the model's own processor once on it with all its images (prompt
+        ids and every extra input); raise InvalidRequest, ImageInvalid, ContextTooLong, or PayloadTooLarge for prompt
+        text longer than any prompt that fits (checked first, in characters). It touches no engine state but the
+        image cache (locked), so the worker runs it on its preparation threads while `step` runs."""
+        loaded, images = self.loaded, job.images
         if (job.messages is None) == (job.prompt is None):
             raise InvalidRequest("exactly one of messages and prompt must be set")
         check_prompt_chars(job_text_chars(job.messages, job.prompt), self.job_limit)
         if job.messages is not None:
-            prompt = render_messages(self.loaded.processor, job.messages, token, len(images))
+            prompt = render_messages(
+                loaded.processor,
+                job.messages,
+                loaded.image_token,
+                len(images),
+                specials=self._specials,
+                chat_template=loaded.chat_template,
+            )
         else:
-            prompt = str(job.prompt)
-            check_prompt(prompt, token, len(images))
-        processed = [self.images.get(img.digest, img.image) for img in images]
-        pieces = prompt.split(token)
-        expanded = pieces[0] + "".join(
-            token * p.num_tokens + rest for p, rest in zip(processed, pieces[1:], strict=True)
+            prompt = wire_prompt(str(job.prompt), loaded.image_token)
+            check_prompt(prompt, loaded.image_token, len(images))
+        built = build_inputs(
+            loaded.processor, loaded.family, prompt, [(img.digest, img.image) for img in images], self.images
         )
-        ids = self.loaded.tokenizer(expanded, add_special_tokens=True)["input_ids"]
-        bos = self.loaded.tokenizer.bos_token_id
-        if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-            ids = ids[1:]  # the template wrote BOS and the tokenizer added another
+        ids = built.input_ids
         prompt_tokens = len(ids)
         limit = self.job_limit
         if prompt_tokens >= limit:
@@ -193,8 +210,8 @@ class TransformersEngine:
         max_new = min(job.params.max_new_tokens, limit - prompt_tokens)
         return PreparedJob(
             job=job,
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            image_inputs=stack_image_tensors(processed),
+            input_ids=ids.to(torch.long),
+            image_inputs=built.extras,
             prompt_tokens=prompt_tokens,
             max_new_tokens=max_new,
         )
@@ -370,7 +387,9 @@ class TransformersEngine:
         the rows whose sampling raised (their first token is a pad)."""
         from transformers import DynamicCache
 
-        inputs = prefill_inputs([r.prepared for r in rows], self.loaded.pad_token_id, self.device, self.loaded.dtype)
+        prepared = [r.prepared for r in rows]
+        family = self.loaded.family
+        inputs = prefill_inputs(prepared, self.loaded.pad_token_id, self.device, self.loaded.dtype, family.per_token)
         inputs[self.loaded.cache_kwarg] = DynamicCache()
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         tokens, faults = sample_rows(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from contract.errors import InvalidRequest
+from workers.families import FAMILIES, Family, UnsupportedFamily, family_of
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class LoadedModel:
     chat_template: str | None = None
     cache_kwarg: str = "cache"  # the forward's KV cache argument: `cache`, or `past_key_values` before 5.2x
     extra: dict[str, Any] = field(default_factory=dict)
+    family: Family = field(default_factory=lambda: FAMILIES["llava"])  # how the engine treats the model's family
 
 
 def resolve_device(device: str) -> str:
@@ -93,6 +95,12 @@ def load_model(model_path: str, *, device: str = "auto", dtype: str = "auto") ->
         raise InvalidRequest(f"model path {model_path!r} is not a directory with a config.json")
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved_device)
+    try:
+        from transformers import AutoConfig
+
+        family = family_of(AutoConfig.from_pretrained(path))
+    except UnsupportedFamily as exc:  # refused before loading any weights
+        raise InvalidRequest(f"model path {model_path!r}: {exc}") from exc
 
     try:
         processor = AutoProcessor.from_pretrained(path)
@@ -102,7 +110,7 @@ def load_model(model_path: str, *, device: str = "auto", dtype: str = "auto") ->
     if tokenizer is None or not hasattr(processor, "image_processor"):
         raise InvalidRequest(f"model path {model_path!r} has no image processor + tokenizer (not image-text-to-text)")
     chat_template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
-    if not chat_template:
+    if not chat_template and not family.chat_template:
         raise InvalidRequest(f"model path {model_path!r} has no chat template on its processor or tokenizer")
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
@@ -123,9 +131,11 @@ def cache_kwarg(model: Any) -> str:
 
 def wrap_model(model: Any, processor: Any, *, device: str, dtype: torch.dtype, name: str) -> LoadedModel:
     """A LoadedModel around a model already on `device` in `dtype` and its processor (also for in-process builds)."""
+    family = family_of(model.config)
     model.eval()
     tokenizer = processor.tokenizer
     chat_template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+    chat_template = chat_template or family.chat_template
     image_token = getattr(processor, "image_token", None) or "<image>"
     image_token_id = getattr(model.config, "image_token_id", None)
     if image_token_id is None:
@@ -150,6 +160,10 @@ def wrap_model(model: Any, processor: Any, *, device: str, dtype: torch.dtype, n
         pad_token_id=int(pad_token_id),
         chat_template=chat_template,
         cache_kwarg=cache_kwarg(model),
+        family=family,
     )
-    log.info("loaded %s on %s (%s), context %d", loaded.name, loaded.device, str(dtype), loaded.context_length)
+    log.info(
+        "loaded %s (family %s) on %s (%s), context %d",
+        loaded.name, family.name, loaded.device, str(dtype), loaded.context_length,
+    )  # fmt: skip
     return loaded

@@ -1,29 +1,79 @@
-"""Prompt rendering and image preprocessing for the engine: chat template, image tokens, a digest-keyed cache."""
+"""Prompt building for the engine: the chat template, user text kept as text, and one call of the model's own
+processor on the whole conversation with all its images (placeholders, special tokens and every extra input are
+the processor's). Images of families whose image outputs stack per image are cached by digest."""
 
 from __future__ import annotations
 
+import copy
+import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from PIL import Image
 
-from contract.errors import ImageInvalid, InvalidRequest
+from contract.errors import ImageInvalid, InvalidRequest, LlavaError
 from contract.messages import JobImage, JobMessage, JobText
+from workers.families import Family
+
+# Put inside a special token's text typed by a user, so it is tokenized as text and never as the control token.
+WORD_JOINER = "\u2060"
 
 
 @dataclass
 class ProcessedImage:
-    """What the model needs for one image: processor tensors (batch dim 1) and its expanded image-token count."""
+    """The image processor's tensors for one image (batch dim 1)."""
 
     tensors: dict[str, torch.Tensor]
-    num_tokens: int
 
 
-def render_messages(processor: Any, messages: list[JobMessage], image_token: str, n_images: int) -> str:
-    """Apply the model's chat template (with the generation prompt) to job messages; validate image counts."""
+@dataclass
+class PromptInputs:
+    """What the processor built for one prompt: its token ids [prompt] and every other model input (per-token
+    ones, like `token_type_ids`, as 1-D [prompt] tensors; image tensors as the processor gave them)."""
+
+    input_ids: torch.Tensor
+    extras: dict[str, torch.Tensor]
+
+
+def special_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """A regex matching the text of the tokenizer's control tokens: its special tokens (BOS/EOS, turn markers, image
+    tokens...) and added tokens written as markup (`<...>`, `[...]`, `|`). Added tokens that are plain words or
+    whitespace runs are left alone, so ordinary text tokenizes as it always does."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    texts = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    for token in decoder.values():
+        content = str(getattr(token, "content", token))
+        if getattr(token, "special", False) or any(c in content for c in "<>[]|"):
+            texts.add(content)
+    texts = {t for t in texts if len(t) > 1 and t.strip()}
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+
+def as_text(text: str, specials: re.Pattern[str] | None) -> str:
+    """`text` with every special token's text broken by a word joiner after its first character, so the tokenizer
+    reads it as plain text: a user who types `</s>` or a turn marker cannot end a turn or forge one."""
+    if specials is None:
+        return text
+    return specials.sub(lambda m: m.group(0)[0] + WORD_JOINER + m.group(0)[1:], text)
+
+
+def render_messages(
+    processor: Any,
+    messages: list[JobMessage],
+    image_token: str,
+    n_images: int,
+    *,
+    specials: re.Pattern[str] | None = None,
+    chat_template: str | None = None,
+) -> str:
+    """Apply the chat template (the processor's, or `chat_template`) with the generation prompt to job messages;
+    validate image counts. Message text goes through `as_text` with `specials`."""
     if not messages:
         raise InvalidRequest("messages must not be empty")
     chat: list[dict[str, Any]] = []
@@ -40,14 +90,24 @@ def render_messages(processor: Any, messages: list[JobMessage], image_token: str
                         f"messages[{index}] text contains the literal image token {image_token!r}; "
                         "send images as image parts"
                     )
-                content.append({"type": "text", "text": part.text})
+                content.append({"type": "text", "text": as_text(part.text, specials)})
         chat.append({"role": message.role, "content": content})
     if image_parts != n_images:
         raise InvalidRequest(f"messages have {image_parts} image parts but {n_images} images were given")
+    kwargs = {"chat_template": chat_template} if chat_template else {}
     try:
-        return processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        return processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, **kwargs)
     except Exception as exc:  # noqa: BLE001 - templates raise anything (jinja errors, TemplateError)
         raise InvalidRequest(f"the model's chat template rejected the messages: {exc}") from exc
+
+
+# The image placeholder of prompts that come templated over LLaVA's wire format.
+WIRE_IMAGE_TOKEN = "<image>"
+
+
+def wire_prompt(prompt: str, image_token: str) -> str:
+    """A prompt templated by a LLaVA client with the model's own image placeholder in place of `<image>`."""
+    return prompt if image_token == WIRE_IMAGE_TOKEN else prompt.replace(WIRE_IMAGE_TOKEN, image_token)
 
 
 def check_prompt(prompt: str, image_token: str, n_images: int) -> None:
@@ -58,13 +118,10 @@ def check_prompt(prompt: str, image_token: str, n_images: int) -> None:
 
 
 class ImageCache:
-    """LRU of preprocessed images by content digest: multi-turn chats resend the same images every turn.
-    Thread-safe: jobs are prepared on several threads; an image is processed outside the lock."""
+    """LRU of one image's image-processor tensors by content digest: multi-turn chats resend the same images every
+    turn. Thread-safe."""
 
-    def __init__(self, processor: Any, image_token: str, image_token_id: int, capacity: int = 128) -> None:
-        self._processor = processor
-        self._image_token = image_token
-        self._image_token_id = image_token_id
+    def __init__(self, capacity: int = 128) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[str, ProcessedImage] = OrderedDict()
         self._lock = threading.Lock()
@@ -74,8 +131,8 @@ class ImageCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, digest: str, image: Image.Image) -> ProcessedImage:
-        """The processed image for `digest`, computing it from `image` on a miss."""
+    def get(self, digest: str, compute: Callable[[], dict[str, torch.Tensor]]) -> ProcessedImage:
+        """The processed image for `digest`, from `compute()` on a miss."""
         with self._lock:
             entry = self._entries.get(digest)
             if entry is not None:
@@ -83,29 +140,90 @@ class ImageCache:
                 self.hits += 1
                 return entry
             self.misses += 1
-        entry = self._process(digest, image)
+        entry = ProcessedImage(compute())
         with self._lock:
             self._entries[digest] = entry
-            self._entries.move_to_end(digest)
             if len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         return entry
 
-    def _process(self, digest: str, image: Image.Image) -> ProcessedImage:
-        # Running the whole processor on one image token gives both the pixels and the model's own expansion
-        # (fixed for LLaVA-1.5, size-dependent for LLaVA-NeXT) without knowing the model family.
-        try:
-            rgb = image.convert("RGB") if image.mode != "RGB" else image
-            out = self._processor(text=self._image_token, images=[rgb], return_tensors="pt")
-        except Exception as exc:  # noqa: BLE001 - PIL and processors raise many types for bad images
-            raise ImageInvalid(f"image {digest[:16]} could not be preprocessed: {exc}") from exc
-        num_tokens = int((out["input_ids"] == self._image_token_id).sum())
-        tensors = {
-            k: v for k, v in out.items() if k not in ("input_ids", "attention_mask") and isinstance(v, torch.Tensor)
-        }
-        if num_tokens == 0 or "pixel_values" not in tensors:
-            raise ImageInvalid(f"image {digest[:16]}: the processor produced no image tokens or pixels")
-        return ProcessedImage(tensors=tensors, num_tokens=num_tokens)
+
+class _CachedImageProcessor:
+    """Stands in for a processor's image processor during one call: each image's tensors come from the cache (or
+    the real image processor, one image at a time), concatenated as the real one would for a stacking family."""
+
+    def __init__(self, inner: Any, cache: ImageCache, digests: list[str]) -> None:
+        self._inner = inner
+        self._cache = cache
+        self._digests = digests
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __call__(self, images: Any, **kwargs: Any) -> Any:
+        from transformers import BatchFeature
+
+        if len(images) != len(self._digests):
+            raise InvalidRequest(f"{len(images)} images reached the image processor for {len(self._digests)} digests")
+        kwargs["return_tensors"] = "pt"
+        processed = [
+            self._cache.get(digest, lambda image=image, digest=digest: _tensors(self._inner([image], **kwargs), digest))
+            for digest, image in zip(self._digests, images, strict=True)
+        ]
+        return BatchFeature(stack_image_tensors(processed), tensor_type="pt")
+
+
+def _tensors(out: Any, digest: str) -> dict[str, torch.Tensor]:
+    tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    if "pixel_values" not in tensors:
+        raise ImageInvalid(f"image {digest[:16]}: the image processor produced no pixels")
+    return tensors
+
+
+def build_inputs(
+    processor: Any,
+    family: Family,
+    prompt: str,
+    images: list[tuple[str, Image.Image]],
+    cache: ImageCache | None = None,
+) -> PromptInputs:
+    """Run the model's processor once on the templated `prompt` with every (digest, image): the prompt's ids and
+    extra inputs. Raise ImageInvalid when an image cannot be processed, InvalidRequest for anything else."""
+    if family.needs_images and not images:
+        raise InvalidRequest(f"model family {family.name} needs at least one image in the prompt")
+    rgb = [image.convert("RGB") if image.mode != "RGB" else image for _, image in images]
+    tokenizer = processor.tokenizer
+    bos = getattr(tokenizer, "bos_token", None)
+    kwargs: dict[str, Any] = {
+        "text": [prompt],
+        "return_tensors": "pt",
+        # As apply_chat_template(tokenize=True) does: a template that writes BOS gets no second one.
+        "add_special_tokens": not (bos and prompt.startswith(bos)),
+        **family.processor_kwargs,
+    }
+    if rgb:
+        kwargs["images"] = rgb
+    if rgb and cache is not None and family.images_stack:
+        processor = copy.copy(processor)
+        processor.image_processor = _CachedImageProcessor(processor.image_processor, cache, [d for d, _ in images])
+    try:
+        out = processor(**kwargs)
+    except LlavaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL and processors raise many types for bad images
+        if rgb:
+            names = ", ".join(d[:16] for d, _ in images)
+            raise ImageInvalid(f"images ({names}) could not be preprocessed with the prompt: {exc}") from exc
+        raise InvalidRequest(f"the processor rejected the prompt: {exc}") from exc
+    input_ids = out["input_ids"][0]
+    extras: dict[str, torch.Tensor] = {}
+    for key, value in out.items():
+        if key in ("input_ids", "attention_mask") or key in family.dropped or not isinstance(value, torch.Tensor):
+            continue
+        extras[key] = value[0] if key in family.per_token else value
+    if rgb and "pixel_values" not in extras:
+        raise ImageInvalid("the processor produced no pixels for the images")
+    return PromptInputs(input_ids=input_ids, extras=extras)
 
 
 def stack_image_tensors(images: list[ProcessedImage]) -> dict[str, torch.Tensor]:

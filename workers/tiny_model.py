@@ -46,8 +46,17 @@ _CORPUS = [
 ]
 
 
-def build_bpe_tokenizer(corpus: list[str], vocab_size: int):  # -> TokenizersBackend (PreTrainedTokenizerFast)
-    """A byte-level BPE trained on `corpus`, with LLaVA-1.5's special tokens and chat template, padding left."""
+def build_bpe_tokenizer(
+    corpus: list[str],
+    vocab_size: int,
+    *,
+    extra_special: tuple[str, ...] = (),
+    image_token: str = IMAGE_TOKEN,
+    chat_template: str = CHAT_TEMPLATE,
+    named: dict[str, str] | None = None,
+):  # -> TokenizersBackend (PreTrainedTokenizerFast)
+    """A byte-level BPE trained on `corpus`, with LLaVA-1.5's special tokens (and `extra_special`) and chat
+    template, padding left. `named` adds attributes naming special tokens (Gemma 3's `boi_token`...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,7 +66,7 @@ def build_bpe_tokenizer(corpus: list[str], vocab_size: int):  # -> TokenizersBac
     raw.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=[*SPECIAL_TOKENS, *(t for t in extra_special if t not in SPECIAL_TOKENS)],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -67,8 +76,9 @@ def build_bpe_tokenizer(corpus: list[str], vocab_size: int):  # -> TokenizersBac
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        chat_template=CHAT_TEMPLATE,
+        extra_special_tokens={"image_token": image_token, **(named or {})},
+        additional_special_tokens=[t for t in extra_special if t not in SPECIAL_TOKENS],
+        chat_template=chat_template,
         add_bos_token=False,
         padding_side="left",
     )

@@ -31,7 +31,9 @@ def loaded():
 def reference_tokens(loaded, engine, job):
     """HF generate, batch 1: the tokens a job must get inside any batch."""
     prepared = engine.prepare(job)
-    inputs = {"input_ids": prepared.input_ids[None], **prepared.image_inputs}
+    per_token = loaded.family.per_token
+    extras = {k: v[None] if k in per_token else v for k, v in prepared.image_inputs.items()}
+    inputs = {"input_ids": prepared.input_ids[None], **extras}
     out = loaded.model.generate(
         **inputs,
         max_new_tokens=prepared.max_new_tokens,

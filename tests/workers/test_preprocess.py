@@ -1,8 +1,7 @@
 import pytest
 import torch
-from PIL import Image
 
-from contract.errors import ImageInvalid, InvalidRequest
+from contract.errors import InvalidRequest
 from contract.messages import JobImage, JobMessage, JobText
 from tests.workers.tiny_llava import tiny_loaded
 from workers.preprocess import ImageCache, ProcessedImage, check_prompt, render_messages, stack_image_tensors
@@ -37,27 +36,30 @@ def test_render_rejects_mismatch_and_literal_token(loaded):
         check_prompt("USER: hi", "<image>", 1)
 
 
-def test_image_cache_is_an_lru_by_digest(loaded):
-    cache = ImageCache(loaded.processor, loaded.image_token, loaded.image_token_id, capacity=2)
-    red = Image.new("RGB", (40, 40), "red")
-    first = cache.get("a", red)
-    assert first.num_tokens == 16 and first.tensors["pixel_values"].shape == (1, 3, 32, 32)
-    assert cache.get("a", Image.new("RGB", (8, 8))) is first  # the digest decides, not the pixels
-    cache.get("b", red)
-    cache.get("a", red)
-    cache.get("c", red)  # evicts b, the least recently used
+def test_image_cache_is_an_lru_by_digest():
+    cache = ImageCache(capacity=2)
+    calls = []
+
+    def compute(name):
+        def run():
+            calls.append(name)
+            return {"pixel_values": torch.full((1, 3, 2, 2), float(len(calls)))}
+
+        return run
+
+    first = cache.get("a", compute("a"))
+    assert cache.get("a", compute("never")) is first  # the digest decides
+    cache.get("b", compute("b"))
+    cache.get("a", compute("never"))
+    cache.get("c", compute("c"))  # evicts b, the least recently used
     assert len(cache) == 2 and (cache.hits, cache.misses) == (2, 3)
-    cache.get("b", red)
-    assert cache.misses == 4
-    grey = cache.get("grey", Image.new("L", (20, 30), 128))
-    assert grey.tensors["pixel_values"].shape == (1, 3, 32, 32)
-    with pytest.raises(ImageInvalid, match="bad"):
-        cache.get("bad", Image.new("RGB", (0, 0)))
+    cache.get("b", compute("b"))
+    assert cache.misses == 4 and calls == ["a", "b", "c", "b"]
 
 
 def test_stack_pads_ragged_patch_counts():
-    a = ProcessedImage({"pixel_values": torch.ones(1, 2, 3)}, 4)
-    b = ProcessedImage({"pixel_values": torch.ones(1, 5, 3)}, 4)
+    a = ProcessedImage({"pixel_values": torch.ones(1, 2, 3)})
+    b = ProcessedImage({"pixel_values": torch.ones(1, 5, 3)})
     stacked = stack_image_tensors([a, b])["pixel_values"]
     assert stacked.shape == (2, 5, 3) and stacked[0, 2:].abs().sum() == 0
     assert stack_image_tensors([]) == {}

@@ -1,0 +1,208 @@
+"""Every served family gives `generate`'s tokens through the engine: batched with other jobs, with a job joining
+mid-batch, for images of four sizes, two images in one turn, a multi-turn chat and a text-only turn."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from PIL import Image
+
+from contract.errors import InvalidRequest
+from contract.messages import JobImage, JobMessage, JobText, SamplingParams
+from tests.workers.tiny_families import BUILDERS, family_loaded
+from workers.engine import EngineImage, EngineJob, TransformersEngine, run_to_completion
+from workers.families import FAMILIES, REFUSED, UnsupportedFamily, family_of
+
+NEW_TOKENS = 12
+SIZES = [(20, 20), (60, 40), (30, 70), (90, 90)]
+
+
+def image(i: int, size: tuple[int, int]) -> EngineImage:
+    gen = torch.Generator().manual_seed(i)
+    pixels = (torch.rand((size[1], size[0], 3), generator=gen) * 255).to(torch.uint8).numpy()
+    return EngineImage(f"digest-{i}-{size[0]}x{size[1]}", Image.fromarray(pixels))
+
+
+def user(*parts: object) -> JobMessage:
+    return JobMessage(
+        role="user",
+        content=[JobImage(digest=p.digest) if isinstance(p, EngineImage) else JobText(text=p) for p in parts],
+    )
+
+
+def conversations(family: str = "") -> dict[str, tuple[list[JobMessage], list[EngineImage]]]:
+    images = [image(i, size) for i, size in enumerate(SIZES)]
+    two = [image(10, (40, 30)), image(11, (30, 50))]
+    chats = {f"size{i}": ([user(img, "What is in this picture?")], [img]) for i, img in enumerate(images)}
+    chats["two"] = ([user(two[0], "and", two[1], "compare the two images")], two)
+    chats["turns"] = (
+        [
+            user(images[1], "Describe the image."),
+            JobMessage(role="assistant", content=[JobText(text="A small house and a tree.")]),
+            user("And what colour is the car?"),
+        ],
+        [images[1]],
+    )
+    if not (family and FAMILIES[family].needs_images):
+        chats["text"] = ([user("The quick brown fox jumps over the lazy dog. Why?")], [])
+    return chats
+
+
+def job(name: str, messages: list[JobMessage], images: list[EngineImage]) -> EngineJob:
+    params = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS)
+    return EngineJob(name, params, messages=messages, images=images)
+
+
+def reference(loaded, messages: list[JobMessage], images: list[EngineImage]) -> list[int]:
+    """`generate`'s greedy tokens for the conversation, its inputs built by the processor's own chat template."""
+    by_digest = {img.digest: img.image for img in images}
+    chat = [
+        {
+            "role": m.role,
+            "content": [
+                {"type": "image", "image": by_digest[p.digest]}
+                if isinstance(p, JobImage)
+                else {"type": "text", "text": p.text}
+                for p in m.content
+            ],
+        }
+        for m in messages
+    ]
+    inputs = loaded.processor.apply_chat_template(
+        chat,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        chat_template=loaded.chat_template,
+    )
+    inputs.pop("labels", None)
+    out = loaded.model.generate(
+        **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=loaded.pad_token_id
+    )
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+@functools.cache
+def expected(family: str, name: str) -> list[int]:
+    """`reference` of conversation `name`, computed once per session."""
+    return reference(family_loaded(family), *conversations(family)[name])
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_family_matches_generate_batched_and_joining(family):
+    loaded = family_loaded(family)
+    chats = conversations(family)
+    engine = TransformersEngine(loaded, max_batch=8)
+    late = "turns"
+    tokens: dict[str, list[int]] = {name: [] for name in chats}
+    for name, chat in chats.items():
+        if name != late:
+            engine.add(engine.prepare(job(name, *chat)))
+    for step in range(200):
+        if step == 3:
+            engine.add(engine.prepare(job(late, *chats[late])))
+        for update in engine.step():
+            tokens[update.job_id] += update.token_ids
+        if step > 3 and not engine.has_work():
+            break
+    assert not engine.has_work()
+    for name in chats:
+        assert tokens[name] == expected(family, name), f"{family}: {name}"
+
+
+@pytest.mark.parametrize("family", sorted(f for f in BUILDERS if FAMILIES[f].compiled))
+def test_compiled_decode_matches_generate(family):
+    loaded = family_loaded(family)
+    chats = conversations(family)
+    engine = TransformersEngine(loaded, max_batch=8, compile=True, compile_backend="eager")
+    assert engine.compiled
+    jobs = [job(name, *chat) for name, chat in chats.items()]
+    out = run_to_completion(engine, jobs)
+    for name in chats:
+        assert out[name].token_ids == expected(family, name), f"{family}: {name}"
+
+
+def test_a_family_that_needs_images_refuses_a_text_only_prompt():
+    engine = TransformersEngine(family_loaded("paligemma"))
+    messages, images = conversations()["text"]
+    with pytest.raises(InvalidRequest, match="paligemma needs at least one image"):
+        engine.prepare(job("t", messages, images))
+
+
+def test_families_the_compiled_step_cannot_take_run_eager(caplog):
+    loaded = family_loaded("gemma3")
+    engine = TransformersEngine(loaded, compile=True, compile_backend="eager")
+    assert not engine.compiled
+    assert "gemma3" in caplog.text and "running eager" in caplog.text
+
+
+def greedy_with_positions(model, ids, positions, extras, steps: int = 6) -> list[int]:
+    """Greedy tokens with no cache, the prompt at `positions` and each new token one position further."""
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            token = int(model(input_ids=ids, position_ids=positions, **extras).logits[0, -1].argmax())
+        out.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        extras = {k: torch.cat([v, v[:, -1:]], dim=1) if k == "token_type_ids" else v for k, v in extras.items()}
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_a_position_bug_changes_the_greedy_text(family):
+    """The checkpoints are sharp enough: positions off by a few (as when tokens are miscounted) change the greedy
+    text of most conversations."""
+    loaded = family_loaded(family)
+    engine = TransformersEngine(loaded)
+    changed = 0
+    chats = conversations(family)
+    for name, (messages, images) in chats.items():
+        prepared = engine.prepare(job("x", messages, images))
+        extras = {k: v[None] if k in loaded.family.per_token else v for k, v in prepared.image_inputs.items()}
+        ids = prepared.input_ids[None]
+        right = torch.arange(ids.shape[1])[None]
+        wrong = right.clone()
+        wrong[:, -6:] -= 3
+        served = greedy_with_positions(loaded.model, ids, right, extras)
+        assert served == expected(family, name)[: len(served)]
+        changed += served != greedy_with_positions(loaded.model, ids, wrong, extras)
+    assert changed > len(chats) // 2
+
+
+def test_unsupported_families_are_refused_with_the_reason():
+    class Config:
+        model_type = "qwen2_vl"
+
+    with pytest.raises(UnsupportedFamily, match="qwen2_vl.*M-RoPE"):
+        family_of(Config())
+    Config.model_type = "some_new_vlm"
+    with pytest.raises(UnsupportedFamily, match="'some_new_vlm' is not served"):
+        family_of(Config())
+    assert not set(FAMILIES) & set(REFUSED)
+
+
+def test_the_worker_refuses_an_unsupported_checkpoint_before_loading_it(tmp_path):
+    from transformers import Qwen2VLConfig
+
+    from workers.model import load_model
+
+    Qwen2VLConfig().save_pretrained(tmp_path)
+    with pytest.raises(InvalidRequest, match="'qwen2_vl' is not served: M-RoPE"):
+        load_model(str(tmp_path), device="cpu")
+
+
+def test_a_wire_prompt_gets_the_familys_image_placeholder():
+    """LLaVA clients send prompts templated with `<image>`; Gemma 3's processor expects `<start_of_image>`."""
+    loaded = family_loaded("gemma3")
+    img = image(0, (40, 40))
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    prepared = TransformersEngine(loaded).prepare(
+        EngineJob("w", params, prompt="USER: <image>\nhi ASSISTANT:", images=[img])
+    )
+    direct = loaded.processor(text=["USER: <start_of_image>\nhi ASSISTANT:"], images=[img.image], return_tensors="pt")
+    assert prepared.input_ids.tolist() == direct["input_ids"][0].tolist()
+    assert int((prepared.input_ids == loaded.model.config.image_token_index).sum()) == 4

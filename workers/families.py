@@ -1,0 +1,93 @@
+"""What the engine needs to know of each model family, in one place: which families are served exactly, how
+their prompts' extra inputs batch, and which are refused (with why).
+
+The family's own processor builds the whole prompt (placeholders, special tokens, every extra tensor) and the
+model's own forward gives positions; a `Family` only says what the engine cannot find out by itself. A family
+listed here was checked token for token against `generate` (tests/workers/test_families.py); any other model type
+is refused at start, so no model is served wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Family:
+    """One served family, by the config's `model_type`."""
+
+    name: str
+    # The processor's outputs that are never model inputs (PaliGemma's `labels` when a suffix is given).
+    dropped: frozenset[str] = frozenset({"labels"})
+    # Outputs of one row per token (shape [1, prompt]): left-padded with 0 like the prompt when jobs batch.
+    per_token: frozenset[str] = frozenset({"token_type_ids", "mm_token_type_ids"})
+    # True when the image processor's output for several images is each image's output concatenated (zero-padded
+    # where ragged) along dim 0: then one image's tensors are cached by digest and reused across jobs.
+    images_stack: bool = False
+    # True when the compiled decode step (fixed slots, 1-D positions) is exact for the family.
+    compiled: bool = True
+    # Keyword arguments for the processor call (e.g. no video processor).
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The chat template when the checkpoint has none.
+    chat_template: str | None = None
+    # True when the processor cannot take a prompt without an image.
+    needs_images: bool = False
+
+
+# PaliGemma checkpoints have no chat template: every image placeholder first, then the turns' text, one line each
+# (the processor writes BOS after the last image and the closing newline, as the model was trained on:
+# `<image>...<bos>prefix\n`).
+PALIGEMMA_TEMPLATE = (
+    "{% for message in messages %}{% if message['content'] is not string %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% endif %}{% endfor %}"
+    "{% endif %}{% endfor %}"
+    "{% for message in messages %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}{% if not loop.last %}{{ '\n' }}{% endif %}{% endfor %}"
+)
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("llava", images_stack=True),
+        Family("llava_next", images_stack=True),
+        Family("idefics3"),
+        Family("aya_vision", compiled=False),
+        # token_type_ids (per token) give the bidirectional attention within each image at prefill; the compiled
+        # step's 4-D mask would drop the sliding window of its local layers, so it runs eager.
+        Family("gemma3", compiled=False),
+        # The processor returns `labels` (dropped) and token_type_ids (the prefix attends both ways).
+        Family("paligemma", images_stack=True, compiled=False, chat_template=PALIGEMMA_TEMPLATE, needs_images=True),
+    )
+}
+
+# Known families the engine does not serve yet, with the reason given at start.
+_VIDEO = "its processor needs a video processor, which needs torchvision (not installed beside the pinned torch)"
+REFUSED: dict[str, str] = {
+    "qwen2_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry; "
+    + _VIDEO,
+    "qwen2_5_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry; "
+    + _VIDEO,
+    "llava_onevision": _VIDEO,
+    "smolvlm": _VIDEO,
+    "internvl": _VIDEO,
+    "mistral3": "its processor (PixtralProcessor) needs torchvision (not installed beside the pinned torch)",
+}
+
+
+class UnsupportedFamily(ValueError):
+    """The model's family is not served: the message names it and says why."""
+
+
+def family_of(config: Any) -> Family:
+    """The `Family` of a model config; raise UnsupportedFamily naming the family and why it is not served."""
+    model_type = getattr(config, "model_type", None) or "unknown"
+    family = FAMILIES.get(model_type)
+    if family is not None:
+        return family
+    served = ", ".join(sorted(FAMILIES))
+    why = REFUSED.get(model_type, "not a family this worker knows")
+    raise UnsupportedFamily(f"model family {model_type!r} is not served: {why} (served: {served})")
