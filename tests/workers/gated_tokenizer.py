@@ -1,4 +1,4 @@
-"""A tokenizer wrapper for tests, named as what it is: it counts the engine's tokenizations and holds back any
+"""A tokenizer wrapper for tests, named as what it is: it counts the tokenizations of the model's processor and holds back any
 tokenization of a text containing `marker` until the test sets `release`, so a test controls a slow preparation
 without sleeping."""
 
@@ -21,7 +21,8 @@ class GatedTokenizer:
 
     def __call__(self, text: Any, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
-        if self.marker is not None and isinstance(text, str) and self.marker in text:
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, list | tuple) else []
+        if self.marker is not None and any(isinstance(t, str) and self.marker in t for t in texts):
             self.entered.set()
             if not self.release.wait(self.hold_s):
                 raise RuntimeError(f"the test never released the tokenization of a text with {self.marker!r}")

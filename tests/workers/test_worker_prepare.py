@@ -24,8 +24,8 @@ from workers.worker import EXIT_OK, Worker
 def gated_worker(redis_client, tiny_model_path, marker: str | None = None) -> tuple[Worker, GatedTokenizer]:
     settings = WorkerSettings(model_path=str(tiny_model_path), worker_id="w1", device="cpu", max_batch=4)
     engine, device = build_engine(settings, "transformers")
-    gate = GatedTokenizer(engine.loaded.tokenizer, marker)
-    engine.loaded.tokenizer = gate
+    gate = GatedTokenizer(engine.loaded.processor.tokenizer, marker)
+    engine.loaded.processor.tokenizer = gate  # the processor tokenizes each job's prompt
     worker = Worker(settings, engine, redis_client, model_name=MODEL, device=device,
                     context_length=engine.context_length)  # fmt: skip
     return worker, gate
