@@ -51,7 +51,7 @@ from bench.load_checks import check_stream, load_request
 from cli.processes import Proc, cli, env_for, start_controller, wait_for_workers
 from contract import keys
 from contract.client import ControllerClient, aiter_events, error_from_response
-from contract.messages import DoneEvent, ErrorEvent, FinishReason, StreamEvent, TokenEvent
+from contract.messages import DoneEvent, ErrorEvent, StreamEvent, TokenEvent
 from infra.embedded_redis import EmbeddedRedis
 from infra.process import die_with_parent
 
@@ -59,6 +59,7 @@ SCRIPTED_MODEL = "scripted-load"
 # Tokens per reply, cycled over requests: short ones keep requests flowing, long ones are running when a fault hits.
 REPLY_TOKENS = (16, 48, 120)
 OUTAGE_ALLOWANCE_S = 30.0  # the controller's default Redis outage allowance
+LEASE_CHECK_MARGIN_S = 1.0  # a worker sees a lease gone at its next step or claim after the TTL
 
 
 @dataclass
@@ -90,6 +91,7 @@ class RequestRecord:
     problem: str | None = None
     ended_at: float | None = None
     tokens_received: int = 0
+    accepted: bool = False  # the controller answered 200 and began the stream
 
 
 @dataclass
@@ -114,9 +116,10 @@ class ChaosReport:
     kill_to_error_p50_s: float | None = None
     kill_to_error_max_s: float | None = None
     false_worker_lost: int = 0
-    false_outage_errors: int = 0
+    false_outage_errors: int = 0  # accepted streams that ended in an error during an outage within the allowance
+    refused_in_outages: int = 0  # requests refused on arrival (503) while Redis was down
     orphan_tokens: int = 0
-    orphan_jobs: int = 0
+    orphan_jobs: int = 0  # jobs of the killed controller still running once its lease ran out
     leftover: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # one line per lost or hung request
     wall_s: float = 0.0
@@ -234,6 +237,7 @@ class Clients:
         self.phase = "start"
         self.live_controllers = list(range(len(system.urls)))
         self.killed_controller: int | None = None
+        self.controller_killed_at = 0.0  # Unix time, as job records keep theirs
         self.stopping = False
 
     async def run(self) -> None:
@@ -275,7 +279,8 @@ class Clients:
         url = f"{self.system.urls[controller]}/api/v1/generate"
         async with client.stream("POST", url, json=body) as response:
             record.job_id = response.headers.get("x-job-id")
-            if response.status_code != 200:
+            record.accepted = response.status_code == 200
+            if not record.accepted:
                 await response.aread()
                 record.outcome = f"error:{error_from_response(response).code}"
                 return
@@ -340,6 +345,7 @@ def fault_schedule(system: System, clients: Clients, config: ChaosConfig, kills:
         clients.killed_controller = 1
         clients.live_controllers = [0]
         system.controllers[1].signal(signal.SIGKILL)
+        clients.controller_killed_at = time.time()
         time.sleep(3.0)
     clients.stopping = True
 
@@ -375,7 +381,10 @@ def measure(system: System, clients: Clients, kills: list[Kill], outages: list[t
     for r in records:
         if r.phase == "redis" and r.outcome.startswith("error:") and r.outcome != "error:worker_lost":
             if any(r.sent_at <= end and (r.ended_at or end) >= start for start, end in short):
-                report.false_outage_errors += 1
+                if r.accepted:
+                    report.false_outage_errors += 1
+                else:
+                    report.refused_in_outages += 1
 
     if config.controller_kill:
         report.orphan_jobs, report.orphan_tokens = _orphans(system, clients)
@@ -383,8 +392,10 @@ def measure(system: System, clients: Clients, kills: list[Kill], outages: list[t
 
 
 def _orphans(system: System, clients: Clients) -> tuple[int, int]:
-    """Jobs of the killed controller that ran on to their end, and the tokens made after their client was cut."""
+    """Jobs of the killed controller still generating once its lease had run out (neither done nor cancelled by
+    then), and the tokens made after their client was cut."""
     cut = [r for r in clients.records if r.outcome == "cut" and r.job_id]
+    bound = clients.controller_killed_at + keys.CONTROLLER_LEASE_TTL_S + LEASE_CHECK_MARGIN_S
     client = ControllerClient(system.urls[0])
     jobs, tokens = 0, 0
     deadline = time.monotonic() + 60
@@ -394,8 +405,8 @@ def _orphans(system: System, clients: Clients) -> tuple[int, int]:
             while outcome is None and time.monotonic() < deadline:
                 time.sleep(0.2)  # polling a record that a worker will write; the deadline bounds it
                 outcome = client.job(r.job_id).outcome
-            if outcome is None or outcome.finish_reason != FinishReason.cancelled:
-                jobs += 1
+            if outcome is None or (outcome.timings.finished_at or bound + 1) > bound:
+                jobs += 1  # still running, or ended only after its controller's lease had run out
             if outcome is not None:
                 tokens += max(0, outcome.usage.completion_tokens - r.tokens_received)
     finally:
@@ -461,8 +472,9 @@ def print_table(report: ChaosReport) -> None:
         ("lost", report.lost), ("hung", report.hung),
         ("kill→error p50 / max (s)", f"{report.kill_to_error_p50_s} / {report.kill_to_error_max_s}"),
         ("false worker_lost (live worker swept)", report.false_worker_lost),
-        ("errors in outages within the allowance", report.false_outage_errors),
-        ("jobs / tokens generated for no client", f"{report.orphan_jobs} / {report.orphan_tokens}"),
+        ("accepted streams failed in outages within the allowance", report.false_outage_errors),
+        ("requests refused on arrival (503) while Redis was down", report.refused_in_outages),
+        ("jobs past the lease / tokens for no client", f"{report.orphan_jobs} / {report.orphan_tokens}"),
         ("left in Redis", len(report.leftover)), ("wall (s)", report.wall_s),
     ]  # fmt: skip
     width = max(len(name) for name, _ in rows)

@@ -1,6 +1,6 @@
-"""A tokenizer wrapper for tests, named as what it is: it counts the tokenizations of the model's processor and holds back any
-tokenization of a text containing `marker` until the test sets `release`, so a test controls a slow preparation
-without sleeping."""
+"""A tokenizer wrapper for tests, named as what it is: it counts the tokenizations of the model's processor and
+holds back any tokenization of a text containing `marker` until the test sets `release`, so a test controls a slow
+preparation without sleeping."""
 
 from __future__ import annotations
 
