@@ -128,7 +128,10 @@ def build_demo(settings: WebSettings, client: ControllerClient | None = None) ->
             **stream, api_visibility="private"
         )
         stop.click(handlers.stop, None, None, queue=False, api_name="stop")
-        clear.click(handlers.clear, None, [state, chatbot, textbox, status, *buttons], queue=False, api_name="clear")
+        cleared = [state, chatbot, textbox, status, *buttons]
+        clear.click(handlers.clear, [state], cleared, queue=False, api_name="clear")
+        # The chat panel's own trash icon empties the panel in the browser; the conversation must go with it.
+        chatbot.clear(handlers.clear, [state], cleared, queue=False, api_visibility="private")
         for button, kind in (
             (upvote, FeedbackType.upvote),
             (downvote, FeedbackType.downvote),

@@ -131,6 +131,11 @@ class Conversation:
             self.started_at = time.time()
         self.turns.append(Turn(role="user", text=text, images=list(images)))
 
+    def reset(self) -> None:
+        """Forget every turn, in place: a reply still streaming into this object then writes to a detached turn."""
+        self.turns.clear()
+        self.started_at = None
+
     def start_reply(self) -> Turn:
         """Append an empty assistant turn (dropping a previous unfinished one) and return it."""
         if self.turns and self.turns[-1].role == "assistant":

@@ -177,8 +177,12 @@ class ChatHandlers:
         conversation.drop_last_reply()
         return (conversation, self.chatbot_update(conversation), *self.button_updates(conversation, generating=True))
 
-    def clear(self) -> tuple:
-        conversation = Conversation()
+    def clear(self, conversation: Conversation | None = None, request: gr.Request | None = None) -> tuple:
+        """Forget the conversation (in place, so a reply still streaming cannot bring it back) and stop its reply."""
+        self.stop(request)
+        if conversation is None:
+            conversation = Conversation()
+        conversation.reset()
         return (
             conversation,
             self.chatbot_update(conversation),

@@ -113,3 +113,46 @@ def test_upload_ask_stream_vote_and_flag(slow_web_url, redis_url, tmp_path):
         entries[0].job_ids,
         entries[0].params,
     )
+
+
+def open_page(p, url: str, width: int = 1280, height: int = 1000):
+    """A new headless Chromium page on `url` with its model list loaded."""
+    browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url)
+    page.wait_for_selector("#model input")
+    wait_for(lambda: page.input_value("#model input").startswith(MODEL), what="the model list")
+    return browser, page
+
+
+def ask(page, text: str, image: Path | None = None) -> None:
+    """Type `text` (with `image` attached), press Send and wait for the reply to finish."""
+    if image is not None:
+        page.set_input_files("#textbox input[type=file]", str(image))
+        page.wait_for_selector("#textbox img", timeout=15000)
+    page.fill("#textbox textarea", text)
+    page.click("#send")
+    wait_for(
+        lambda: page.locator("#regenerate").is_enabled() and page.locator("#chatbot .message.bot").count(),
+        what="the reply",
+    )
+
+
+def test_the_chat_panels_own_clear_forgets_the_conversation(slow_web_url, redis_url):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser, page = open_page(p, slow_web_url)
+        try:
+            ask(page, "[[tokens=2]] first question", EXAMPLES_DIR / "demo_0_red_circle.png")
+            page.click("#chatbot button[aria-label='Clear']")
+            wait_for(lambda: page.locator("#chatbot .message").count() == 0, 10, "the chat to clear")
+            ask(page, "[[tokens=2]] second question")
+            assert page.locator("#chatbot .message.user").count() == 1
+            assert page.locator("#chatbot img").count() == 0
+            page.click("#upvote")
+            page.wait_for_selector("text=Thanks, your upvote was recorded.")
+        finally:
+            browser.close()
+    (entry,) = read_feedback(redis.Redis.from_url(redis_url))
+    assert [m.role for m in entry.messages] == ["user", "assistant"] and not entry.images
+    assert entry.messages[0].content[-1].text == "[[tokens=2]] second question"

@@ -172,3 +172,17 @@ def test_an_unexpected_failure_ends_the_reply_with_its_cause():
         "⚠️ The web UI failed to get this reply (ValidationError: 1 validation error"
     )
     assert conv.last_reply.failed and not conv.replying and final[5]["interactive"]  # Regenerate is offered
+
+
+def test_clear_while_a_reply_waits_stops_it_and_it_cannot_come_back(controller_url, idle_worker, redis_client):
+    handlers = ChatHandlers(WebSettings(controller_url=controller_url), ControllerClient(controller_url))
+    conv = handlers.add_message(Conversation(), {"text": "hello", "files": []}, "Default")[0]
+    stream = handlers.generate(conv, idle_worker, 0.2, 0.7, 16, session("clearing"))
+    while conv.last_reply is None or not conv.last_reply.job_id:
+        next(stream)
+    job_id = conv.last_reply.job_id
+    cleared = handlers.clear(conv, session("clearing"))
+    assert cleared[0] is conv and cleared[1]["value"] == [] and not conv.turns
+    final = list(stream)[-1]
+    assert final[0] is conv and final[1] == [] and not conv.turns
+    assert jobs.view(redis_client, job_id).status == "canceled"
