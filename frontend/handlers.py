@@ -11,8 +11,10 @@ import logging
 import random
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from contract.client import ControllerClient
 from contract.errors import ErrorCode, LlavaError, QueueFull, StreamEnded, error_from_code
@@ -26,7 +28,7 @@ from contract.messages import (
     TokenEvent,
 )
 from contract.replies import ModelInfo
-from frontend.conversation import CURSOR, ChatImage, Conversation, ImageMode
+from frontend.conversation import CURSOR, NO_IMAGE_HINT, ChatImage, Conversation, ImageMode
 from frontend.feedback import why_not_votable
 from infra.settings import WebSettings
 
@@ -161,8 +163,19 @@ class ChatHandlers:
             path = path.get("path") if isinstance(path, dict) else path
             try:
                 images.append(ChatImage.from_file(path, mode or ImageMode.default, self.settings.image_max_side))
-            except OSError as exc:
-                gr.Warning(f"Could not read {path} as an image: {exc}")
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                # Never ask without the image the user attached: the model would answer about nothing.
+                log.info("unreadable upload %s: %s", path, exc)
+                gr.Warning(
+                    f"“{Path(path).name}” is not a picture this page can read, so your message was not sent. "
+                    "Remove it and attach a PNG, JPEG, GIF or WebP image instead."
+                )
+                return (
+                    conversation,
+                    conversation.chatbot_messages(),
+                    gr.update(),
+                    *self.button_updates(conversation),
+                )
         if not text and not images:
             return (conversation, conversation.chatbot_messages(), gr.update(), *self.button_updates(conversation))
         conversation.add_user(text, images)
@@ -203,6 +216,8 @@ class ChatHandlers:
             )
             return
         reply = conversation.start_reply()
+        if not conversation.image_count():
+            reply.hint = NO_IMAGE_HINT
         if not model:
             reply.status, reply.failed, reply.finished = "⚠️ No model is selected (none is being served).", True, True
             yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))

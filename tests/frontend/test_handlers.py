@@ -12,7 +12,7 @@ from contract import jobs
 from contract.client import ControllerClient, parse_event
 from contract.errors import ContextTooLong, ImageInvalid, NoWorker, QueueFull, WorkerLost
 from contract.messages import JobRequest
-from frontend.conversation import LEFT_OUT, Conversation
+from frontend.conversation import LEFT_OUT, NO_IMAGE_HINT, Conversation
 from frontend.handlers import ChatHandlers, describe_error
 from infra.embedded_redis import free_port
 from infra.settings import WebSettings
@@ -49,7 +49,7 @@ def test_regenerate_asks_again(controller_url, scripted_worker):
     final = list(handlers.generate(state, MODEL, 0.2, 0.7, 3, session()))[-1]
     assert final[1] == [
         {"role": "user", "content": "one two"},
-        {"role": "assistant", "content": "one two one\n\n_(cut at the max output tokens limit)_"},
+        {"role": "assistant", "content": f"one two one\n\n_(cut at the max output tokens limit)_\n\n{NO_IMAGE_HINT}"},
     ]
     assert [m.role for m in client.sent[-1].messages] == ["user"]
 
@@ -61,10 +61,11 @@ def test_queue_position_is_shown_and_stop_cancels_the_job(controller_url, idle_w
     state = handlers.add_message(conv, {"text": "hello", "files": []}, "Default")[0]
     stream = handlers.generate(state, idle_worker, 0.2, 0.7, 16, session("waiting"))
     shown = [next(stream)[1][-1]["content"] for _ in range(2)]
-    assert shown[-1] == "Waiting in queue: position 2"
+    assert shown[-1] == f"Waiting in queue: position 2\n\n{NO_IMAGE_HINT}"
     threading.Thread(target=handlers.stop, args=(session("waiting"),)).start()
     final = list(stream)[-1]
-    assert final[1][-1]["content"] == f"_(stopped)_\n\n{LEFT_OUT}"  # nothing to send back to the model
+    # Nothing to send back to the model.
+    assert final[1][-1]["content"] == f"_(stopped)_\n\n{LEFT_OUT}\n\n{NO_IMAGE_HINT}"
     job_id = conv.last_reply.job_id
     assert jobs.queue_position(redis_client, idle_worker, job_id) is None
     assert jobs.view(redis_client, job_id).status == "canceled"
@@ -186,3 +187,28 @@ def test_clear_while_a_reply_waits_stops_it_and_it_cannot_come_back(controller_u
     final = list(stream)[-1]
     assert final[0] is conv and final[1] == [] and not conv.turns
     assert jobs.view(redis_client, job_id).status == "canceled"
+
+
+def test_a_file_that_is_not_an_image_is_refused_and_nothing_is_sent(controller_url, scripted_worker, tmp_path):
+    client = RecordingClient(controller_url)
+    handlers = ChatHandlers(WebSettings(controller_url=controller_url), client)
+    conv = Conversation()
+    fake = tmp_path / "holiday.png"
+    fake.write_text("not a picture")
+    with pytest.warns(UserWarning) as warned:
+        refused = handlers.add_message(conv, {"text": "what is this", "files": [picture(tmp_path), str(fake)]}, "Pad")
+    (message,) = [str(w.message) for w in warned]
+    assert "holiday.png" in message and "not sent" in message
+    assert str(tmp_path) not in message and "/" not in message  # no server path
+    assert refused[2] == gr.update() and not conv.turns  # the textbox keeps the message; nothing to answer
+    assert list(handlers.generate(conv, MODEL, 0.2, 0.7, 6, session()))[-1][1] == []
+    assert client.sent == []
+
+
+def test_a_question_without_any_image_says_so(controller_url, scripted_worker, tmp_path):
+    handlers = ChatHandlers(WebSettings(controller_url=controller_url), ControllerClient(controller_url))
+    conv = Conversation()
+    shown = chat(handlers, conv, "what is this")[-1][1][-1]["content"]
+    assert "No image is attached" in shown
+    chat(handlers, conv, "and this", [picture(tmp_path)])
+    assert "No image is attached" not in conv.chatbot_messages()[-1]["content"]
