@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
@@ -25,11 +24,13 @@ from contract.messages import (
     GenerateRequest,
     QueuedEvent,
     SamplingParams,
+    StreamEvent,
     TokenEvent,
 )
 from contract.replies import ModelInfo
-from frontend.conversation import CURSOR, NO_IMAGE_HINT, ChatImage, Conversation, ImageMode
+from frontend.conversation import CURSOR, NO_IMAGE_HINT, ChatImage, Conversation, ImageMode, Turn
 from frontend.feedback import why_not_votable
+from frontend.reply_stream import ENDED, SILENT, STOPPED, ReplyStream
 from infra.settings import WebSettings
 
 log = logging.getLogger("llava.web")
@@ -69,6 +70,16 @@ def describe_error(exc: LlavaError, model: str | None) -> str:
     return f"⚠️ Generation failed ({code}): {message}"
 
 
+STILL_WORKING = "⏳ _Still working on your reply… Press ⏹️ Stop if you do not want to wait._"
+
+
+def waiting_text(ahead: int) -> str:
+    """What a reply shows while its request waits for the model, `ahead` requests before it."""
+    if ahead <= 0:
+        return "⏳ _Your request is next: the model is busy with other replies._"
+    return f"⏳ _Waiting for the model: {ahead} request{'s' * (ahead != 1)} ahead of yours._"
+
+
 def _note_for_finish(reason: FinishReason) -> str:
     if reason is FinishReason.length:
         return "_(cut at the max output tokens limit)_"
@@ -77,19 +88,13 @@ def _note_for_finish(reason: FinishReason) -> str:
     return ""
 
 
-@dataclass
-class ActiveReply:
-    """A reply being streamed for one browser session: what Stop needs to reach it."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    job_id: str | None = None
-
-
 class ChatHandlers:
-    def __init__(self, settings: WebSettings, client: ControllerClient):
+    def __init__(self, settings: WebSettings, client: ControllerClient, *, still_working_after_s: float = 3.0):
         self.settings = settings
         self.client = client
-        self._active: dict[str, ActiveReply] = {}
+        # A reply that hears nothing for this long says it is still working, so the page never looks frozen.
+        self.still_working_after_s = still_working_after_s
+        self._active: dict[str, ReplyStream] = {}  # each browser session's reply being streamed, for Stop
         self._lock = threading.Lock()
         self._models: list[ModelInfo] | None = None  # `once` mode: the list, once fetched successfully
 
@@ -231,41 +236,35 @@ class ChatHandlers:
         )
         body = GenerateRequest(model=model, messages=conversation.request_messages(), **reply.params.model_dump())
         session = request.session_hash if request is not None and request.session_hash else f"anon-{id(reply)}"
-        active = ActiveReply()
+        active = ReplyStream(self.client, body)
+        final = False  # a done or error event ended the reply: the job needs no cancel
         with self._lock:
             self._active[session] = active
         try:
             yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=True))
-            for event in self.client.generate(body):
-                if not reply.job_id:
-                    reply.job_id = active.job_id = event.job_id
-                if active.stop.is_set():
+            while True:
+                event = active.next(self.still_working_after_s)
+                if event == SILENT:
+                    if reply.status == STILL_WORKING:
+                        continue
+                    reply.status = STILL_WORKING
+                elif event == STOPPED:
                     reply.status = _note_for_finish(FinishReason.cancelled)
                     break
-                if isinstance(event, QueuedEvent):
-                    reply.status = f"Waiting in queue: position {event.position + 1}"
-                elif isinstance(event, TokenEvent):
-                    reply.text += event.text
-                    reply.status = CURSOR
-                elif isinstance(event, DoneEvent):
-                    reply.text = event.text or reply.text
-                    reply.status = _note_for_finish(event.finish_reason)
-                    break
-                elif isinstance(event, ErrorEvent):
-                    error = error_from_code(event.code, event.message)
+                elif event == ENDED:
+                    error = StreamEnded("the controller closed the stream before the reply ended")
                     reply.status, reply.failed = describe_error(error, model), True
+                    break
+                elif isinstance(event, Exception):
+                    raise event
+                elif not self._show_event(reply, event, model):
+                    final = True
                     break
                 yield (
                     conversation,
                     conversation.chatbot_messages(),
                     *self.button_updates(conversation, generating=True),
                 )
-            else:
-                if not active.stop.is_set():
-                    error = StreamEnded("the controller closed the stream before the reply ended")
-                    reply.status, reply.failed = describe_error(error, model), True
-                else:
-                    reply.status = _note_for_finish(FinishReason.cancelled)
         except LlavaError as exc:
             reply.status, reply.failed = describe_error(exc, model), True
         except Exception as exc:  # the reply's one catch point: shown in the chat rather than left spinning
@@ -276,23 +275,44 @@ class ChatHandlers:
             with self._lock:
                 if self._active.get(session) is active:
                     del self._active[session]
-        if active.stop.is_set() and reply.job_id:
-            self._cancel_quietly(reply.job_id)
+            active.stop()
+            if not final:  # stopped, or the page went away: the worker stops too
+                self._cancel(reply.job_id)
         yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
 
-    def _cancel_quietly(self, job_id: str) -> None:
+    def _show_event(self, reply: Turn, event: StreamEvent, model: str) -> bool:
+        """Apply `event` to `reply`; False when it ends the reply."""
+        if reply.job_id is None:
+            reply.job_id = event.job_id
+        if isinstance(event, QueuedEvent):
+            reply.status = waiting_text(event.position)
+        elif isinstance(event, TokenEvent):
+            reply.text += event.text
+            reply.status = CURSOR
+        elif isinstance(event, DoneEvent):
+            reply.text = event.text or reply.text
+            reply.status = _note_for_finish(event.finish_reason)
+            return False
+        elif isinstance(event, ErrorEvent):
+            error = error_from_code(event.code, event.message)
+            reply.status, reply.failed = describe_error(error, model), True
+            return False
+        return True
+
+    def _cancel(self, job_id: str | None) -> None:
+        """Cancel a job through the API; without a job id yet, the stream's close cancels it."""
+        if job_id is None:
+            return
         try:
             self.client.cancel(job_id)
         except LlavaError as exc:
             log.warning("cancel %s: %s", job_id, exc)
 
     def stop(self, request: gr.Request | None = None) -> None:
-        """Stop this session's reply: the worker is told at once, the stream closes at its next event."""
+        """Stop this session's reply: it ends on the page at once, whatever the stream does, and the reply's
+        handler cancels its job through the API (the job id comes with the stream's first event)."""
         session = request.session_hash if request is not None else None
         with self._lock:
             active = self._active.get(session) if session else None
-        if active is None:
-            return
-        active.stop.set()
-        if active.job_id:
-            self._cancel_quietly(active.job_id)
+        if active is not None:
+            active.stop()

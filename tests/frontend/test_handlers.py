@@ -11,9 +11,9 @@ import pytest
 from contract import jobs
 from contract.client import ControllerClient, parse_event
 from contract.errors import ContextTooLong, ImageInvalid, NoWorker, QueueFull, WorkerLost
-from contract.messages import JobRequest
+from contract.messages import JobRequest, QueuedEvent
 from frontend.conversation import LEFT_OUT, NO_IMAGE_HINT, Conversation
-from frontend.handlers import ChatHandlers, describe_error
+from frontend.handlers import ChatHandlers, describe_error, waiting_text
 from infra.embedded_redis import free_port
 from infra.settings import WebSettings
 from tests.frontend.conftest import MODEL, RecordingClient, chat, picture, session
@@ -61,7 +61,7 @@ def test_queue_position_is_shown_and_stop_cancels_the_job(controller_url, idle_w
     state = handlers.add_message(conv, {"text": "hello", "files": []}, "Default")[0]
     stream = handlers.generate(state, idle_worker, 0.2, 0.7, 16, session("waiting"))
     shown = [next(stream)[1][-1]["content"] for _ in range(2)]
-    assert shown[-1] == f"Waiting in queue: position 2\n\n{NO_IMAGE_HINT}"
+    assert shown[-1] == f"{waiting_text(1)}\n\n{NO_IMAGE_HINT}" and "1 request ahead of yours" in shown[-1]
     threading.Thread(target=handlers.stop, args=(session("waiting"),)).start()
     final = list(stream)[-1]
     # Nothing to send back to the model.
@@ -212,3 +212,40 @@ def test_a_question_without_any_image_says_so(controller_url, scripted_worker, t
     assert "No image is attached" in shown
     chat(handlers, conv, "and this", [picture(tmp_path)])
     assert "No image is attached" not in conv.chatbot_messages()[-1]["content"]
+
+
+class SilentClient(ControllerClient):
+    """A client whose stream says `queued` and then nothing at all (a frozen worker or network), without any
+    controller; it records the jobs cancelled through the API."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.cancelled: list[str] = []
+        self.released = threading.Event()
+
+    def generate(self, request):
+        yield QueuedEvent(job_id="j-silent", position=0)
+        self.released.wait(30)
+
+    def cancel(self, job_id: str):
+        self.cancelled.append(job_id)
+        return None
+
+
+def test_stop_ends_a_silent_reply_at_once_and_cancels_its_job():
+    url = f"http://127.0.0.1:{free_port()}"
+    client = SilentClient(url)
+    handlers = ChatHandlers(WebSettings(controller_url=url), client, still_working_after_s=0.05)
+    conv = handlers.add_message(Conversation(), {"text": "hello", "files": []}, "Default")[0]
+    stream = handlers.generate(conv, "m", 0.2, 0.7, 16, session("silent"))
+    # The reply waits visibly: more than a bare cursor.
+    shown = ""
+    while "Still working" not in shown:
+        shown = next(stream)[1][-1]["content"]
+    assert "Stop" in shown and conv.last_reply.job_id == "j-silent"
+    handlers.stop(session("silent"))
+    final = next(stream)  # nothing else arrives on the stream: the reply ends anyway
+    client.released.set()
+    assert final[1][-1]["content"].startswith("_(stopped)_") and not conv.replying
+    assert client.cancelled == ["j-silent"]
+    assert not final[-1]["interactive"] and final[5]["interactive"]  # Stop off, Regenerate on
