@@ -32,14 +32,19 @@ This is a research preview for non-commercial use only. The model may produce wr
 Votes and flags you send are stored with the whole conversation, images included, to improve the service: please
 **Flag** replies that are harmful or wrong, and do not upload personal data."""
 
+MODEL_LIST_REFRESH_S = 10.0
+
 CSS = """
 #buttons button { min-width: min(120px, 100%); }
 #status { padding: 0 0.5em; }
 """
 
 
-def build_demo(settings: WebSettings, client: ControllerClient | None = None) -> gr.Blocks:
-    """The page, wired to a controller client; call `.queue()` and `.launch()` on it (as `run_web` does)."""
+def build_demo(
+    settings: WebSettings, client: ControllerClient | None = None, *, model_list_refresh_s: float = MODEL_LIST_REFRESH_S
+) -> gr.Blocks:
+    """The page, wired to a controller client; call `.queue()` and `.launch()` on it (as `run_web` does). Each open
+    page asks for the model list every `model_list_refresh_s`, so it recovers from a late worker or controller."""
     client = client or ControllerClient(settings.controller_url, api_key=settings.api_key, user_agent=USER_AGENT)
     handlers = ChatHandlers(settings, client)
     votes = FeedbackHandlers(client)
@@ -146,6 +151,8 @@ def build_demo(settings: WebSettings, client: ControllerClient | None = None) ->
         # The browser sends the message's index and text in gr.LikeData, which API clients cannot: UI only.
         chatbot.like(votes.on_like, [state], [status, chatbot, upvote, downvote], api_visibility="private")
         demo.load(handlers.load, None, [state, model, status], queue=False)
+        refresh = gr.Timer(model_list_refresh_s)
+        refresh.tick(handlers.refresh_models, [model, status], [model, status], queue=False, show_progress="hidden")
     return demo
 
 

@@ -16,7 +16,7 @@ import gradio as gr
 from PIL import Image
 
 from contract.client import ControllerClient
-from contract.errors import ErrorCode, LlavaError, QueueFull, StreamEnded, error_from_code
+from contract.errors import LlavaError, StreamEnded, error_from_code
 from contract.messages import (
     DoneEvent,
     ErrorEvent,
@@ -31,6 +31,16 @@ from contract.replies import ModelInfo
 from frontend.conversation import CURSOR, NO_IMAGE_HINT, ChatImage, Conversation, ImageMode, Turn
 from frontend.feedback import why_not_votable
 from frontend.reply_stream import ENDED, SILENT, STOPPED, ReplyStream
+from frontend.texts import (
+    NO_MODEL_CHOSEN,
+    NO_MODEL_YET,
+    NOT_AN_IMAGE,
+    PAGE_FAILED,
+    SERVICE_DOWN,
+    STILL_WORKING,
+    describe_error,
+    waiting_text,
+)
 from infra.settings import WebSettings
 
 log = logging.getLogger("llava.web")
@@ -39,45 +49,8 @@ log = logging.getLogger("llava.web")
 BUTTONS = ("upvote", "downvote", "flag", "regenerate", "clear", "stop")
 
 
-def describe_error(exc: LlavaError, model: str | None) -> str:
-    """What the user reads for a failure: the cause, and what to do about it."""
-    name = f"`{model}`" if model else "this model"
-    code, message = exc.code, exc.message
-    if code == ErrorCode.controller_unreachable:
-        return f"⚠️ The controller is unreachable: {message}. Check that `llava-serve controller` is running."
-    if code == ErrorCode.no_worker:
-        return f"⚠️ No worker is serving {name} right now ({message}). Start a worker for it or pick another model."
-    if code == ErrorCode.model_not_found:
-        return f"⚠️ The controller does not know model {name} ({message}). Reload the page to refresh the list."
-    if code == ErrorCode.queue_full:
-        retry_after = exc.retry_after if isinstance(exc, QueueFull) else None
-        wait = f"try again in {retry_after} s" if retry_after is not None else "try again shortly"
-        return f"⚠️ The queue for {name} is full: {wait}."
-    if code in (ErrorCode.invalid_image, ErrorCode.image_too_large):
-        return f"⚠️ Image rejected: {message}"
-    if code == ErrorCode.worker_lost:
-        return f"⚠️ The worker generating this reply was lost ({message}). Press **Regenerate** to try again."
-    if code == ErrorCode.context_length_exceeded:
-        return f"⚠️ The conversation is too long for {name}: {message}. Press **Clear** and start a shorter one."
-    if code in (ErrorCode.payload_too_large, ErrorCode.invalid_request):
-        return f"⚠️ The controller refused the request: {message}"
-    if code == ErrorCode.timeout:
-        return f"⚠️ The request timed out: {message}. Press **Regenerate** to try again."
-    if code == ErrorCode.redis_unavailable:
-        return f"⚠️ The controller cannot reach Redis: {message}."
-    if code == ErrorCode.device_error:
-        return f"⚠️ The worker's accelerator failed: {message}. Press **Regenerate** to try again."
-    return f"⚠️ Generation failed ({code}): {message}"
-
-
-STILL_WORKING = "⏳ _Still working on your reply… Press ⏹️ Stop if you do not want to wait._"
-
-
-def waiting_text(ahead: int) -> str:
-    """What a reply shows while its request waits for the model, `ahead` requests before it."""
-    if ahead <= 0:
-        return "⏳ _Your request is next: the model is busy with other replies._"
-    return f"⏳ _Waiting for the model: {ahead} request{'s' * (ahead != 1)} ahead of yours._"
+def _choices(models: list[ModelInfo]) -> list[tuple[str, str]]:
+    return [(m.name, m.name) for m in models]
 
 
 def _note_for_finish(reason: FinishReason) -> str:
@@ -102,34 +75,48 @@ class ChatHandlers:
 
     def fetch_models(self) -> tuple[list[ModelInfo], str | None]:
         """The model list, and a message for the page when it could not be fetched or is empty."""
-        if self.settings.model_list_mode == "once" and self._models is not None:
+        if self.settings.model_list_mode == "once" and self._models:
             return self._models, None
         try:
             models = self.client.list_models()
         except LlavaError as exc:
             log.warning("model list: %s", exc)
-            return [], describe_error(exc, None) + " Reload the page once it is up."
-        if self.settings.model_list_mode == "once":
-            self._models = models
+            return [], SERVICE_DOWN
         if not models:
-            return [], "⚠️ No model is being served yet. Start a worker (`llava-serve worker`), then reload the page."
+            log.info("model list: no live worker serves any model yet")
+            return [], NO_MODEL_YET
+        if self.settings.model_list_mode == "once":
+            self._models = models  # only a list with models: an empty one is asked again
         return models, None
 
     def load(self, request: gr.Request | None = None) -> tuple:
         """Page load: fresh state, the model dropdown (`?model=NAME` selects one), and a status line."""
         models, problem = self.fetch_models()
-        choices = [(f"{m.name} ({m.workers} worker{'s' * (m.workers != 1)})", m.name) for m in models]
         wanted = request.query_params.get("model") if request is not None else None
         names = [m.name for m in models]
         value = wanted if wanted in names else (names[0] if names else None)
         status = problem or ""
         if wanted and wanted not in names and not problem:
-            status = f"⚠️ Model `{wanted}` from the URL is not being served; showing `{value}` instead."
+            status = f"⚠️ The model `{wanted}` named in the address is not available; showing `{value}` instead."
         return (
             Conversation(),
-            gr.update(choices=choices, value=value),
+            gr.update(choices=_choices(models), value=value),
             gr.update(value=status, visible=bool(status)),
         )
+
+    def refresh_models(self, current: str | None, status: str | None) -> tuple:
+        """The page's periodic refresh: (model dropdown, status line). A model chosen stays chosen; the first one
+        served is chosen when none was. The status line shows a model list problem, and loses it once solved,
+        but other notes there (a vote's) are left alone."""
+        models, problem = self.fetch_models()
+        names = [m.name for m in models]
+        value = current if current else (names[0] if names else None)
+        ours = not status or status in (SERVICE_DOWN, NO_MODEL_YET)
+        if not ours or (status or "") == (problem or ""):
+            note = gr.update()
+        else:
+            note = gr.update(value=problem or "", visible=bool(problem))
+        return gr.update(choices=_choices(models), value=value), note
 
     # ---- chat -----------------------------------------------------------------------------------------------
 
@@ -171,10 +158,7 @@ class ChatHandlers:
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 # Never ask without the image the user attached: the model would answer about nothing.
                 log.info("unreadable upload %s: %s", path, exc)
-                gr.Warning(
-                    f"“{Path(path).name}” is not a picture this page can read, so your message was not sent. "
-                    "Remove it and attach a PNG, JPEG, GIF or WebP image instead."
-                )
+                gr.Warning(NOT_AN_IMAGE.format(name=Path(path).name))
                 return (
                     conversation,
                     conversation.chatbot_messages(),
@@ -224,7 +208,7 @@ class ChatHandlers:
         if not conversation.image_count():
             reply.hint = NO_IMAGE_HINT
         if not model:
-            reply.status, reply.failed, reply.finished = "⚠️ No model is selected (none is being served).", True, True
+            reply.status, reply.failed, reply.finished = NO_MODEL_CHOSEN, True, True
             yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
             return
         reply.model = model
@@ -266,10 +250,11 @@ class ChatHandlers:
                     *self.button_updates(conversation, generating=True),
                 )
         except LlavaError as exc:
+            log.warning("reply for %s failed: %s: %s", model, exc.code, exc.message)
             reply.status, reply.failed = describe_error(exc, model), True
-        except Exception as exc:  # the reply's one catch point: shown in the chat rather than left spinning
+        except Exception:  # the reply's one catch point: shown in the chat rather than left spinning
             log.exception("generate for %s", model)
-            reply.status, reply.failed = f"⚠️ The web UI failed to get this reply ({type(exc).__name__}: {exc}).", True
+            reply.status, reply.failed = PAGE_FAILED, True
         finally:
             reply.finished = True  # also when Gradio closes the stream, so the next message is not refused
             with self._lock:
@@ -294,6 +279,7 @@ class ChatHandlers:
             reply.status = _note_for_finish(event.finish_reason)
             return False
         elif isinstance(event, ErrorEvent):
+            log.warning("job %s for %s failed: %s: %s", event.job_id, model, event.code, event.message)
             error = error_from_code(event.code, event.message)
             reply.status, reply.failed = describe_error(error, model), True
             return False

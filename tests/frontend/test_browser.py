@@ -156,3 +156,23 @@ def test_the_chat_panels_own_clear_forgets_the_conversation(slow_web_url, redis_
     (entry,) = read_feedback(redis.Redis.from_url(redis_url))
     assert [m.role for m in entry.messages] == ["user", "assistant"] and not entry.images
     assert entry.messages[0].content[-1].text == "[[tokens=2]] second question"
+
+
+def test_a_page_opened_before_any_worker_finds_the_model_without_a_reload(controller_url, redis_url):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with launched_ui(controller_url, model_list_refresh_s=0.5) as url, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("text=No model is available yet")
+            worker = start_worker(redis_url)
+            try:
+                wait_for(lambda: page.input_value("#model input") == MODEL, 20, "the model list to refresh itself")
+                wait_for(lambda: not page.locator("text=No model is available yet").count(), 10, "the note to go")
+                ask(page, "[[tokens=2]] hello")
+                assert page.locator("#chatbot .message.bot").last.inner_text().startswith("hello")
+            finally:
+                worker.stop()
+        finally:
+            browser.close()

@@ -10,13 +10,22 @@ import pytest
 
 from contract import jobs
 from contract.client import ControllerClient, parse_event
-from contract.errors import ContextTooLong, ImageInvalid, NoWorker, QueueFull, WorkerLost
+from contract.errors import (
+    ContextTooLong,
+    ErrorCode,
+    ImageInvalid,
+    NoWorker,
+    QueueFull,
+    WorkerLost,
+    error_from_code,
+)
 from contract.messages import JobRequest, QueuedEvent
+from frontend import texts
 from frontend.conversation import LEFT_OUT, NO_IMAGE_HINT, Conversation
 from frontend.handlers import ChatHandlers, describe_error, waiting_text
 from infra.embedded_redis import free_port
 from infra.settings import WebSettings
-from tests.frontend.conftest import MODEL, RecordingClient, chat, picture, session
+from tests.frontend.conftest import MODEL, RecordingClient, chat, picture, session, start_worker
 
 
 def test_multi_turn_chat_keeps_its_images(controller_url, scripted_worker, tmp_path):
@@ -74,14 +83,42 @@ def test_queue_position_is_shown_and_stop_cancels_the_job(controller_url, idle_w
 def test_errors_are_specific(controller_url, scripted_worker):
     handlers = ChatHandlers(WebSettings(controller_url=controller_url), ControllerClient(controller_url))
     reply = chat(handlers, Conversation(), "hi", model="no-such-model")[-1][1][-1]["content"]
-    assert reply.startswith("⚠️ The controller does not know model `no-such-model`")
-    assert describe_error(QueueFull("full", retry_after=7), "m") == ("⚠️ The queue for `m` is full: try again in 7 s.")
-    assert "Image rejected: image at messages" in describe_error(
+    assert reply.startswith("⚠️ The model `no-such-model` is not available any more. Pick another model")
+    assert describe_error(QueueFull("full", retry_after=7), "m").startswith(
+        "⚠️ The model `m` has too many requests right now. Try again in 7 s"
+    )
+    assert "An image could not be used: image at messages" in describe_error(
         ImageInvalid("image at messages[0] cannot be decoded"), "m"
     )
     assert "Regenerate" in describe_error(WorkerLost("worker w1 died"), "m")
     assert "too long" in describe_error(ContextTooLong("2000 > 1024"), "m")
-    assert "No worker is serving `m`" in describe_error(NoWorker("none"), "m")
+    assert "`m` is not available right now" in describe_error(NoWorker("none"), "m")
+
+
+# What the server says for the operator: a worker's id and host, and what to run.
+OPERATOR_DETAIL = "worker vm-7f3a@gpu-host-2 stopped responding; start a worker with `llava-serve worker`"
+
+
+@pytest.mark.parametrize(
+    "code",
+    [c for c in ErrorCode if c not in (ErrorCode.invalid_image, ErrorCode.image_too_large, ErrorCode.invalid_request)],
+)
+def test_error_texts_speak_to_the_user_without_operator_detail(code):
+    text = describe_error(error_from_code(code, OPERATOR_DETAIL), "m")
+    assert text.startswith("⚠️ ") and "vm-7f3a" not in text and "gpu-host" not in text
+    assert "llava-serve" not in text and "Start a worker" not in text and "worker" not in text.lower()
+    assert text.count("Regenerate") <= 1 and "lost" not in text  # said once; a partial reply stays on screen
+
+
+def test_page_texts_speak_to_the_user_without_operator_detail():
+    for text in (
+        texts.SERVICE_DOWN,
+        texts.NO_MODEL_YET,
+        texts.STILL_WORKING,
+        texts.waiting_text(0),
+        texts.waiting_text(3),
+    ):
+        assert "worker" not in text.lower() and "llava-serve" not in text and "controller" not in text
 
 
 def test_the_page_loads_without_a_controller():
@@ -89,10 +126,10 @@ def test_the_page_loads_without_a_controller():
     handlers = ChatHandlers(WebSettings(controller_url=url, model_list_mode="once"), ControllerClient(url))
     state, dropdown, status = handlers.load(session())
     assert dropdown["choices"] == [] and dropdown["value"] is None
-    assert status["visible"] and "controller is unreachable" in status["value"] and "Reload the page" in status["value"]
+    assert status["visible"] and status["value"] == texts.SERVICE_DOWN
     conv = handlers.add_message(state, {"text": "hi", "files": []}, "Default")[0]
     reply = list(handlers.generate(conv, "m", 0.2, 0.7, 16, session()))[-1][1][-1]["content"]
-    assert reply.startswith("⚠️ The controller is unreachable")
+    assert reply.startswith("⚠️ The chat service is not reachable right now.")
 
 
 def test_model_from_the_url_is_selected(controller_url, scripted_worker, idle_worker):
@@ -114,7 +151,7 @@ def test_a_failed_exchange_stays_on_screen_but_is_not_sent_again(controller_url,
     # The scripted worker (a stand-in, not a model) fails this job after two tokens, as a worker error would.
     failed = chat(handlers, conv, "[[device-error]] and this", [picture(tmp_path, "q.png", (200, 0, 0))])[-1]
     shown = failed[1][-1]["content"]
-    assert "The worker's accelerator failed" in shown and shown.endswith(LEFT_OUT)
+    assert "The model failed while writing this reply" in shown and shown.endswith(LEFT_OUT)
     assert conv.last_reply.failed and not failed[2]["interactive"] and failed[5]["interactive"]  # no vote; Regenerate
     final = chat(handlers, conv, "what colour is it")[-1]
     sent = client.sent[-1]
@@ -169,9 +206,7 @@ def test_an_unexpected_failure_ends_the_reply_with_its_cause():
     handlers = ChatHandlers(WebSettings(controller_url=url), GarbledClient(url))
     conv = Conversation()
     final = chat(handlers, conv, "hi", model="m")[-1]
-    assert final[1][-1]["content"].startswith(
-        "⚠️ The web UI failed to get this reply (ValidationError: 1 validation error"
-    )
+    assert final[1][-1]["content"].startswith(texts.PAGE_FAILED)
     assert conv.last_reply.failed and not conv.replying and final[5]["interactive"]  # Regenerate is offered
 
 
@@ -249,3 +284,22 @@ def test_stop_ends_a_silent_reply_at_once_and_cancels_its_job():
     assert final[1][-1]["content"].startswith("_(stopped)_") and not conv.replying
     assert client.cancelled == ["j-silent"]
     assert not final[-1]["interactive"] and final[5]["interactive"]  # Stop off, Regenerate on
+
+
+@pytest.mark.parametrize("mode", ["once", "reload"])
+def test_the_model_list_recovers_when_a_worker_registers_after_the_page_opened(controller_url, redis_url, mode):
+    handlers = ChatHandlers(
+        WebSettings(controller_url=controller_url, model_list_mode=mode), ControllerClient(controller_url)
+    )
+    _, dropdown, status = handlers.load(session())
+    assert dropdown["choices"] == [] and status["visible"] and "No model is available yet" in status["value"]
+    worker = start_worker(redis_url)
+    try:
+        dropdown, status = handlers.refresh_models(None, status["value"])
+    finally:
+        worker.stop()
+    assert dropdown["value"] == MODEL and [v for _, v in dropdown["choices"]] == [MODEL]
+    assert not status["visible"]
+    # A choice the user made stays; a vote's note in the status line is not touched.
+    dropdown, status = handlers.refresh_models("other-model", "Thanks, your upvote was recorded.")
+    assert dropdown["value"] == "other-model" and status == gr.update()
