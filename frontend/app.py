@@ -33,6 +33,8 @@ Votes and flags you send are stored with the whole conversation, images included
 **Flag** replies that are harmful or wrong, and do not upload personal data."""
 
 MODEL_LIST_REFRESH_S = 10.0
+EMPTY_TEXTBOX_JS = "() => ({text: '', files: []})"
+PRIVATE_MULTIPLE = {"api_visibility": "private", "trigger_mode": "multiple"}
 
 CSS = """
 #buttons button { min-width: min(120px, 100%); }
@@ -127,8 +129,21 @@ def build_demo(
             show_progress="hidden",
         )
         add = dict(fn=handlers.add_message, inputs=[state, textbox, mode], outputs=[state, chatbot, textbox, *buttons])
-        textbox.submit(**add, api_name="add_message").then(**stream, api_name="generate")
-        send.click(**add, api_visibility="private").then(**stream, api_visibility="private")
+        # "multiple": a second Send while the first is handled is taken too (Gradio drops it by default).
+        textbox.submit(**add, api_name="add_message", trigger_mode="multiple").then(**stream, api_name="generate")
+        send.click(**add, api_visibility="private", trigger_mode="multiple").then(**stream, api_visibility="private")
+        # Registered after `add`, which has read the textbox by then: the browser empties it at once, so text typed
+        # before the server answers is not wiped by a late reply (`add_message` puts a refused message back).
+        for sent in (textbox.submit, send.click):
+            sent(
+                None,
+                None,
+                [textbox],
+                js=EMPTY_TEXTBOX_JS,
+                queue=False,
+                api_visibility="private",
+                trigger_mode="multiple",
+            )
         regenerate.click(handlers.regenerate, [state], [state, chatbot, *buttons], api_name="regenerate").then(
             **stream, api_visibility="private"
         )

@@ -68,6 +68,7 @@ class ChatHandlers:
         # A reply that hears nothing for this long says it is still working, so the page never looks frozen.
         self.still_working_after_s = still_working_after_s
         self._active: dict[str, ReplyStream] = {}  # each browser session's reply being streamed, for Stop
+        self._writing: set[str] = set()  # the browser sessions with a `generate` call answering their messages
         self._lock = threading.Lock()
         self._models: list[ModelInfo] | None = None  # `once` mode: the list, once fetched successfully
 
@@ -137,16 +138,8 @@ class ChatHandlers:
         return gr.update(value=conversation.chatbot_messages(), feedback_value=conversation.feedback_values())
 
     def add_message(self, conversation: Conversation, message: dict | None, mode: str) -> tuple:
-        """Append the user's text and images; the textbox is cleared and the buttons wait for the reply.
-        Refused, with the message kept in the textbox, while a reply is still being written."""
-        if conversation.replying:
-            gr.Warning("A reply is still being written: wait for it or press ⏹️ Stop, then send your message.")
-            return (
-                conversation,
-                conversation.chatbot_messages(),
-                gr.update(),
-                *self.button_updates(conversation, generating=True),
-            )
+        """Append the user's text and images; the buttons wait for the reply. A message sent while a reply is written
+        is answered next. The page empties the textbox when Send is pressed; a refused message is put back."""
         message = message or {}
         text = (message.get("text") or "").strip()
         files = list(message.get("files") or [])
@@ -162,16 +155,21 @@ class ChatHandlers:
                 return (
                     conversation,
                     conversation.chatbot_messages(),
-                    gr.update(),
-                    *self.button_updates(conversation),
+                    gr.update(value={"text": message.get("text") or "", "files": files}),
+                    *self.button_updates(conversation, generating=conversation.replying),
                 )
         if not text and not images:
-            return (conversation, conversation.chatbot_messages(), gr.update(), *self.button_updates(conversation))
+            return (
+                conversation,
+                conversation.chatbot_messages(),
+                gr.update(),
+                *self.button_updates(conversation, generating=conversation.replying),
+            )
         conversation.add_user(text, images)
         return (
             conversation,
             conversation.chatbot_messages(),
-            gr.update(value=None),
+            gr.update(),  # already emptied by the page; emptying it now could wipe what was typed since
             *self.button_updates(conversation, generating=True),
         )
 
@@ -194,22 +192,39 @@ class ChatHandlers:
         )
 
     def generate(self, conversation, model, temperature, top_p, max_new_tokens, request: gr.Request | None = None):
-        """Stream a reply to the last user turn; yields (state, chatbot, *buttons) as the reply grows."""
-        if not conversation.turns or conversation.turns[-1].role != "user":
-            # Nothing to answer (e.g. the message was refused): leave the buttons as a running reply needs them.
-            generating = conversation.replying
-            yield (
-                conversation,
-                conversation.chatbot_messages(),
-                *self.button_updates(conversation, generating=generating),
-            )
+        """Stream a reply to the last user turn; yields (state, chatbot, *buttons) as the reply grows. One reply is
+        written at a time per browser session: a message sent meanwhile is answered by the running call, next."""
+        session = request.session_hash if request is not None and request.session_hash else f"anon-{id(conversation)}"
+        with self._lock:
+            running = session in self._writing
+            self._writing.add(session)
+        if running:  # the session's running call answers this message once its reply is done
+            yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=True))
             return
+        answered = False
+        try:
+            while True:
+                with self._lock:  # checked under the lock: a message added now is seen here or by its own call
+                    if not conversation.turns or conversation.turns[-1].role != "user":
+                        self._writing.discard(session)
+                        break
+                answered = True
+                yield from self._reply(conversation, model, temperature, top_p, max_new_tokens, session)
+        finally:
+            with self._lock:
+                self._writing.discard(session)
+        if not answered:  # nothing to answer (the message was refused, or the chat cleared)
+            yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
+
+    def _reply(self, conversation: Conversation, model, temperature, top_p, max_new_tokens, session: str):
+        """Write one reply to the user turns at the end of `conversation`."""
         reply = conversation.start_reply()
         if not conversation.image_count():
             reply.hint = NO_IMAGE_HINT
         if not model:
+            more = conversation.turns[-1] is not reply
             reply.status, reply.failed, reply.finished = NO_MODEL_CHOSEN, True, True
-            yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
+            yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=more))
             return
         reply.model = model
         reply.params = SamplingParams(
@@ -219,7 +234,6 @@ class ChatHandlers:
             seed=random.randrange(2**31),  # recorded, so a voted or flagged reply can be replayed
         )
         body = GenerateRequest(model=model, messages=conversation.request_messages(), **reply.params.model_dump())
-        session = request.session_hash if request is not None and request.session_hash else f"anon-{id(reply)}"
         active = ReplyStream(self.client, body)
         final = False  # a done or error event ended the reply: the job needs no cancel
         with self._lock:
@@ -263,7 +277,10 @@ class ChatHandlers:
             active.stop()
             if not final:  # stopped, or the page went away: the worker stops too
                 self._cancel(reply.job_id)
-        yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
+        more = (
+            bool(conversation.turns) and conversation.turns[-1].role == "user"
+        )  # a message sent meanwhile: answered next, Stop stays on
+        yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=more))
 
     def _show_event(self, reply: Turn, event: StreamEvent, model: str) -> bool:
         """Apply `event` to `reply`; False when it ends the reply."""

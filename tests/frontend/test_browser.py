@@ -176,3 +176,26 @@ def test_a_page_opened_before_any_worker_finds_the_model_without_a_reload(contro
                 worker.stop()
         finally:
             browser.close()
+
+
+def test_two_sends_in_quick_succession_keep_both_messages(slow_web_url):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser, page = open_page(p, slow_web_url)
+        try:
+            page.fill("#textbox textarea", "[[tokens=2]] first")
+            page.click("#send")
+            wait_for(lambda: page.input_value("#textbox textarea") == "", 5, "the textbox to empty")
+            page.fill("#textbox textarea", "[[tokens=2]] second")
+            assert not page.locator("#regenerate").is_enabled()  # the first reply is not written yet
+            page.click("#send")
+            users = page.locator("#chatbot .message.user")
+            wait_for(lambda: users.count() == 2, 15, "both messages in the chat")
+            wait_for(lambda: page.locator("#regenerate").is_enabled(), 15, "the replies")
+            assert [users.nth(i).inner_text() for i in range(2)] == ["[[tokens=2]] first", "[[tokens=2]] second"]
+            bots = page.locator("#chatbot .message.bot")
+            # Answered one after the other, or together when the second came before the first reply started.
+            assert bots.count() in (1, 2) and "▌" not in bots.last.inner_text()
+            assert not page.locator("#stop").is_enabled() and page.input_value("#textbox textarea") == ""
+        finally:
+            browser.close()

@@ -176,22 +176,23 @@ def test_a_failed_exchange_stays_on_screen_but_is_not_sent_again(controller_url,
     ]
 
 
-def test_a_message_sent_while_a_reply_is_written_is_refused(controller_url, idle_worker):
-    handlers = ChatHandlers(WebSettings(controller_url=controller_url), ControllerClient(controller_url))
-    conv = handlers.add_message(Conversation(), {"text": "hello", "files": []}, "Default")[0]
-    stream = handlers.generate(conv, idle_worker, 0.2, 0.7, 16, session("busy"))
-    next(stream)  # the reply has started; the idle worker never answers it
-    with pytest.warns(UserWarning, match="A reply is still being written: wait for it or press ⏹️ Stop"):
-        refused = handlers.add_message(conv, {"text": "and more", "files": []}, "Default")
-    assert refused[2] == gr.update()  # the textbox keeps the message
-    assert [t.role for t in conv.turns] == ["user", "assistant"]
-    # The Send chain still runs generate: it finds nothing to answer and leaves Stop enabled for the running reply.
-    (follow,) = handlers.generate(conv, idle_worker, 0.2, 0.7, 16, session("busy"))
+def test_a_message_sent_while_a_reply_is_written_is_answered_next(controller_url, scripted_worker):
+    client = RecordingClient(controller_url)
+    handlers = ChatHandlers(WebSettings(controller_url=controller_url), client)
+    conv = handlers.add_message(Conversation(), {"text": "one", "files": []}, "Default")[0]
+    stream = handlers.generate(conv, MODEL, 0.2, 0.7, 4, session("busy"))
+    next(stream)  # the reply has started
+    taken = handlers.add_message(conv, {"text": "two", "files": []}, "Default")
+    assert [t.role for t in conv.turns] == ["user", "assistant", "user"] and taken[-1]["interactive"]  # Stop on
+    # The Send chain runs generate again: the running call answers the message, this one only keeps Stop on.
+    (follow,) = handlers.generate(conv, MODEL, 0.2, 0.7, 4, session("busy"))
     assert follow[-1]["interactive"] and not follow[-2]["interactive"]
-    stream.close()  # the page went away: the reply is finished, so the next message is taken
-    assert not conv.replying
-    handlers.add_message(conv, {"text": "and more", "files": []}, "Default")
-    assert [t.role for t in conv.turns] == ["user", "assistant", "user"]
+    updates = list(stream)
+    assert [t.role for t in conv.turns] == ["user", "assistant", "user", "assistant"] and not conv.replying
+    assert [[m.role for m in r.messages] for r in client.sent] == [["user"], ["user", "assistant", "user"]]
+    assert not updates[-1][-1]["interactive"] and updates[-1][5]["interactive"]
+    # Between the two replies Stop stayed on: no moment looked finished.
+    assert all(u[-1]["interactive"] for u in updates[:-1])
 
 
 class GarbledClient(ControllerClient):
@@ -230,12 +231,13 @@ def test_a_file_that_is_not_an_image_is_refused_and_nothing_is_sent(controller_u
     conv = Conversation()
     fake = tmp_path / "holiday.png"
     fake.write_text("not a picture")
+    sent = {"text": "what is this", "files": [picture(tmp_path), str(fake)]}
     with pytest.warns(UserWarning) as warned:
-        refused = handlers.add_message(conv, {"text": "what is this", "files": [picture(tmp_path), str(fake)]}, "Pad")
+        refused = handlers.add_message(conv, sent, "Pad")
     (message,) = [str(w.message) for w in warned]
     assert "holiday.png" in message and "not sent" in message
     assert str(tmp_path) not in message and "/" not in message  # no server path
-    assert refused[2] == gr.update() and not conv.turns  # the textbox keeps the message; nothing to answer
+    assert refused[2] == gr.update(value=sent) and not conv.turns  # back in the textbox; nothing to answer
     assert list(handlers.generate(conv, MODEL, 0.2, 0.7, 6, session()))[-1][1] == []
     assert client.sent == []
 
