@@ -289,10 +289,11 @@ class ChatHandlers:
         if isinstance(event, QueuedEvent):
             reply.status = waiting_text(event.position)
         elif isinstance(event, TokenEvent):
-            reply.text += event.text
+            # Tokenizers start a reply with a word's leading space; it is neither shown nor stored.
+            reply.text = (reply.text + event.text).lstrip()
             reply.status = CURSOR
         elif isinstance(event, DoneEvent):
-            reply.text = event.text or reply.text
+            reply.text = event.text.lstrip() or reply.text
             reply.status = _note_for_finish(event.finish_reason)
             return False
         elif isinstance(event, ErrorEvent):

@@ -19,7 +19,7 @@ from contract.errors import (
     WorkerLost,
     error_from_code,
 )
-from contract.messages import JobRequest, QueuedEvent
+from contract.messages import DoneEvent, FinishReason, JobRequest, QueuedEvent, TokenEvent
 from frontend import texts
 from frontend.conversation import LEFT_OUT, NO_IMAGE_HINT, Conversation
 from frontend.handlers import ChatHandlers, describe_error, waiting_text
@@ -305,3 +305,23 @@ def test_the_model_list_recovers_when_a_worker_registers_after_the_page_opened(c
     # A choice the user made stays; a vote's note in the status line is not touched.
     dropdown, status = handlers.refresh_models("other-model", "Thanks, your upvote was recorded.")
     assert dropdown["value"] == "other-model" and status == gr.update()
+
+
+class SpacedClient(ControllerClient):
+    """A client whose reply starts with a space, as SentencePiece tokens do, without any controller."""
+
+    def generate(self, request):
+        yield QueuedEvent(job_id="j-spaced", position=0)
+        yield TokenEvent(job_id="j-spaced", text=" A", seq=1)
+        yield TokenEvent(job_id="j-spaced", text=" red", seq=2)
+        yield DoneEvent(job_id="j-spaced", text=" A red square", finish_reason=FinishReason.stop)
+
+
+def test_replies_are_shown_and_stored_without_a_leading_space(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    handlers = ChatHandlers(WebSettings(controller_url=url), SpacedClient(url))
+    conv = Conversation()
+    updates = chat(handlers, conv, "what is it", [picture(tmp_path)], model="m")
+    shown = [u[1][-1]["content"] for u in updates]
+    assert "A▌" in shown and "A red▌" in shown and shown[-1] == "A red square"
+    assert conv.last_reply.text == "A red square"
