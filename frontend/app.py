@@ -165,7 +165,10 @@ def build_demo(
             )
         # The browser sends the message's index and text in gr.LikeData, which API clients cannot: UI only.
         chatbot.like(votes.on_like, [state], [status, chatbot, upvote, downvote], api_visibility="private")
-        demo.load(handlers.load, None, [state, model, status], queue=False)
+        demo.load(handlers.load, None, [state, model, status], queue=False).then(
+            handlers.image_modes, [model, mode], [mode], queue=False
+        )
+        model.change(handlers.image_modes, [model, mode], [mode], queue=False, api_visibility="private")
         refresh = gr.Timer(model_list_refresh_s)
         refresh.tick(handlers.refresh_models, [model, status], [model, status], queue=False, show_progress="hidden")
     return demo

@@ -53,6 +53,15 @@ def _choices(models: list[ModelInfo]) -> list[tuple[str, str]]:
     return [(m.name, m.name) for m in models]
 
 
+# Models known to answer about a padded image's border rather than its content: the shapes demo model is trained on
+# whole drawings only, under any name that contains this.
+PADDING_MISREAD_BY = ("shapes-demo",)
+
+
+def _misreads_padding(model: str | None) -> bool:
+    return bool(model) and any(part in model for part in PADDING_MISREAD_BY)
+
+
 def _note_for_finish(reason: FinishReason) -> str:
     if reason is FinishReason.length:
         return "_(cut at the max output tokens limit)_"
@@ -118,6 +127,12 @@ class ChatHandlers:
         else:
             note = gr.update(value=problem or "", visible=bool(problem))
         return gr.update(choices=_choices(models), value=value), note
+
+    def image_modes(self, model: str | None, mode: str | None) -> dict:
+        """The pre-processing choices for `model`: all of them, except Pad for models that were not trained on padded
+        images (the shapes demo model answers about the grey border). A mode no longer offered becomes Default."""
+        modes = [m.value for m in ImageMode if m is not ImageMode.pad or not _misreads_padding(model)]
+        return gr.update(choices=modes, value=mode if mode in modes else ImageMode.default.value)
 
     # ---- chat -----------------------------------------------------------------------------------------------
 

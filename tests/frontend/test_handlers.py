@@ -325,3 +325,13 @@ def test_replies_are_shown_and_stored_without_a_leading_space(tmp_path):
     shown = [u[1][-1]["content"] for u in updates]
     assert "A▌" in shown and "A red▌" in shown and shown[-1] == "A red square"
     assert conv.last_reply.text == "A red square"
+
+
+def test_pad_is_not_offered_for_the_demo_model():
+    url = f"http://127.0.0.1:{free_port()}"
+    handlers = ChatHandlers(WebSettings(controller_url=url), ControllerClient(url))
+    demo = handlers.image_modes("llava-v1-shapes-demo", "Pad")
+    assert demo["choices"] == ["Crop", "Resize", "Default"] and demo["value"] == "Default"
+    assert handlers.image_modes("llava-shapes-demo", "Crop")["value"] == "Crop"
+    other = handlers.image_modes("llava-v1.5-7b", "Pad")
+    assert other["choices"] == ["Crop", "Resize", "Pad", "Default"] and other["value"] == "Pad"
