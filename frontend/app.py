@@ -36,9 +36,24 @@ MODEL_LIST_REFRESH_S = 10.0
 EMPTY_TEXTBOX_JS = "() => ({text: '', files: []})"
 PRIVATE_MULTIPLE = {"api_visibility": "private", "trigger_mode": "multiple"}
 
+# Layout only (Gradio's components and theme stay): the chat fills what the screen leaves, so the text box, Send,
+# Stop and the votes are on the first screen of a laptop (1366 x 768) and a phone (390 x 844), where the chat
+# column also comes before the settings.
 CSS = """
 #buttons button { min-width: min(120px, 100%); }
 #status { padding: 0 0.5em; }
+#chatbot { height: max(240px, calc(100vh - 330px)) !important; }
+#chatbot .placeholder-content, #chatbot .placeholder { padding-top: 2.2em; }  /* clear of the chat's label */
+@media (max-width: 768px) {
+  #chat-column { order: -1; }
+  #title p { display: none; }
+  #title h1 { font-size: 1.25rem; margin: 0; }
+  #chatbot { height: max(200px, calc(100vh - 420px)) !important; }
+  #input-row { flex-wrap: wrap; }
+  #input-row > .form { flex: 1 1 100% !important; min-width: 100% !important; }  /* the text box's wrapper */
+  #input-row #send, #input-row #stop { flex: 1 1 40% !important; min-width: 0 !important; }
+  #buttons button { min-width: 0; flex: 1 1 18%; padding-left: 2px; padding-right: 2px; }
+}
 """
 
 
@@ -56,10 +71,10 @@ def build_demo(
     with gr.Blocks(title="LLaVA", analytics_enabled=False) as demo:
         state = gr.State(Conversation())
         if not settings.embed:
-            gr.Markdown(TITLE)
+            gr.Markdown(TITLE, elem_id="title")
         status = gr.Markdown("", visible=False, elem_id="status")
-        with gr.Row():
-            with gr.Column(scale=3):
+        with gr.Row(elem_id="main-row"):
+            with gr.Column(scale=3, elem_id="settings-column"):
                 model = gr.Dropdown(
                     choices=initial,
                     value=initial[0] if initial else None,
@@ -79,7 +94,7 @@ def build_demo(
                     temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature")
                     top_p = gr.Slider(0.0, 1.0, value=0.7, step=0.1, label="Top P")
                     max_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max output tokens")
-            with gr.Column(scale=8):
+            with gr.Column(scale=8, elem_id="chat-column"):
                 chatbot = gr.Chatbot(
                     label="LLaVA Chatbot",
                     elem_id="chatbot",
@@ -89,7 +104,7 @@ def build_demo(
                     feedback_options=("Like", "Dislike"),  # 👍 / 👎 on every reply: `vote_on_reply`
                     placeholder="Upload images and ask a question about them.",
                 )
-                with gr.Row():
+                with gr.Row(elem_id="input-row"):
                     textbox = gr.MultimodalTextbox(
                         placeholder="Enter text (attach images with the clip) and press ENTER",
                         show_label=False,

@@ -199,3 +199,27 @@ def test_two_sends_in_quick_succession_keep_both_messages(slow_web_url):
             assert not page.locator("#stop").is_enabled() and page.input_value("#textbox textarea") == ""
         finally:
             browser.close()
+
+
+# Set LLAVA_SCREENSHOT_PHONE=docs/screenshot-phone.png to refresh the README's phone picture from this test.
+SCREENSHOT_PHONE = os.environ.get("LLAVA_SCREENSHOT_PHONE")
+
+
+@pytest.mark.parametrize("width, height", [(390, 844), (1366, 768)], ids=["phone", "laptop"])
+def test_typing_sending_stopping_and_voting_need_no_scrolling(slow_web_url, tmp_path, width, height):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser, page = open_page(p, slow_web_url, width, height)
+        try:
+            ask(page, "[[tokens=6]] What shape is it?", EXAMPLES_DIR / "demo_0_red_circle.png")
+            page.evaluate("window.scrollTo(0, 0)")
+            for selector in ("#textbox textarea", "#send", "#stop", "#upvote", "#downvote"):
+                box = page.locator(selector).bounding_box()
+                assert box is not None and 0 <= box["y"] and box["y"] + box["height"] <= height, (selector, box)
+                assert 0 <= box["x"] and box["x"] + box["width"] <= width, (selector, box)
+            shot = tmp_path / "screen.png"
+            page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+    if SCREENSHOT_PHONE and width < 500:
+        shutil.copyfile(shot, SCREENSHOT_PHONE)
