@@ -42,6 +42,8 @@ PRIVATE_MULTIPLE = {"api_visibility": "private", "trigger_mode": "multiple"}
 CSS = """
 #buttons button { min-width: min(120px, 100%); }
 #status { padding: 0 0.5em; }
+#chatbot .message:has(.no-vote) button[aria-label^="Like"],
+#chatbot .message:has(.no-vote) button[aria-label^="Dislike"] { display: none !important; }
 #chatbot { height: max(240px, calc(100vh - 330px)) !important; }
 #chatbot .placeholder-content, #chatbot .placeholder { padding-top: 2.2em; }  /* clear of the chat's label */
 @media (max-width: 768px) {

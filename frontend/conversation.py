@@ -21,6 +21,8 @@ PAD_COLOUR = (122, 116, 104)
 CURSOR = "▌"
 # Shown under a failed or empty reply: the exchange is not sent to the model with the next message.
 LEFT_OUT = "_(left out of the conversation the model sees)_"
+# Marks a reply that cannot be voted on (still streaming, failed or empty): the page's CSS hides its thumbs.
+NO_VOTE = '<span class="no-vote"></span>'
 # Shown under a reply to a conversation without any image, so that nobody takes it for an answer about a picture.
 NO_IMAGE_HINT = (
     "_(No image is attached: this reply comes from your text alone. Attach one with the clip to ask about it.)_"
@@ -234,6 +236,8 @@ class Conversation:
                 content = f"{content}\n\n{LEFT_OUT}" if content else LEFT_OUT
             if turn.hint:
                 content = f"{content}\n\n{turn.hint}" if content else turn.hint
+            if not (turn.finished and turn.answered):
+                content = NO_VOTE + content  # the page's CSS hides this reply's 👍 / 👎
             shown.append((index, {"role": "assistant", "content": content}))
         return shown
 

@@ -184,3 +184,10 @@ def launched_ui(controller_url: str, model_list_refresh_s: float = 10.0, **setti
 def web_url(controller_url: str, scripted_worker: WorkerThread) -> Iterator[str]:
     with launched_ui(controller_url, concurrency_limit=4) as url:
         yield url
+
+
+def text_of(message: dict) -> str:
+    """A Chatbot message's text as the user reads it (without the marker that hides a reply's thumbs)."""
+    from frontend.conversation import NO_VOTE
+
+    return message["content"].removeprefix(NO_VOTE)

@@ -223,3 +223,23 @@ def test_typing_sending_stopping_and_voting_need_no_scrolling(slow_web_url, tmp_
             browser.close()
     if SCREENSHOT_PHONE and width < 500:
         shutil.copyfile(shot, SCREENSHOT_PHONE)
+
+
+def test_no_thumbs_on_a_reply_being_written_or_failed(slow_web_url):
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser, page = open_page(p, slow_web_url)
+        try:
+            thumbs = page.locator("#chatbot button[aria-label^='Like']:visible")
+            page.fill("#textbox textarea", "[[tokens=12]] a long one")
+            page.click("#send")
+            wait_for(lambda: "▌" in page.locator("#chatbot").inner_text(), 15, "the reply to stream")
+            assert thumbs.count() == 0
+            wait_for(lambda: page.locator("#regenerate").is_enabled(), 15, "the reply")
+            assert thumbs.count() == 1  # finished: votable
+            ask(page, "[[device-error]] and now")  # the scripted worker fails this one
+            last = page.locator("#chatbot .message.bot").last
+            wait_for(lambda: "The model failed" in last.inner_text(), 10, "the error reply")
+            assert thumbs.count() == 1  # still only the first reply's
+        finally:
+            browser.close()

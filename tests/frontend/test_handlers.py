@@ -25,7 +25,7 @@ from frontend.conversation import LEFT_OUT, NO_IMAGE_HINT, Conversation
 from frontend.handlers import ChatHandlers, describe_error, waiting_text
 from infra.embedded_redis import free_port
 from infra.settings import WebSettings
-from tests.frontend.conftest import MODEL, RecordingClient, chat, picture, session, start_worker
+from tests.frontend.conftest import MODEL, RecordingClient, chat, picture, session, start_worker, text_of
 
 
 def test_multi_turn_chat_keeps_its_images(controller_url, scripted_worker, tmp_path):
@@ -37,7 +37,7 @@ def test_multi_turn_chat_keeps_its_images(controller_url, scripted_worker, tmp_p
         "role": "assistant",
         "content": "describe this picture describe this picture\n\n_(cut at the max output tokens limit)_",
     }
-    assert any(u[1][-1]["content"].endswith("▌") for u in updates[:-1])  # it streamed
+    assert any(text_of(u[1][-1]).endswith("▌") for u in updates[:-1])  # it streamed
     chat(handlers, conv, "and this one", [picture(tmp_path, "q.png", (200, 0, 0))])
     second = client.sent[-1]
     assert [m.role for m in second.messages] == ["user", "assistant", "user"]
@@ -69,12 +69,12 @@ def test_queue_position_is_shown_and_stop_cancels_the_job(controller_url, idle_w
     conv = Conversation()
     state = handlers.add_message(conv, {"text": "hello", "files": []}, "Default")[0]
     stream = handlers.generate(state, idle_worker, 0.2, 0.7, 16, session("waiting"))
-    shown = [next(stream)[1][-1]["content"] for _ in range(2)]
+    shown = [text_of(next(stream)[1][-1]) for _ in range(2)]
     assert shown[-1] == f"{waiting_text(1)}\n\n{NO_IMAGE_HINT}" and "1 request ahead of yours" in shown[-1]
     threading.Thread(target=handlers.stop, args=(session("waiting"),)).start()
     final = list(stream)[-1]
     # Nothing to send back to the model.
-    assert final[1][-1]["content"] == f"_(stopped)_\n\n{LEFT_OUT}\n\n{NO_IMAGE_HINT}"
+    assert text_of(final[1][-1]) == f"_(stopped)_\n\n{LEFT_OUT}\n\n{NO_IMAGE_HINT}"
     job_id = conv.last_reply.job_id
     assert jobs.queue_position(redis_client, idle_worker, job_id) is None
     assert jobs.view(redis_client, job_id).status == "canceled"
@@ -82,7 +82,7 @@ def test_queue_position_is_shown_and_stop_cancels_the_job(controller_url, idle_w
 
 def test_errors_are_specific(controller_url, scripted_worker):
     handlers = ChatHandlers(WebSettings(controller_url=controller_url), ControllerClient(controller_url))
-    reply = chat(handlers, Conversation(), "hi", model="no-such-model")[-1][1][-1]["content"]
+    reply = text_of(chat(handlers, Conversation(), "hi", model="no-such-model")[-1][1][-1])
     assert reply.startswith("⚠️ The model `no-such-model` is not available any more. Pick another model")
     assert describe_error(QueueFull("full", retry_after=7), "m").startswith(
         "⚠️ The model `m` has too many requests right now. Try again in 7 s"
@@ -128,7 +128,7 @@ def test_the_page_loads_without_a_controller():
     assert dropdown["choices"] == [] and dropdown["value"] is None
     assert status["visible"] and status["value"] == texts.SERVICE_DOWN
     conv = handlers.add_message(state, {"text": "hi", "files": []}, "Default")[0]
-    reply = list(handlers.generate(conv, "m", 0.2, 0.7, 16, session()))[-1][1][-1]["content"]
+    reply = text_of(list(handlers.generate(conv, "m", 0.2, 0.7, 16, session()))[-1][1][-1])
     assert reply.startswith("⚠️ The chat service is not reachable right now.")
 
 
@@ -150,7 +150,7 @@ def test_a_failed_exchange_stays_on_screen_but_is_not_sent_again(controller_url,
     answer = conv.last_reply.text
     # The scripted worker (a stand-in, not a model) fails this job after two tokens, as a worker error would.
     failed = chat(handlers, conv, "[[device-error]] and this", [picture(tmp_path, "q.png", (200, 0, 0))])[-1]
-    shown = failed[1][-1]["content"]
+    shown = text_of(failed[1][-1])
     assert "The model failed while writing this reply" in shown and shown.endswith(LEFT_OUT)
     assert conv.last_reply.failed and not failed[2]["interactive"] and failed[5]["interactive"]  # no vote; Regenerate
     final = chat(handlers, conv, "what colour is it")[-1]
@@ -163,7 +163,7 @@ def test_a_failed_exchange_stays_on_screen_but_is_not_sent_again(controller_url,
         ["text"],
     ]
     assert sent.messages[-1].content[0].text == "what colour is it"
-    assert not conv.last_reply.failed and final[1][-1]["content"].startswith("what is this")
+    assert not conv.last_reply.failed and text_of(final[1][-1]).startswith("what is this")
     assert [m["role"] for m in final[1]] == [
         "user",
         "user",
@@ -207,7 +207,7 @@ def test_an_unexpected_failure_ends_the_reply_with_its_cause():
     handlers = ChatHandlers(WebSettings(controller_url=url), GarbledClient(url))
     conv = Conversation()
     final = chat(handlers, conv, "hi", model="m")[-1]
-    assert final[1][-1]["content"].startswith(texts.PAGE_FAILED)
+    assert text_of(final[1][-1]).startswith(texts.PAGE_FAILED)
     assert conv.last_reply.failed and not conv.replying and final[5]["interactive"]  # Regenerate is offered
 
 
@@ -245,10 +245,10 @@ def test_a_file_that_is_not_an_image_is_refused_and_nothing_is_sent(controller_u
 def test_a_question_without_any_image_says_so(controller_url, scripted_worker, tmp_path):
     handlers = ChatHandlers(WebSettings(controller_url=controller_url), ControllerClient(controller_url))
     conv = Conversation()
-    shown = chat(handlers, conv, "what is this")[-1][1][-1]["content"]
+    shown = text_of(chat(handlers, conv, "what is this")[-1][1][-1])
     assert "No image is attached" in shown
     chat(handlers, conv, "and this", [picture(tmp_path)])
-    assert "No image is attached" not in conv.chatbot_messages()[-1]["content"]
+    assert "No image is attached" not in text_of(conv.chatbot_messages()[-1])
 
 
 class SilentClient(ControllerClient):
@@ -278,12 +278,12 @@ def test_stop_ends_a_silent_reply_at_once_and_cancels_its_job():
     # The reply waits visibly: more than a bare cursor.
     shown = ""
     while "Still working" not in shown:
-        shown = next(stream)[1][-1]["content"]
+        shown = text_of(next(stream)[1][-1])
     assert "Stop" in shown and conv.last_reply.job_id == "j-silent"
     handlers.stop(session("silent"))
     final = next(stream)  # nothing else arrives on the stream: the reply ends anyway
     client.released.set()
-    assert final[1][-1]["content"].startswith("_(stopped)_") and not conv.replying
+    assert text_of(final[1][-1]).startswith("_(stopped)_") and not conv.replying
     assert client.cancelled == ["j-silent"]
     assert not final[-1]["interactive"] and final[5]["interactive"]  # Stop off, Regenerate on
 
@@ -322,7 +322,7 @@ def test_replies_are_shown_and_stored_without_a_leading_space(tmp_path):
     handlers = ChatHandlers(WebSettings(controller_url=url), SpacedClient(url))
     conv = Conversation()
     updates = chat(handlers, conv, "what is it", [picture(tmp_path)], model="m")
-    shown = [u[1][-1]["content"] for u in updates]
+    shown = [text_of(u[1][-1]) for u in updates]
     assert "A▌" in shown and "A red▌" in shown and shown[-1] == "A red square"
     assert conv.last_reply.text == "A red square"
 
