@@ -1,7 +1,8 @@
 """LLaVA's controller and worker wire format, so that existing LLaVA clients work unchanged.
 
 `/get_worker_address` answers with this controller's own URL, so clients stream `/worker_generate_stream` through
-it; that stream keeps LLaVA's format: NUL-terminated JSON chunks `{"text": prompt + text so far, "error_code"}`.
+it; that stream keeps LLaVA's format: NUL-terminated JSON chunks `{"text": prompt + text so far, "error_code"}`,
+and a bare NUL every few seconds while a job waits for its first text (LLaVA's clients skip empty pieces).
 Errors carry a real message and LLaVA's numeric code (`contract.errors.llava_wire_code`: 1 request or generation
 error, 2 no worker, 3 Redis/network), plus our stable `error.code`; the app's error handler renders errors raised
 before the stream starts (`llava_error_response`), `llava_chunks` those that end it.
@@ -9,11 +10,13 @@ before the stream starts (`llava_error_response`), `llava_chunks` those that end
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
 
+import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -131,20 +134,52 @@ class _DisconnectAwareStream(StreamingResponse):
         await super().__call__({**scope, "asgi": asgi}, receive, send)
 
 
-async def llava_chunks(prompt: str, events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+# LLaVA's clients read with a 10 s timeout and skip empty pieces: while a job waits for its first text, a bare
+# separator at most this often keeps them reading.
+KEEPALIVE_S = 5.0
+
+
+async def llava_chunks(
+    prompt: str, events: AsyncIterator[StreamEvent], keepalive_s: float = KEEPALIVE_S
+) -> AsyncIterator[bytes]:
+    """LLaVA's chunks for `events`; a bare NUL every `keepalive_s` until the first text (or the end)."""
     generated = ""
+    pending: asyncio.Future[StreamEvent] | None = None
+    loop = asyncio.get_running_loop()
+    last_sent = loop.time()  # events that send nothing (queue updates) do not count
     async with contextlib.aclosing(events):
-        async for event in events:
-            if isinstance(event, TokenEvent):
-                generated += event.text
-                yield chunk(prompt + generated)
-            elif isinstance(event, DoneEvent):
-                if event.text and event.text != generated:  # tokens lost in a Redis blip: send the whole text
-                    yield chunk(prompt + event.text)
-                return
-            elif isinstance(event, ErrorEvent):
-                yield error_chunk(event.code, event.message)
-                return
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(events))
+                if not generated:
+                    left = last_sent + keepalive_s - loop.time()
+                    done, _ = await asyncio.wait({pending}, timeout=max(0.0, left))
+                    if not done:
+                        yield b"\0"
+                        last_sent = loop.time()
+                        continue
+                try:
+                    event = await pending
+                except StopAsyncIteration:
+                    return
+                pending = None
+                if isinstance(event, TokenEvent):
+                    generated += event.text
+                    yield chunk(prompt + generated)
+                    last_sent = loop.time()
+                elif isinstance(event, DoneEvent):
+                    if event.text and event.text != generated:  # tokens lost in a Redis blip: send the whole text
+                        yield chunk(prompt + event.text)
+                    return
+                elif isinstance(event, ErrorEvent):
+                    yield error_chunk(event.code, event.message)
+                    return
+        finally:
+            if pending is not None and not pending.done():  # the client left: the read ends, and cleans up, first
+                pending.cancel()
+                with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await pending
 
 
 async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[LlavaGenerateBody, JobRequest | None]:

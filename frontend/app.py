@@ -32,14 +32,38 @@ This is a research preview for non-commercial use only. The model may produce wr
 Votes and flags you send are stored with the whole conversation, images included, to improve the service: please
 **Flag** replies that are harmful or wrong, and do not upload personal data."""
 
+MODEL_LIST_REFRESH_S = 10.0
+EMPTY_TEXTBOX_JS = "() => ({text: '', files: []})"
+PRIVATE_MULTIPLE = {"api_visibility": "private", "trigger_mode": "multiple"}
+
+# Layout only (Gradio's components and theme stay): the chat fills what the screen leaves, so the text box, Send,
+# Stop and the votes are on the first screen of a laptop (1366 x 768) and a phone (390 x 844), where the chat
+# column also comes before the settings.
 CSS = """
 #buttons button { min-width: min(120px, 100%); }
 #status { padding: 0 0.5em; }
+#chatbot .message:has(.no-vote) button[aria-label^="Like"],
+#chatbot .message:has(.no-vote) button[aria-label^="Dislike"] { display: none !important; }
+#chatbot { height: max(240px, calc(100vh - 330px)) !important; }
+#chatbot .placeholder-content, #chatbot .placeholder { padding-top: 2.2em; }  /* clear of the chat's label */
+@media (max-width: 768px) {
+  #chat-column { order: -1; }
+  #title p { display: none; }
+  #title h1 { font-size: 1.25rem; margin: 0; }
+  #chatbot { height: max(200px, calc(100vh - 420px)) !important; }
+  #input-row { flex-wrap: wrap; }
+  #input-row > .form { flex: 1 1 100% !important; min-width: 100% !important; }  /* the text box's wrapper */
+  #input-row #send, #input-row #stop { flex: 1 1 40% !important; min-width: 0 !important; }
+  #buttons button { min-width: 0; flex: 1 1 18%; padding-left: 2px; padding-right: 2px; }
+}
 """
 
 
-def build_demo(settings: WebSettings, client: ControllerClient | None = None) -> gr.Blocks:
-    """The page, wired to a controller client; call `.queue()` and `.launch()` on it (as `run_web` does)."""
+def build_demo(
+    settings: WebSettings, client: ControllerClient | None = None, *, model_list_refresh_s: float = MODEL_LIST_REFRESH_S
+) -> gr.Blocks:
+    """The page, wired to a controller client; call `.queue()` and `.launch()` on it (as `run_web` does). Each open
+    page asks for the model list every `model_list_refresh_s`, so it recovers from a late worker or controller."""
     client = client or ControllerClient(settings.controller_url, api_key=settings.api_key, user_agent=USER_AGENT)
     handlers = ChatHandlers(settings, client)
     votes = FeedbackHandlers(client)
@@ -49,10 +73,10 @@ def build_demo(settings: WebSettings, client: ControllerClient | None = None) ->
     with gr.Blocks(title="LLaVA", analytics_enabled=False) as demo:
         state = gr.State(Conversation())
         if not settings.embed:
-            gr.Markdown(TITLE)
+            gr.Markdown(TITLE, elem_id="title")
         status = gr.Markdown("", visible=False, elem_id="status")
-        with gr.Row():
-            with gr.Column(scale=3):
+        with gr.Row(elem_id="main-row"):
+            with gr.Column(scale=3, elem_id="settings-column"):
                 model = gr.Dropdown(
                     choices=initial,
                     value=initial[0] if initial else None,
@@ -72,7 +96,7 @@ def build_demo(settings: WebSettings, client: ControllerClient | None = None) ->
                     temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, label="Temperature")
                     top_p = gr.Slider(0.0, 1.0, value=0.7, step=0.1, label="Top P")
                     max_tokens = gr.Slider(16, 2048, value=512, step=16, label="Max output tokens")
-            with gr.Column(scale=8):
+            with gr.Column(scale=8, elem_id="chat-column"):
                 chatbot = gr.Chatbot(
                     label="LLaVA Chatbot",
                     elem_id="chatbot",
@@ -82,7 +106,7 @@ def build_demo(settings: WebSettings, client: ControllerClient | None = None) ->
                     feedback_options=("Like", "Dislike"),  # 👍 / 👎 on every reply: `vote_on_reply`
                     placeholder="Upload images and ask a question about them.",
                 )
-                with gr.Row():
+                with gr.Row(elem_id="input-row"):
                     textbox = gr.MultimodalTextbox(
                         placeholder="Enter text (attach images with the clip) and press ENTER",
                         show_label=False,
@@ -122,13 +146,29 @@ def build_demo(settings: WebSettings, client: ControllerClient | None = None) ->
             show_progress="hidden",
         )
         add = dict(fn=handlers.add_message, inputs=[state, textbox, mode], outputs=[state, chatbot, textbox, *buttons])
-        textbox.submit(**add, api_name="add_message").then(**stream, api_name="generate")
-        send.click(**add, api_visibility="private").then(**stream, api_visibility="private")
+        # "multiple": a second Send while the first is handled is taken too (Gradio drops it by default).
+        textbox.submit(**add, api_name="add_message", trigger_mode="multiple").then(**stream, api_name="generate")
+        send.click(**add, api_visibility="private", trigger_mode="multiple").then(**stream, api_visibility="private")
+        # Registered after `add`, which has read the textbox by then: the browser empties it at once, so text typed
+        # before the server answers is not wiped by a late reply (`add_message` puts a refused message back).
+        for sent in (textbox.submit, send.click):
+            sent(
+                None,
+                None,
+                [textbox],
+                js=EMPTY_TEXTBOX_JS,
+                queue=False,
+                api_visibility="private",
+                trigger_mode="multiple",
+            )
         regenerate.click(handlers.regenerate, [state], [state, chatbot, *buttons], api_name="regenerate").then(
             **stream, api_visibility="private"
         )
         stop.click(handlers.stop, None, None, queue=False, api_name="stop")
-        clear.click(handlers.clear, None, [state, chatbot, textbox, status, *buttons], queue=False, api_name="clear")
+        cleared = [state, chatbot, textbox, status, *buttons]
+        clear.click(handlers.clear, [state], cleared, queue=False, api_name="clear")
+        # The chat panel's own trash icon empties the panel in the browser; the conversation must go with it.
+        chatbot.clear(handlers.clear, [state], cleared, queue=False, api_visibility="private")
         for button, kind in (
             (upvote, FeedbackType.upvote),
             (downvote, FeedbackType.downvote),
@@ -142,7 +182,12 @@ def build_demo(settings: WebSettings, client: ControllerClient | None = None) ->
             )
         # The browser sends the message's index and text in gr.LikeData, which API clients cannot: UI only.
         chatbot.like(votes.on_like, [state], [status, chatbot, upvote, downvote], api_visibility="private")
-        demo.load(handlers.load, None, [state, model, status], queue=False)
+        demo.load(handlers.load, None, [state, model, status], queue=False).then(
+            handlers.image_modes, [model, mode], [mode], queue=False
+        )
+        model.change(handlers.image_modes, [model, mode], [mode], queue=False, api_visibility="private")
+        refresh = gr.Timer(model_list_refresh_s)
+        refresh.tick(handlers.refresh_models, [model, status], [model, status], queue=False, show_progress="hidden")
     return demo
 
 

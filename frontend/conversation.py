@@ -21,6 +21,12 @@ PAD_COLOUR = (122, 116, 104)
 CURSOR = "▌"
 # Shown under a failed or empty reply: the exchange is not sent to the model with the next message.
 LEFT_OUT = "_(left out of the conversation the model sees)_"
+# Marks a reply that cannot be voted on (still streaming, failed or empty): the page's CSS hides its thumbs.
+NO_VOTE = '<span class="no-vote"></span>'
+# Shown under a reply to a conversation without any image, so that nobody takes it for an answer about a picture.
+NO_IMAGE_HINT = (
+    "_(No image is attached: this reply comes from your text alone. Attach one with the clip to ask about it.)_"
+)
 
 
 class ImageMode(str, Enum):
@@ -114,6 +120,7 @@ class Turn:
     model: str | None = None  # assistant: the model asked and the params sent (seed included), so a vote on
     params: SamplingParams | None = None  # this reply can be replayed
     vote: FeedbackType | None = None  # assistant: the last up- or downvote recorded on it
+    hint: str = ""  # assistant: a note for the user shown last, never sent to the model
 
     @property
     def answered(self) -> bool:
@@ -130,6 +137,11 @@ class Conversation:
         if self.started_at is None:
             self.started_at = time.time()
         self.turns.append(Turn(role="user", text=text, images=list(images)))
+
+    def reset(self) -> None:
+        """Forget every turn, in place: a reply still streaming into this object then writes to a detached turn."""
+        self.turns.clear()
+        self.started_at = None
 
     def start_reply(self) -> Turn:
         """Append an empty assistant turn (dropping a previous unfinished one) and return it."""
@@ -222,6 +234,10 @@ class Conversation:
                     content = f"{content}\n\n{turn.status}"
             if turn.finished and not turn.answered:
                 content = f"{content}\n\n{LEFT_OUT}" if content else LEFT_OUT
+            if turn.hint:
+                content = f"{content}\n\n{turn.hint}" if content else turn.hint
+            if not (turn.finished and turn.answered):
+                content = NO_VOTE + content  # the page's CSS hides this reply's 👍 / 👎
             shown.append((index, {"role": "assistant", "content": content}))
         return shown
 

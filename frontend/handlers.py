@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from contract.client import ControllerClient
-from contract.errors import ErrorCode, LlavaError, QueueFull, StreamEnded, error_from_code
+from contract.errors import LlavaError, StreamEnded, error_from_code
 from contract.messages import (
     DoneEvent,
     ErrorEvent,
@@ -23,11 +24,23 @@ from contract.messages import (
     GenerateRequest,
     QueuedEvent,
     SamplingParams,
+    StreamEvent,
     TokenEvent,
 )
 from contract.replies import ModelInfo
-from frontend.conversation import CURSOR, ChatImage, Conversation, ImageMode
+from frontend.conversation import CURSOR, NO_IMAGE_HINT, ChatImage, Conversation, ImageMode, Turn
 from frontend.feedback import why_not_votable
+from frontend.reply_stream import ENDED, SILENT, STOPPED, ReplyStream
+from frontend.texts import (
+    NO_MODEL_CHOSEN,
+    NO_MODEL_YET,
+    NOT_AN_IMAGE,
+    PAGE_FAILED,
+    SERVICE_DOWN,
+    STILL_WORKING,
+    describe_error,
+    waiting_text,
+)
 from infra.settings import WebSettings
 
 log = logging.getLogger("llava.web")
@@ -36,35 +49,17 @@ log = logging.getLogger("llava.web")
 BUTTONS = ("upvote", "downvote", "flag", "regenerate", "clear", "stop")
 
 
-def describe_error(exc: LlavaError, model: str | None) -> str:
-    """What the user reads for a failure: the cause, and what to do about it."""
-    name = f"`{model}`" if model else "this model"
-    code, message = exc.code, exc.message
-    if code == ErrorCode.controller_unreachable:
-        return f"⚠️ The controller is unreachable: {message}. Check that `llava-serve controller` is running."
-    if code == ErrorCode.no_worker:
-        return f"⚠️ No worker is serving {name} right now ({message}). Start a worker for it or pick another model."
-    if code == ErrorCode.model_not_found:
-        return f"⚠️ The controller does not know model {name} ({message}). Reload the page to refresh the list."
-    if code == ErrorCode.queue_full:
-        retry_after = exc.retry_after if isinstance(exc, QueueFull) else None
-        wait = f"try again in {retry_after} s" if retry_after is not None else "try again shortly"
-        return f"⚠️ The queue for {name} is full: {wait}."
-    if code in (ErrorCode.invalid_image, ErrorCode.image_too_large):
-        return f"⚠️ Image rejected: {message}"
-    if code == ErrorCode.worker_lost:
-        return f"⚠️ The worker generating this reply was lost ({message}). Press **Regenerate** to try again."
-    if code == ErrorCode.context_length_exceeded:
-        return f"⚠️ The conversation is too long for {name}: {message}. Press **Clear** and start a shorter one."
-    if code in (ErrorCode.payload_too_large, ErrorCode.invalid_request):
-        return f"⚠️ The controller refused the request: {message}"
-    if code == ErrorCode.timeout:
-        return f"⚠️ The request timed out: {message}. Press **Regenerate** to try again."
-    if code == ErrorCode.redis_unavailable:
-        return f"⚠️ The controller cannot reach Redis: {message}."
-    if code == ErrorCode.device_error:
-        return f"⚠️ The worker's accelerator failed: {message}. Press **Regenerate** to try again."
-    return f"⚠️ Generation failed ({code}): {message}"
+def _choices(models: list[ModelInfo]) -> list[tuple[str, str]]:
+    return [(m.name, m.name) for m in models]
+
+
+# Models known to answer about a padded image's border rather than its content: the shapes demo model is trained on
+# whole drawings only, under any name that contains this.
+PADDING_MISREAD_BY = ("shapes-demo",)
+
+
+def _misreads_padding(model: str | None) -> bool:
+    return bool(model) and any(part in model for part in PADDING_MISREAD_BY)
 
 
 def _note_for_finish(reason: FinishReason) -> str:
@@ -75,19 +70,14 @@ def _note_for_finish(reason: FinishReason) -> str:
     return ""
 
 
-@dataclass
-class ActiveReply:
-    """A reply being streamed for one browser session: what Stop needs to reach it."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    job_id: str | None = None
-
-
 class ChatHandlers:
-    def __init__(self, settings: WebSettings, client: ControllerClient):
+    def __init__(self, settings: WebSettings, client: ControllerClient, *, still_working_after_s: float = 3.0):
         self.settings = settings
         self.client = client
-        self._active: dict[str, ActiveReply] = {}
+        # A reply that hears nothing for this long says it is still working, so the page never looks frozen.
+        self.still_working_after_s = still_working_after_s
+        self._active: dict[str, ReplyStream] = {}  # each browser session's reply being streamed, for Stop
+        self._writing: set[str] = set()  # the browser sessions with a `generate` call answering their messages
         self._lock = threading.Lock()
         self._models: list[ModelInfo] | None = None  # `once` mode: the list, once fetched successfully
 
@@ -95,34 +85,54 @@ class ChatHandlers:
 
     def fetch_models(self) -> tuple[list[ModelInfo], str | None]:
         """The model list, and a message for the page when it could not be fetched or is empty."""
-        if self.settings.model_list_mode == "once" and self._models is not None:
+        if self.settings.model_list_mode == "once" and self._models:
             return self._models, None
         try:
             models = self.client.list_models()
         except LlavaError as exc:
             log.warning("model list: %s", exc)
-            return [], describe_error(exc, None) + " Reload the page once it is up."
-        if self.settings.model_list_mode == "once":
-            self._models = models
+            return [], SERVICE_DOWN
         if not models:
-            return [], "⚠️ No model is being served yet. Start a worker (`llava-serve worker`), then reload the page."
+            log.info("model list: no live worker serves any model yet")
+            return [], NO_MODEL_YET
+        if self.settings.model_list_mode == "once":
+            self._models = models  # only a list with models: an empty one is asked again
         return models, None
 
     def load(self, request: gr.Request | None = None) -> tuple:
         """Page load: fresh state, the model dropdown (`?model=NAME` selects one), and a status line."""
         models, problem = self.fetch_models()
-        choices = [(f"{m.name} ({m.workers} worker{'s' * (m.workers != 1)})", m.name) for m in models]
         wanted = request.query_params.get("model") if request is not None else None
         names = [m.name for m in models]
         value = wanted if wanted in names else (names[0] if names else None)
         status = problem or ""
         if wanted and wanted not in names and not problem:
-            status = f"⚠️ Model `{wanted}` from the URL is not being served; showing `{value}` instead."
+            status = f"⚠️ The model `{wanted}` named in the address is not available; showing `{value}` instead."
         return (
             Conversation(),
-            gr.update(choices=choices, value=value),
+            gr.update(choices=_choices(models), value=value),
             gr.update(value=status, visible=bool(status)),
         )
+
+    def refresh_models(self, current: str | None, status: str | None) -> tuple:
+        """The page's periodic refresh: (model dropdown, status line). A model chosen stays chosen; the first one
+        served is chosen when none was. The status line shows a model list problem, and loses it once solved,
+        but other notes there (a vote's) are left alone."""
+        models, problem = self.fetch_models()
+        names = [m.name for m in models]
+        value = current if current else (names[0] if names else None)
+        ours = not status or status in (SERVICE_DOWN, NO_MODEL_YET)
+        if not ours or (status or "") == (problem or ""):
+            note = gr.update()
+        else:
+            note = gr.update(value=problem or "", visible=bool(problem))
+        return gr.update(choices=_choices(models), value=value), note
+
+    def image_modes(self, model: str | None, mode: str | None) -> dict:
+        """The pre-processing choices for `model`: all of them, except Pad for models that were not trained on padded
+        images (the shapes demo model answers about the grey border). A mode no longer offered becomes Default."""
+        modes = [m.value for m in ImageMode if m is not ImageMode.pad or not _misreads_padding(model)]
+        return gr.update(choices=modes, value=mode if mode in modes else ImageMode.default.value)
 
     # ---- chat -----------------------------------------------------------------------------------------------
 
@@ -143,16 +153,8 @@ class ChatHandlers:
         return gr.update(value=conversation.chatbot_messages(), feedback_value=conversation.feedback_values())
 
     def add_message(self, conversation: Conversation, message: dict | None, mode: str) -> tuple:
-        """Append the user's text and images; the textbox is cleared and the buttons wait for the reply.
-        Refused, with the message kept in the textbox, while a reply is still being written."""
-        if conversation.replying:
-            gr.Warning("A reply is still being written: wait for it or press ⏹️ Stop, then send your message.")
-            return (
-                conversation,
-                conversation.chatbot_messages(),
-                gr.update(),
-                *self.button_updates(conversation, generating=True),
-            )
+        """Append the user's text and images; the buttons wait for the reply. A message sent while a reply is written
+        is answered next. The page empties the textbox when Send is pressed; a refused message is put back."""
         message = message or {}
         text = (message.get("text") or "").strip()
         files = list(message.get("files") or [])
@@ -161,15 +163,28 @@ class ChatHandlers:
             path = path.get("path") if isinstance(path, dict) else path
             try:
                 images.append(ChatImage.from_file(path, mode or ImageMode.default, self.settings.image_max_side))
-            except OSError as exc:
-                gr.Warning(f"Could not read {path} as an image: {exc}")
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                # Never ask without the image the user attached: the model would answer about nothing.
+                log.info("unreadable upload %s: %s", path, exc)
+                gr.Warning(NOT_AN_IMAGE.format(name=Path(path).name))
+                return (
+                    conversation,
+                    conversation.chatbot_messages(),
+                    gr.update(value={"text": message.get("text") or "", "files": files}),
+                    *self.button_updates(conversation, generating=conversation.replying),
+                )
         if not text and not images:
-            return (conversation, conversation.chatbot_messages(), gr.update(), *self.button_updates(conversation))
+            return (
+                conversation,
+                conversation.chatbot_messages(),
+                gr.update(),
+                *self.button_updates(conversation, generating=conversation.replying),
+            )
         conversation.add_user(text, images)
         return (
             conversation,
             conversation.chatbot_messages(),
-            gr.update(value=None),
+            gr.update(),  # already emptied by the page; emptying it now could wipe what was typed since
             *self.button_updates(conversation, generating=True),
         )
 
@@ -177,8 +192,12 @@ class ChatHandlers:
         conversation.drop_last_reply()
         return (conversation, self.chatbot_update(conversation), *self.button_updates(conversation, generating=True))
 
-    def clear(self) -> tuple:
-        conversation = Conversation()
+    def clear(self, conversation: Conversation | None = None, request: gr.Request | None = None) -> tuple:
+        """Forget the conversation (in place, so a reply still streaming cannot bring it back) and stop its reply."""
+        self.stop(request)
+        if conversation is None:
+            conversation = Conversation()
+        conversation.reset()
         return (
             conversation,
             self.chatbot_update(conversation),
@@ -188,20 +207,39 @@ class ChatHandlers:
         )
 
     def generate(self, conversation, model, temperature, top_p, max_new_tokens, request: gr.Request | None = None):
-        """Stream a reply to the last user turn; yields (state, chatbot, *buttons) as the reply grows."""
-        if not conversation.turns or conversation.turns[-1].role != "user":
-            # Nothing to answer (e.g. the message was refused): leave the buttons as a running reply needs them.
-            generating = conversation.replying
-            yield (
-                conversation,
-                conversation.chatbot_messages(),
-                *self.button_updates(conversation, generating=generating),
-            )
+        """Stream a reply to the last user turn; yields (state, chatbot, *buttons) as the reply grows. One reply is
+        written at a time per browser session: a message sent meanwhile is answered by the running call, next."""
+        session = request.session_hash if request is not None and request.session_hash else f"anon-{id(conversation)}"
+        with self._lock:
+            running = session in self._writing
+            self._writing.add(session)
+        if running:  # the session's running call answers this message once its reply is done
+            yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=True))
             return
-        reply = conversation.start_reply()
-        if not model:
-            reply.status, reply.failed, reply.finished = "⚠️ No model is selected (none is being served).", True, True
+        answered = False
+        try:
+            while True:
+                with self._lock:  # checked under the lock: a message added now is seen here or by its own call
+                    if not conversation.turns or conversation.turns[-1].role != "user":
+                        self._writing.discard(session)
+                        break
+                answered = True
+                yield from self._reply(conversation, model, temperature, top_p, max_new_tokens, session)
+        finally:
+            with self._lock:
+                self._writing.discard(session)
+        if not answered:  # nothing to answer (the message was refused, or the chat cleared)
             yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
+
+    def _reply(self, conversation: Conversation, model, temperature, top_p, max_new_tokens, session: str):
+        """Write one reply to the user turns at the end of `conversation`."""
+        reply = conversation.start_reply()
+        if not conversation.image_count():
+            reply.hint = NO_IMAGE_HINT
+        if not model:
+            more = conversation.turns[-1] is not reply
+            reply.status, reply.failed, reply.finished = NO_MODEL_CHOSEN, True, True
+            yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=more))
             return
         reply.model = model
         reply.params = SamplingParams(
@@ -211,69 +249,89 @@ class ChatHandlers:
             seed=random.randrange(2**31),  # recorded, so a voted or flagged reply can be replayed
         )
         body = GenerateRequest(model=model, messages=conversation.request_messages(), **reply.params.model_dump())
-        session = request.session_hash if request is not None and request.session_hash else f"anon-{id(reply)}"
-        active = ActiveReply()
+        active = ReplyStream(self.client, body)
+        final = False  # a done or error event ended the reply: the job needs no cancel
         with self._lock:
             self._active[session] = active
         try:
             yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=True))
-            for event in self.client.generate(body):
-                if not reply.job_id:
-                    reply.job_id = active.job_id = event.job_id
-                if active.stop.is_set():
+            while True:
+                event = active.next(self.still_working_after_s)
+                if event == SILENT:
+                    if reply.status == STILL_WORKING:
+                        continue
+                    reply.status = STILL_WORKING
+                elif event == STOPPED:
                     reply.status = _note_for_finish(FinishReason.cancelled)
                     break
-                if isinstance(event, QueuedEvent):
-                    reply.status = f"Waiting in queue: position {event.position + 1}"
-                elif isinstance(event, TokenEvent):
-                    reply.text += event.text
-                    reply.status = CURSOR
-                elif isinstance(event, DoneEvent):
-                    reply.text = event.text or reply.text
-                    reply.status = _note_for_finish(event.finish_reason)
-                    break
-                elif isinstance(event, ErrorEvent):
-                    error = error_from_code(event.code, event.message)
+                elif event == ENDED:
+                    error = StreamEnded("the controller closed the stream before the reply ended")
                     reply.status, reply.failed = describe_error(error, model), True
+                    break
+                elif isinstance(event, Exception):
+                    raise event
+                elif not self._show_event(reply, event, model):
+                    final = True
                     break
                 yield (
                     conversation,
                     conversation.chatbot_messages(),
                     *self.button_updates(conversation, generating=True),
                 )
-            else:
-                if not active.stop.is_set():
-                    error = StreamEnded("the controller closed the stream before the reply ended")
-                    reply.status, reply.failed = describe_error(error, model), True
-                else:
-                    reply.status = _note_for_finish(FinishReason.cancelled)
         except LlavaError as exc:
+            log.warning("reply for %s failed: %s: %s", model, exc.code, exc.message)
             reply.status, reply.failed = describe_error(exc, model), True
-        except Exception as exc:  # the reply's one catch point: shown in the chat rather than left spinning
+        except Exception:  # the reply's one catch point: shown in the chat rather than left spinning
             log.exception("generate for %s", model)
-            reply.status, reply.failed = f"⚠️ The web UI failed to get this reply ({type(exc).__name__}: {exc}).", True
+            reply.status, reply.failed = PAGE_FAILED, True
         finally:
             reply.finished = True  # also when Gradio closes the stream, so the next message is not refused
             with self._lock:
                 if self._active.get(session) is active:
                     del self._active[session]
-        if active.stop.is_set() and reply.job_id:
-            self._cancel_quietly(reply.job_id)
-        yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
+            active.stop()
+            if not final:  # stopped, or the page went away: the worker stops too
+                self._cancel(reply.job_id)
+        more = (
+            bool(conversation.turns) and conversation.turns[-1].role == "user"
+        )  # a message sent meanwhile: answered next, Stop stays on
+        yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation, generating=more))
 
-    def _cancel_quietly(self, job_id: str) -> None:
+    def _show_event(self, reply: Turn, event: StreamEvent, model: str) -> bool:
+        """Apply `event` to `reply`; False when it ends the reply."""
+        if reply.job_id is None:
+            reply.job_id = event.job_id
+        if isinstance(event, QueuedEvent):
+            reply.status = waiting_text(event.position)
+        elif isinstance(event, TokenEvent):
+            # Tokenizers start a reply with a word's leading space; it is neither shown nor stored.
+            reply.text = (reply.text + event.text).lstrip()
+            reply.status = CURSOR
+        elif isinstance(event, DoneEvent):
+            reply.text = event.text.lstrip() or reply.text
+            reply.status = _note_for_finish(event.finish_reason)
+            return False
+        elif isinstance(event, ErrorEvent):
+            log.warning("job %s for %s failed: %s: %s", event.job_id, model, event.code, event.message)
+            error = error_from_code(event.code, event.message)
+            reply.status, reply.failed = describe_error(error, model), True
+            return False
+        return True
+
+    def _cancel(self, job_id: str | None) -> None:
+        """Cancel a job through the API; without a job id yet, the stream's close cancels it."""
+        if job_id is None:
+            return
         try:
             self.client.cancel(job_id)
         except LlavaError as exc:
             log.warning("cancel %s: %s", job_id, exc)
 
     def stop(self, request: gr.Request | None = None) -> None:
-        """Stop this session's reply: the worker is told at once, the stream closes at its next event."""
+        """Stop this session's reply: it ends on the page at once, whatever the stream does, and the reply's
+        handler cancels its job through the API (the job id comes with the stream's first event)."""
         session = request.session_hash if request is not None else None
         with self._lock:
             active = self._active.get(session) if session else None
-        if active is None:
-            return
-        active.stop.set()
-        if active.job_id:
-            self._cancel_quietly(active.job_id)
+        if active is not None:
+            active.stop()

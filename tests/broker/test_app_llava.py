@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from broker.app import create_app
+from broker.context import StreamTimings
 from contract import jobs, keys
 from contract.keys import rq_queue
 from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
@@ -220,3 +221,22 @@ def test_max_new_tokens_zero_still_checks_the_request(client: TestClient, worker
     assert redis_client.keys(keys.image("*")) == []
     response = client.post("/worker_generate_stream", json=llava_body(max_new_tokens=-1))
     assert response.status_code == 422 and "max_new_tokens" in json.loads(response.content.rstrip(b"\0"))["text"]
+
+
+def test_a_queued_job_keeps_llavas_clients_reading(redis_url: str, worker: ScriptedWorker) -> None:
+    """LLaVA's clients give up after 10 s without a byte; a job waiting longer than the keepalive interval gets bare
+    separators, which they skip, and then its text."""
+    patient = StreamTimings(stall_check_s=0.3, no_worker_timeout_s=60.0)  # the job waits, unclaimed, past 5 s
+    app = create_app(settings_for(redis_url), timings=patient, run_sweeper=False)
+    with TestClient(app) as client, client.stream("POST", "/worker_generate_stream", json=llava_body()) as response:
+        assert response.status_code == 200
+        pieces = response.iter_raw()
+        first = next(pieces)  # nothing claims the job: only a keepalive can arrive
+        assert first == b"\0"
+        running = worker.in_thread(lambda w: w.serve_one([" A", " square"]))
+        data = first + b"".join(pieces)
+    running.result()
+    assert data.startswith(b"\0") and data.endswith(b"\0")
+    chunks = [json.loads(piece) for piece in data.split(b"\0") if piece]
+    assert [c["text"] for c in chunks] == [PROMPT + " A", PROMPT + " A square"]
+    assert b"\0\0" not in data.split(b"{", 1)[1]  # no keepalive once the text has started

@@ -166,13 +166,13 @@ def idle_worker(redis_client: redis.Redis) -> str:
 
 
 @contextmanager
-def launched_ui(controller_url: str, **settings: object) -> Iterator[str]:
+def launched_ui(controller_url: str, model_list_refresh_s: float = 10.0, **settings: object) -> Iterator[str]:
     """The Gradio UI of `frontend.app`, launched in-process on a free port against a controller."""
     from frontend.app import build_demo, launch
     from infra.settings import WebSettings
 
     web_settings = WebSettings(controller_url=controller_url, port=free_port(), **settings)
-    demo = build_demo(web_settings)
+    demo = build_demo(web_settings, model_list_refresh_s=model_list_refresh_s)
     launch(demo, web_settings, block=False)
     try:
         yield f"http://127.0.0.1:{web_settings.port}"
@@ -184,3 +184,10 @@ def launched_ui(controller_url: str, **settings: object) -> Iterator[str]:
 def web_url(controller_url: str, scripted_worker: WorkerThread) -> Iterator[str]:
     with launched_ui(controller_url, concurrency_limit=4) as url:
         yield url
+
+
+def text_of(message: dict) -> str:
+    """A Chatbot message's text as the user reads it (without the marker that hides a reply's thumbs)."""
+    from frontend.conversation import NO_VOTE
+
+    return message["content"].removeprefix(NO_VOTE)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from contract.feedback_messages import FeedbackType
 from frontend.conversation import LEFT_OUT, PAD_COLOUR, ChatImage, Conversation, ImageMode, preprocess_image
+from tests.frontend.conftest import text_of
 
 
 def wide(w: int = 300, h: int = 100, colour=(200, 10, 10), mode: str = "RGB") -> Image.Image:
@@ -114,7 +115,7 @@ def test_failed_replies_are_not_sent_back_to_the_model():
     assert sent(conv.request_messages()) == [("user", ["hi"]), ("assistant", "hello"), ("user", ["again"])]
     assert conv.job_ids() == ["j1"]
     shown = conv.chatbot_messages()  # the failed exchange stays on screen with its error
-    assert shown[3]["content"] == "what is this?" and shown[4]["content"] == f"half a repl\n\n⚠️ no worker\n\n{LEFT_OUT}"
+    assert text_of(shown[3]) == "what is this?" and text_of(shown[4]) == f"half a repl\n\n⚠️ no worker\n\n{LEFT_OUT}"
 
 
 def test_a_reply_stopped_before_any_text_is_left_out_and_a_partial_one_kept():
@@ -125,7 +126,7 @@ def test_a_reply_stopped_before_any_text_is_left_out_and_a_partial_one_kept():
     answer(conv, "partial")  # stopped after some text
     conv.add_user("three", [])
     assert sent(conv.request_messages()) == [("user", ["two"]), ("assistant", "partial"), ("user", ["three"])]
-    assert conv.chatbot_messages()[1]["content"] == LEFT_OUT
+    assert text_of(conv.chatbot_messages()[1]) == LEFT_OUT
 
 
 def test_messages_sent_before_a_reply_are_asked_together():
