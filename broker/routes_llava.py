@@ -11,7 +11,6 @@ before the stream starts (`llava_error_response`), `llava_chunks` those that end
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 from collections.abc import AsyncIterator
@@ -48,6 +47,7 @@ from contract.messages import (
     DoneEvent,
     ErrorEvent,
     JobRequest,
+    QueuedEvent,
     StreamEvent,
     TokenEvent,
 )
@@ -142,44 +142,26 @@ KEEPALIVE_S = 5.0
 async def llava_chunks(
     prompt: str, events: AsyncIterator[StreamEvent], keepalive_s: float = KEEPALIVE_S
 ) -> AsyncIterator[bytes]:
-    """LLaVA's chunks for `events`; a bare NUL every `keepalive_s` until the first text (or the end)."""
+    """LLaVA's chunks for `events`; while the job waits for its first text, a bare NUL at most every
+    `keepalive_s` (the stream's `queued` updates, which LLaVA's format has no place for, pace it)."""
     generated = ""
-    pending: asyncio.Future[StreamEvent] | None = None
     loop = asyncio.get_running_loop()
-    last_sent = loop.time()  # events that send nothing (queue updates) do not count
-    async with contextlib.aclosing(events):
-        try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(events))
-                if not generated:
-                    left = last_sent + keepalive_s - loop.time()
-                    done, _ = await asyncio.wait({pending}, timeout=max(0.0, left))
-                    if not done:
-                        yield b"\0"
-                        last_sent = loop.time()
-                        continue
-                try:
-                    event = await pending
-                except StopAsyncIteration:
-                    return
-                pending = None
-                if isinstance(event, TokenEvent):
-                    generated += event.text
-                    yield chunk(prompt + generated)
-                    last_sent = loop.time()
-                elif isinstance(event, DoneEvent):
-                    if event.text and event.text != generated:  # tokens lost in a Redis blip: send the whole text
-                        yield chunk(prompt + event.text)
-                    return
-                elif isinstance(event, ErrorEvent):
-                    yield error_chunk(event.code, event.message)
-                    return
-        finally:
-            if pending is not None and not pending.done():  # the client left: the read ends, and cleans up, first
-                pending.cancel()
-                with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await pending
+    last_sent = loop.time()
+    async for event in events:
+        if isinstance(event, QueuedEvent):
+            if not generated and loop.time() - last_sent >= keepalive_s:
+                yield b"\0"
+                last_sent = loop.time()
+        elif isinstance(event, TokenEvent):
+            generated += event.text
+            yield chunk(prompt + generated)
+        elif isinstance(event, DoneEvent):
+            if event.text and event.text != generated:  # tokens lost in a Redis blip: send the whole text
+                yield chunk(prompt + event.text)
+            return
+        elif isinstance(event, ErrorEvent):
+            yield error_chunk(event.code, event.message)
+            return
 
 
 async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[LlavaGenerateBody, JobRequest | None]:

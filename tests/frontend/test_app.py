@@ -72,4 +72,5 @@ def test_chat_vote_and_flag_through_gradio_client(web_url, redis_url):
     upvote, flag = read_feedback(redis.Redis.from_url(redis_url))
     assert (upvote.type.value, flag.type.value, flag.reason) == ("upvote", "flag", "the colours are wrong")
     assert flag.messages[-1].content[0].text == final.split("\n\n")[0]
-    assert redis.Redis.from_url(redis_url).ttl(keys.image(flag.images[0])) == -1
+    # kept as long as the feedback stream keeps its entries (a year by default), not the upload's hour
+    assert redis.Redis.from_url(redis_url).ttl(keys.image(flag.images[0])) > 300 * 24 * 3600
