@@ -116,7 +116,12 @@ def stream_once(url: str, body: GenerateRequest) -> None:
 
 
 def served_system(
-    model_path: str, max_batch: int, workdir: Path, *worker_args: str, timeout: float = 180, threads: int | None = None
+    model_path: str,
+    max_batch: int,
+    workdir: Path,
+    *worker_args: str,
+    timeout_s: float = 180,
+    threads: int | None = None,
 ):
     """Embedded Redis, a controller and one worker, as `llava-serve up` would run them; `threads` sets the
     worker's OMP_NUM_THREADS (None: inherit)."""
@@ -132,7 +137,7 @@ def served_system(
             worker = start_worker(redis.url, workdir, f"worker-b{max_batch}", "--model-path", model_path,
                                   "--max-batch", str(max_batch), *worker_args)  # fmt: skip
         procs.append(worker)
-        wait_for_workers(url, Path(model_path).name, 1, procs, timeout_s=timeout)
+        wait_for_workers(url, Path(model_path).name, 1, procs, timeout_s=timeout_s)
     except BaseException:
         stop_system(redis, procs)
         raise

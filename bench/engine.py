@@ -67,7 +67,7 @@ def run_level(url: str, model: str, worker: str, max_batch: int, streams: int, r
 def run_worker(model_path: str, max_batch: int, args: argparse.Namespace, workdir: Path, label: str) -> list[Level]:
     """Start Redis + controller + one worker with `--max-batch max_batch`, run every level, stop them all."""
     worker_args = ["--device", args.device, "--dtype", args.dtype, *args.worker_arg]
-    redis, procs, url = served_system(model_path, max_batch, workdir, *worker_args, timeout=args.start_timeout,
+    redis, procs, url = served_system(model_path, max_batch, workdir, *worker_args, timeout_s=args.start_timeout,
                                       threads=args.worker_threads)  # fmt: skip
     model = Path(model_path).name
     levels = []

@@ -1,12 +1,12 @@
 """A thousand concurrent SSE streams through one controller process, every event checked.
 
-    python -m bench.load [--streams 1000] [--workers 4] [--max-batch 256] [--tokens 32] [--step-delay 0.05]
+    python -m bench.load [--streams 1000] [--workers 4] [--max-batch 256] [--tokens 32] [--step-delay-s 0.05]
                          [--stream-timeout 120] [--out bench/results/load.json]
 
 Real processes: an embedded redis-server, one `llava-serve controller` (`--max-queue` raised to `--streams`, so
 that admission control does not turn the burst away) and `--workers` workers started with `--engine scripted`.
 The scripted engine (workers/scripted.py) is a deterministic fake engine for load and fault tests of the broker,
-NOT a model: it replies with the words of the prompt, cycled, one word per decode step every `--step-delay`
+NOT a model: it replies with the words of the prompt, cycled, one word per decode step every `--step-delay-s`
 seconds, and `[[tokens=N]]` in the prompt makes the reply exactly N tokens. One asyncio httpx client opens all
 `--streams` `POST /api/v1/generate` streams at once. A stream passes when it ends with `done` whose text is the
 concatenation of its `token` events, is the scripted reply of its own prompt, and counts `--tokens` completion
@@ -132,12 +132,12 @@ def raise_open_files_limit(streams: int) -> int:
 
 
 def start_scripted_system(
-    redis_url: str, log_dir: Path, *, workers: int, max_batch: int, max_queue: int, step_delay: float | None = None
+    redis_url: str, log_dir: Path, *, workers: int, max_batch: int, max_queue: int, step_delay_s: float | None = None
 ) -> tuple[list[Proc], str]:
     """One controller and `workers` workers on the scripted engine (a fake engine, not a model) serving MODEL;
     returns the processes (controller first) and the controller's URL once every worker is live."""
     procs, urls = start_scripted_replicas(redis_url, log_dir, controllers=1, workers=workers, max_batch=max_batch,
-                                          max_queue=max_queue, step_delay=step_delay)  # fmt: skip
+                                          max_queue=max_queue, step_delay_s=step_delay_s)  # fmt: skip
     return procs, urls[0]
 
 
@@ -149,13 +149,13 @@ def start_scripted_replicas(
     workers: int,
     max_batch: int,
     max_queue: int,
-    step_delay: float | None = None,
+    step_delay_s: float | None = None,
 ) -> tuple[list[Proc], list[str]]:
     """`controllers` controller replicas and `workers` scripted workers on one Redis; returns the processes
     (controllers first, in the order of their URLs) and the controllers' URLs once every worker is live."""
     flags = ["worker", "--engine", "scripted", "--model-path", MODEL, "--max-batch", str(max_batch)]
-    if step_delay is not None:
-        flags += ["--scripted-step-delay-s", str(step_delay)]
+    if step_delay_s is not None:
+        flags += ["--scripted-step-delay-s", str(step_delay_s)]
     argv = cli(*flags)
     # workers first: they need only Redis, and start while the controllers do
     procs = [Proc(f"scripted-worker-{k}", argv, env_for(redis_url), log_dir) for k in range(workers)]
@@ -226,9 +226,9 @@ class ResourceSampler:
 # ---- the benchmark ----------------------------------------------------------------------------------------------
 
 
-def ideal_wall_s(streams: int, workers: int, max_batch: int, tokens: int, step_delay: float) -> float:
+def ideal_wall_s(streams: int, workers: int, max_batch: int, tokens: int, step_delay_s: float) -> float:
     """The scripted engine's own time: waves of `workers x max_batch` streams, each `tokens` steps long."""
-    return math.ceil(streams / (workers * max_batch)) * tokens * step_delay
+    return math.ceil(streams / (workers * max_batch)) * tokens * step_delay_s
 
 
 def summarise(run: LoadRun, sampler: ResourceSampler, ideal: float) -> dict:
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="scripted workers (a fake engine, not a model)")
     parser.add_argument("--max-batch", type=int, default=256, help="each worker's --max-batch")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per reply (max_new_tokens and the marker)")
-    parser.add_argument("--step-delay", type=float, default=SCRIPTED_STEP_DELAY_S,
+    parser.add_argument("--step-delay-s", type=float, default=SCRIPTED_STEP_DELAY_S,
                         help="seconds per scripted decode step (default: the worker CLI's)")  # fmt: skip
     parser.add_argument("--stream-timeout", type=float, default=120.0, help="a stream not ended by then hangs")
     parser.add_argument("--out", type=Path, default=Path("bench/results/load.json"))
@@ -284,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[Proc] = []
     try:
         procs, url = start_scripted_system(redis_server.url, workdir, workers=args.workers, max_batch=args.max_batch,
-                                           max_queue=args.streams, step_delay=args.step_delay)  # fmt: skip
+                                           max_queue=args.streams, step_delay_s=args.step_delay_s)  # fmt: skip
         print(f"{args.streams} streams, {args.workers} workers x max batch {args.max_batch}, {args.tokens} tokens, "
-              f"step delay {args.step_delay} s, engine {ENGINE_NOTE}; logs in {workdir}", flush=True)  # fmt: skip
+              f"step delay {args.step_delay_s} s, engine {ENGINE_NOTE}; logs in {workdir}", flush=True)  # fmt: skip
         warm = open_streams(url, 1, args.tokens, args.stream_timeout, first=-1)
         if warm.failures:
             raise RuntimeError(f"warm-up stream failed: {warm.failures[0].problem}")
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         redis.close()
         redis_server.stop()
 
-    ideal = ideal_wall_s(args.streams, args.workers, args.max_batch, args.tokens, args.step_delay)
+    ideal = ideal_wall_s(args.streams, args.workers, args.max_batch, args.tokens, args.step_delay_s)
     row = summarise(run, sampler, ideal)
     print(f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs); "
           f"open-files limit {open_files}\n")  # fmt: skip
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"left in Redis: {'; '.join(left) if left else 'nothing'}")
     report = {
         "engine": ENGINE_NOTE, "streams": args.streams, "workers": args.workers, "max_batch": args.max_batch,
-        "tokens": args.tokens, "step_delay_s": args.step_delay, "controller_max_queue": args.streams,
+        "tokens": args.tokens, "step_delay_s": args.step_delay_s, "controller_max_queue": args.streams,
         "stream_timeout_s": args.stream_timeout, "cpus": os.cpu_count(), "open_files_limit": open_files,
         "load_average_before": list(load_before), "load_average_after": list(load_after), "result": row,
         "left_in_redis": left, "problems": problem_counts(run),

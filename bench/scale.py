@@ -1,6 +1,6 @@
 """Controller replicas: does each one's relay cost per event stay flat, and the aggregate grow, as replicas are added?
 
-    python -m bench.scale [--replicas 1 2 4] [--streams-per-controller 10] [--tokens 200] [--step-delay 0.05]
+    python -m bench.scale [--replicas 1 2 4] [--streams-per-controller 10] [--tokens 200] [--step-delay-s 0.05]
                           [--workers 1 | --workers-per-controller N] [--stream-timeout 120]
                           [--out bench/results/scale.json]
 
@@ -12,7 +12,7 @@ controller's CPU per event depends on how many workers it hears from (each worke
 one controller with 4 workers spent 0.39 ms per event where it spent 0.25 ms with 1), so workers that grew with R
 (`--workers-per-controller`) would measure that as well as the replicas. A round-robin client
 opens R x `--streams-per-controller` streams at once (stream k to controller k mod R), so each controller relays the
-same fixed event rate, `--streams-per-controller / --step-delay` token events/s, whatever R. Every stream is
+same fixed event rate, `--streams-per-controller / --step-delay-s` token events/s, whatever R. Every stream is
 checked event by event as in bench.load. Measured per R: each controller's CPU seconds (psutil, user + system)
 over the token events it relayed, and the aggregate token events/s. The controllers subscribe only to their own
 jobs' channels, so the CPU per event should stay flat (within 20% of R=1) and the aggregate grow with R; with a
@@ -60,7 +60,7 @@ def measure(replicas: int, args: argparse.Namespace, workdir: Path) -> dict:
     try:
         procs, urls = start_scripted_replicas(
             redis_server.url, log_dir, controllers=replicas, workers=workers, max_batch=max_batch,
-            max_queue=streams, step_delay=args.step_delay,
+            max_queue=streams, step_delay_s=args.step_delay_s,
         )  # fmt: skip
         warm = open_streams(urls, replicas, 4, args.stream_timeout, first=-replicas)  # one per controller
         if warm.failures:
@@ -138,15 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers-per-controller", type=int, default=None,
                         help="instead of --workers: this many scripted workers per controller")  # fmt: skip
     parser.add_argument("--tokens", type=int, default=200, help="tokens per reply")
-    parser.add_argument("--step-delay", type=float, default=0.05, help="seconds per scripted decode step")
+    parser.add_argument("--step-delay-s", type=float, default=0.05, help="seconds per scripted decode step")
     parser.add_argument("--stream-timeout", type=float, default=120.0, help="a stream not ended by then hangs")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scale.json"))
     args = parser.parse_args(argv)
 
     raise_open_files_limit(max(args.replicas) * args.streams_per_controller)  # before starting anything
     workdir = Path(tempfile.mkdtemp(prefix="llava-bench-scale-"))
-    rate = args.streams_per_controller / args.step_delay
-    print(f"{args.streams_per_controller} streams per controller x {args.tokens} tokens at {args.step_delay} s "
+    rate = args.streams_per_controller / args.step_delay_s
+    print(f"{args.streams_per_controller} streams per controller x {args.tokens} tokens at {args.step_delay_s} s "
           f"a step (~{rate:.0f} token events/s per controller), engine {ENGINE_NOTE}; logs in {workdir}",
           flush=True)  # fmt: skip
     load_before = os.getloadavg()
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "engine": ENGINE_NOTE, "streams_per_controller": args.streams_per_controller,
         "workers_per_controller": args.workers_per_controller, "workers": args.workers, "tokens": args.tokens,
-        "step_delay_s": args.step_delay, "events_per_s_per_controller_offered": rate, "cpus": os.cpu_count(),
+        "step_delay_s": args.step_delay_s, "events_per_s_per_controller_offered": rate, "cpus": os.cpu_count(),
         "load_average_before": list(load_before), "load_average_after": list(load_after),
         "rows": rows, "checks": checks,
     }  # fmt: skip

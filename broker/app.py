@@ -120,7 +120,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = async_connect(settings.redis_url)
         redis_sync = connect(settings.redis_url)
-        relay = ChunkRelay(lambda: async_connect(settings.redis_url), backoff_max=stream_timings.relay_backoff_max_s)
+        relay = ChunkRelay(lambda: async_connect(settings.redis_url), backoff_max_s=stream_timings.relay_backoff_max_s)
         relay.start()
         stats = StatsWriter(redis)
         app.state.ctx = ControllerContext(

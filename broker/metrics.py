@@ -205,10 +205,10 @@ class StatsWriter:
         except Exception as exc:  # noqa: BLE001 - counters are best effort; Redis may be down
             log.debug("stats write failed: %s", exc)
 
-    async def drain(self, timeout: float = 2.0) -> None:
+    async def drain(self, timeout_s: float = 2.0) -> None:
         """Wait (briefly) for pending writes, at shutdown."""
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
 
 
 router = APIRouter()

@@ -65,10 +65,10 @@ class Subscription:
             return False
         return True
 
-    async def get(self, timeout: float) -> bytes | None:
-        """The next raw event, or None after `timeout` seconds of silence."""
+    async def get(self, timeout_s: float) -> bytes | None:
+        """The next raw event, or None after `timeout_s` seconds of silence."""
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            return await asyncio.wait_for(self.queue.get(), timeout_s)
         except asyncio.TimeoutError:
             return None
 
@@ -95,15 +95,15 @@ class ChunkRelay:
         self,
         connect: Callable[[], Any],
         *,
-        poll_timeout: float = 1.0,
-        backoff_initial: float = 0.1,
-        backoff_max: float = 5.0,
+        poll_timeout_s: float = 1.0,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 5.0,
     ) -> None:
         self._connect = connect
         self._subscriptions: dict[str, Subscription] = {}  # channel -> subscription
-        self._poll_timeout = poll_timeout
-        self._backoff_initial = backoff_initial
-        self._backoff_max = backoff_max
+        self._poll_timeout_s = poll_timeout_s
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._anchor = f"{keys.PREFIX}relay:{uuid.uuid4().hex}"
@@ -138,12 +138,12 @@ class ChunkRelay:
             self._task = None
         self._connected.clear()
 
-    async def wait_connected(self, timeout: float) -> bool:
-        """Whether the relay's connection is up (waiting up to `timeout` s)."""
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Whether the relay's connection is up (waiting up to `timeout_s` s)."""
         if self._connected.is_set():
             return True
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
         except asyncio.TimeoutError:
             return False
         return True
@@ -215,7 +215,7 @@ class ChunkRelay:
     async def _await_anchor(self, pubsub: Any) -> None:
         """Read until Redis confirms the anchor channel (routing any job message that comes first)."""
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=self._poll_timeout)
+            message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=self._poll_timeout_s)
             if message is not None and self._handle(message):
                 return
 
@@ -241,7 +241,7 @@ class ChunkRelay:
         self._changed.set()
 
     async def _run(self) -> None:
-        backoff = self._backoff_initial
+        backoff = self._backoff_initial_s
         first = True
         while True:
             client = None
@@ -258,13 +258,13 @@ class ChunkRelay:
                 first = False
                 self._changed.set()
                 self._connected.set()
-                backoff = self._backoff_initial
+                backoff = self._backoff_initial_s
                 sender = asyncio.get_running_loop().create_task(self._send_changes(pubsub))
                 while True:
                     if sender.done():
                         sender.result()  # a failed send: reconnect
                         raise ConnectionError("the relay's subscription task ended")
-                    message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=self._poll_timeout)
+                    message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=self._poll_timeout_s)
                     # redis-py may reconnect inside a read and resubscribe the anchor alone: a second
                     # confirmation of it means every job channel must be subscribed again.
                     if message is not None and self._handle(message):
@@ -277,7 +277,7 @@ class ChunkRelay:
                 self._connected.clear()
                 first = False
                 await asyncio.sleep(backoff)
-                backoff = min(self._backoff_max, backoff * 2)
+                backoff = min(self._backoff_max_s, backoff * 2)
             finally:
                 self._connected.clear()
                 if sender is not None:

@@ -168,15 +168,15 @@ def take_inbox(redis: Redis, worker_id: str) -> list[JobRequest]:
     return claimed_requests(redis, worker_id, raw_ids)
 
 
-def claim_blocking(redis: Redis, worker_id: str, model: str, n: int, timeout: float) -> list[JobRequest]:
-    """Wait up to `timeout` seconds for a job (BLMOVE into the worker's inbox), then take up to `n` jobs in all.
+def claim_blocking(redis: Redis, worker_id: str, model: str, n: int, timeout_s: float) -> list[JobRequest]:
+    """Wait up to `timeout_s` seconds for a job (BLMOVE into the worker's inbox), then take up to `n` jobs in all.
 
     Ids left in the inbox by an earlier call whose reply was lost are taken first."""
     if n <= 0:
         return []
     taken = take_inbox(redis, worker_id)
     if not taken:
-        moved = redis.blmove(keys.rq_queue(model), keys.worker_inbox(worker_id), timeout, "LEFT", "RIGHT")
+        moved = redis.blmove(keys.rq_queue(model), keys.worker_inbox(worker_id), timeout_s, "LEFT", "RIGHT")
         if moved is None:
             return []
         taken = take_inbox(redis, worker_id)

@@ -103,12 +103,12 @@ def prune_registries(redis: Redis) -> int:
 
 def run_sweeper(
     redis_url: str | None,
-    interval: float,
+    interval_s: float,
     stop_event: threading.Event,
     *,
     on_sweep: Callable[[SweepReport], None] | None = None,
 ) -> None:
-    """Sweep every `interval` seconds until `stop_event` is set; survives Redis outages. Run it in a thread.
+    """Sweep every `interval_s` seconds until `stop_event` is set; survives Redis outages. Run it in a thread.
     `on_sweep` gets the report of every sweep that reached Redis."""
     from infra.redis import connect
 
@@ -117,7 +117,7 @@ def run_sweeper(
     reachable_since: float | None = None  # when Redis answered again after this sweeper last saw it down
     pruned_at = -REGISTRY_PRUNE_INTERVAL_S  # monotonic time of the last registry pruning
     try:
-        while not stop_event.wait(interval):
+        while not stop_event.wait(interval_s):
             try:
                 if down:
                     client.ping()
@@ -136,7 +136,7 @@ def run_sweeper(
                 down = False
             except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
                 if not down:
-                    log.warning("sweeper: Redis unreachable (%s); retrying every %.1f s", exc, interval)
+                    log.warning("sweeper: Redis unreachable (%s); retrying every %.1f s", exc, interval_s)
                 down = True
             except Exception:  # one bad record must not stop the sweeping of every later dead worker
                 log.exception("sweeper: sweep failed")

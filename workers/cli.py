@@ -88,7 +88,7 @@ def build_engine(
         from workers.scripted import ScriptedEngine
 
         engine = ScriptedEngine(
-            max_batch=settings.max_batch, token_budget=settings.token_budget, step_delay=scripted_step_delay_s
+            max_batch=settings.max_batch, token_budget=settings.token_budget, step_delay_s=scripted_step_delay_s
         )
         return engine, "scripted"
     if engine_kind != "transformers":

@@ -34,12 +34,12 @@ class Heartbeat(threading.Thread):
         client: Redis,
         info: Callable[[], WorkerInfo],
         *,
-        interval: float = keys.HEARTBEAT_INTERVAL_S,
+        interval_s: float = keys.HEARTBEAT_INTERVAL_S,
     ) -> None:
         super().__init__(name="llava-heartbeat", daemon=True)
         self.client = private_client(client)
         self.info = info
-        self.interval = interval
+        self.interval_s = interval_s
         self.lost = threading.Event()
         self.beats = 0
         self._stop_event = threading.Event()
@@ -51,7 +51,7 @@ class Heartbeat(threading.Thread):
             expired = liveness.heartbeat(self.client, self.info())
         except (redis_lib.ConnectionError, redis_lib.TimeoutError) as exc:
             if not self._down:
-                log.warning("heartbeat: Redis unreachable (%s); retrying every %.1f s", exc, self.interval)
+                log.warning("heartbeat: Redis unreachable (%s); retrying every %.1f s", exc, self.interval_s)
             self._down = True
             return False
         if self._down:
@@ -64,7 +64,7 @@ class Heartbeat(threading.Thread):
         return True
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.interval):
+        while not self._stop_event.wait(self.interval_s):
             try:
                 self.beat()
             except Exception:  # never let the liveness thread die silently

@@ -154,10 +154,10 @@ class ActiveJob:
 class Backoff:
     """Exponential back-off after Redis errors, logged once per outage."""
 
-    def __init__(self, base: float = 0.1, cap: float = 2.0) -> None:
-        self.base = base
-        self.cap = cap
-        self.delay = 0.0
+    def __init__(self, base_s: float = 0.1, cap_s: float = 2.0) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.delay_s = 0.0
         self.until = 0.0
         self.down = False
         self.last_failure = time.monotonic()  # until `reachable_for` says more, Redis was reached just now
@@ -179,14 +179,14 @@ class Backoff:
             log.warning("Redis unreachable during %s (%s); backing off and retrying", what, exc)
         self.down = True
         self.last_failure = time.monotonic()
-        self.delay = min(self.cap, max(self.base, self.delay * 2))
-        self.until = time.monotonic() + self.delay
+        self.delay_s = min(self.cap_s, max(self.base_s, self.delay_s * 2))
+        self.until = time.monotonic() + self.delay_s
 
     def ok(self) -> None:
         if self.down:
             log.info("Redis reachable again")
         self.down = False
-        self.delay = 0.0
+        self.delay_s = 0.0
         self.until = 0.0
 
     def wait_if_down(self) -> bool:

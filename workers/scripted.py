@@ -93,7 +93,7 @@ class ScriptedEngine:
         *,
         max_batch: int = 4,
         reply_tokens: int = 16,
-        step_delay: float = 0.0,
+        step_delay_s: float = 0.0,
         token_budget: int | None = None,
         context_length: int = 4096,
         image_tokens: int = 16,
@@ -103,7 +103,7 @@ class ScriptedEngine:
             raise ValueError(f"max_batch must be >= 1, not {max_batch}")
         self.max_batch = max_batch
         self.reply_tokens = reply_tokens
-        self.step_delay = step_delay
+        self.step_delay_s = step_delay_s
         self.context_length = context_length
         self.token_budget = token_budget if token_budget is not None else max_batch * context_length
         self.image_tokens = image_tokens
@@ -164,11 +164,11 @@ class ScriptedEngine:
     # ---- stepping ---------------------------------------------------------------------------------------------
 
     def step(self) -> list[JobUpdate]:
-        """One scripted decode step: one token for every active job (after `step_delay` seconds)."""
+        """One scripted decode step: one token for every active job (after `step_delay_s` seconds)."""
         if not self._rows:
             return []
-        if self.step_delay:
-            time.sleep(self.step_delay)
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         self.steps += 1
         updates: list[JobUpdate] = []
         keep: list[_Row] = []

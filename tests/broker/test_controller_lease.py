@@ -53,7 +53,7 @@ def test_the_jobs_of_a_killed_controller_are_cancelled_and_its_queued_jobs_never
     doomed, doomed_url = start_controller(redis_url, tmp_path)
     survivor, survivor_url = start_controller(redis_url, tmp_path)
     try:
-        with RunningWorker(make_worker(redis_client, max_batch=3, step_delay=0.05)):
+        with RunningWorker(make_worker(redis_client, max_batch=3, step_delay_s=0.05)):
             other = StreamThread(survivor_url, "keep [[tokens=200]]")
             wait_for(lambda: other.tokens() >= 1, what="the other controller's job streaming")
             running = [StreamThread(doomed_url, "talk [[tokens=100000]]") for _ in range(2)]

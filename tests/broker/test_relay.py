@@ -115,7 +115,7 @@ async def test_relay_reconnects_after_redis_restarts(tmp_path: Path) -> None:
     server = EmbeddedRedis(tmp_path / "redis", persist=False).start()
     relay = None
     try:
-        relay = await started_relay(server.url, poll_timeout=0.2, backoff_max=0.3)
+        relay = await started_relay(server.url, poll_timeout_s=0.2, backoff_max_s=0.3)
         sub = relay.register("j")
         assert await sub.wait_subscribed(5)
         assert not sub.missed_messages()
@@ -171,7 +171,7 @@ async def test_two_relays_each_receive_only_their_own_jobs(redis_url: str, redis
 
 
 async def test_a_dropped_connection_resubscribes_every_stream(redis_url: str, redis_client) -> None:
-    relay = await started_relay(redis_url, poll_timeout=0.2, backoff_max=0.3)
+    relay = await started_relay(redis_url, poll_timeout_s=0.2, backoff_max_s=0.3)
     publisher = async_connect(redis_url)
     try:
         subs = [relay.register(f"live{i}") for i in range(3)]

@@ -67,10 +67,10 @@ def test_claim_skips_a_job_deleted_while_queued(redis_client):
 
 
 def test_claim_blocking_waits_then_tops_up(redis_client):
-    assert jobs.claim_blocking(redis_client, "w1", MODEL, 2, timeout=0.1) == []
+    assert jobs.claim_blocking(redis_client, "w1", MODEL, 2, timeout_s=0.1) == []
     for job_id in "abc":
         _enqueue(redis_client, job_id)
-    assert [r.job_id for r in jobs.claim_blocking(redis_client, "w1", MODEL, 2, timeout=1)] == ["a", "b"]
+    assert [r.job_id for r in jobs.claim_blocking(redis_client, "w1", MODEL, 2, timeout_s=1)] == ["a", "b"]
     assert _table(redis_client) == {"a": "claimed", "b": "claimed"}
     assert redis_client.llen(keys.worker_inbox("w1")) == 0
     assert _queue(redis_client) == ["c"]
@@ -79,7 +79,7 @@ def test_claim_blocking_waits_then_tops_up(redis_client):
 def test_take_inbox_recovers_an_id_left_by_a_lost_reply(redis_client):
     _enqueue(redis_client, "a")
     redis_client.lmove(jobs.queue_for(redis_client, MODEL).key, keys.worker_inbox("w1"), "LEFT", "RIGHT")
-    assert [r.job_id for r in jobs.claim_blocking(redis_client, "w1", MODEL, 1, timeout=0.1)] == ["a"]
+    assert [r.job_id for r in jobs.claim_blocking(redis_client, "w1", MODEL, 1, timeout_s=0.1)] == ["a"]
     assert not redis_client.exists(keys.worker_inbox("w1"))
     assert _table(redis_client) == {"a": "claimed"}
 

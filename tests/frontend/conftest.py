@@ -121,7 +121,7 @@ class WorkerThread:
 def start_worker(redis_url: str, **engine_kwargs) -> WorkerThread:
     from infra.redis import connect
 
-    engine_kwargs.setdefault("step_delay", 0.01)
+    engine_kwargs.setdefault("step_delay_s", 0.01)
     settings = WorkerSettings(model_path=MODEL, worker_id=f"ui-test-{time.monotonic_ns()}", drain_timeout_s=2.0)
     worker = Worker(settings, ScriptedEngine(**engine_kwargs), connect(redis_url), model_name=MODEL)
     running = WorkerThread(worker)

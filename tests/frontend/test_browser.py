@@ -39,7 +39,7 @@ pytestmark = [
 @pytest.fixture
 def slow_web_url(controller_url, redis_url):
     """The UI over a scripted worker (a stand-in, not a model) slow enough for the page to show the stream."""
-    worker = start_worker(redis_url, step_delay=0.15, reply_tokens=24)
+    worker = start_worker(redis_url, step_delay_s=0.15, reply_tokens=24)
     try:
         with launched_ui(controller_url) as url:
             yield f"{url}/?model={MODEL}"

@@ -226,7 +226,7 @@ def test_a_master_killed_under_load_ends_every_stream_and_the_promoted_replica_s
     cluster: SentinelCluster, tmp_path: Path
 ) -> None:
     procs, url = start_scripted_system(cluster.url, tmp_path, workers=1, max_batch=16, max_queue=64,
-                                       step_delay=STEP_DELAY_S)  # fmt: skip
+                                       step_delay_s=STEP_DELAY_S)  # fmt: skip
     try:
         results = asyncio.run(_streams_through_a_master_kill(url, cluster))
 

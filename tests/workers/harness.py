@@ -21,7 +21,7 @@ MODEL = "scripted-model"
 def make_worker(
     client: redis.Redis, *, worker_id: str = "w1", drain_timeout_s: float = 5.0, **engine_kwargs: Any
 ) -> Worker:
-    engine_kwargs.setdefault("step_delay", 0.005)
+    engine_kwargs.setdefault("step_delay_s", 0.005)
     settings = WorkerSettings(model_path=MODEL, worker_id=worker_id, drain_timeout_s=drain_timeout_s)
     return Worker(settings, ScriptedEngine(**engine_kwargs), client, model_name=MODEL)
 

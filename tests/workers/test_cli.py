@@ -83,7 +83,7 @@ def test_scripted_step_delay_reaches_the_scripted_engine(monkeypatch):
 
     def run_worker(settings, *, engine_kind, scripted_step_delay_s):
         engine, _ = build_engine(settings, engine_kind, scripted_step_delay_s=scripted_step_delay_s)
-        seen["delay"] = engine.step_delay
+        seen["delay"] = engine.step_delay_s
         return 0
 
     monkeypatch.setattr(workers.cli, "run_worker", run_worker)

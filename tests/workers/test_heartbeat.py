@@ -22,7 +22,7 @@ def _info() -> WorkerInfo:
 
 def test_heartbeat_refreshes_the_worker_key_registry_and_table(redis_client):
     redis_client.hset(keys.worker_jobs("hb"), "job", "started")
-    beat = Heartbeat(redis_client, _info, interval=0.05)
+    beat = Heartbeat(redis_client, _info, interval_s=0.05)
     beat.start()
     try:
         wait_for(lambda: redis_client.exists(keys.worker("hb")), what="the first beat")

@@ -88,7 +88,7 @@ class _CountingEngine(ScriptedEngine):
 
 def test_never_claims_more_than_free_slots(redis_client):
     worker = make_worker(redis_client)
-    engine = _CountingEngine(redis_client, max_batch=2, reply_tokens=6, step_delay=0.005)
+    engine = _CountingEngine(redis_client, max_batch=2, reply_tokens=6, step_delay_s=0.005)
     worker.engine = engine
     streams = [submit(redis_client, f"j{i}") for i in range(6)]
     with RunningWorker(worker):
@@ -100,7 +100,7 @@ def test_never_claims_more_than_free_slots(redis_client):
 
 def test_a_job_that_does_not_fit_goes_back_and_runs_later(redis_client):
     worker = make_worker(redis_client)
-    worker.engine = ScriptedEngine(max_batch=4, token_budget=40, reply_tokens=30, step_delay=0.005)
+    worker.engine = ScriptedEngine(max_batch=4, token_budget=40, reply_tokens=30, step_delay_s=0.005)
     first = submit(redis_client, "big", max_new_tokens=30)  # 4 + 30 tokens of the 40
     with RunningWorker(worker):
         first.wait_tokens(1)
@@ -193,7 +193,7 @@ class _QuietEngine(ScriptedEngine):
 
 def test_drain_timeout_requeues_unstarted_and_fails_streaming_jobs(redis_client):
     worker = make_worker(redis_client, drain_timeout_s=0.0)
-    worker.engine = _QuietEngine(max_batch=2, reply_tokens=10_000, step_delay=0.005)
+    worker.engine = _QuietEngine(max_batch=2, reply_tokens=10_000, step_delay_s=0.005)
     streaming = submit(redis_client, "streaming")
     submit(redis_client, "quiet", subscribe=False)
     running = RunningWorker(worker).__enter__()
@@ -211,7 +211,7 @@ def test_drain_timeout_requeues_unstarted_and_fails_streaming_jobs(redis_client)
 
 
 def test_a_busy_worker_admits_a_job_arriving_mid_batch(redis_client):
-    worker = make_worker(redis_client, max_batch=2, reply_tokens=40, step_delay=0.02)
+    worker = make_worker(redis_client, max_batch=2, reply_tokens=40, step_delay_s=0.02)
     with RunningWorker(worker):
         first = submit(redis_client, "long")
         first.wait_tokens(2)

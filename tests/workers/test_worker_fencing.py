@@ -106,7 +106,7 @@ def _assert_one_clean_stream(events: list[Any], expected_text: str) -> None:
 
 def test_a_woken_worker_does_not_publish_into_a_stream_another_worker_now_owns(redis_client):
     listener = Listener(redis_client, "a", "b", "c")
-    frozen = freezable_worker(redis_client, "w1", lambda rows: "b" in rows, max_batch=2, step_delay=0.01)
+    frozen = freezable_worker(redis_client, "w1", lambda rows: "b" in rows, max_batch=2, step_delay_s=0.01)
     first = RunningWorker(frozen).__enter__()
     try:
         submit(redis_client, "a", "talk [[tokens=100000]]", subscribe=False)
@@ -114,7 +114,7 @@ def test_a_woken_worker_does_not_publish_into_a_stream_another_worker_now_owns(r
         submit(redis_client, "b", "bee [[tokens=30]]", subscribe=False)  # admitted, then w1 freezes before a token
         report = _freeze_and_sweep(redis_client, frozen.engine, "w1")
         assert (report.failed, report.requeued) == (["a"], ["b"])
-        with RunningWorker(make_worker(redis_client, worker_id="w2", step_delay=0.05)):
+        with RunningWorker(make_worker(redis_client, worker_id="w2", step_delay_s=0.05)):
             wait_for(lambda: len(listener.of("b")) >= 2, what="b streaming from w2")
             frozen.engine.thawed.set()  # w1 wakes up with a and b in its engine
             wait_for(lambda: listener.final("b"), what="b's final event")
@@ -134,7 +134,7 @@ def test_a_woken_worker_does_not_publish_into_a_stream_another_worker_now_owns(r
 
 def test_a_job_taken_away_and_claimed_again_by_the_same_worker_runs_cleanly(redis_client):
     listener = Listener(redis_client, "a", "b")
-    frozen = freezable_worker(redis_client, "w1", lambda rows: "b" in rows, max_batch=3, step_delay=0.01)
+    frozen = freezable_worker(redis_client, "w1", lambda rows: "b" in rows, max_batch=3, step_delay_s=0.01)
     with RunningWorker(frozen):
         submit(redis_client, "a", "talk [[tokens=100000]]", subscribe=False)
         wait_for(lambda: len(listener.of("a")) >= 2, what="a streaming")

@@ -53,7 +53,7 @@ def test_a_lease_lapsed_during_a_redis_outage_cancels_nothing(tmp_path):
     try:
         # Redis up longer than the lease TTL: the worker judges leases from its start (checked below with "orphan").
         wait_for(lambda: liveness.redis_uptime_s(client) > keys.CONTROLLER_LEASE_TTL_S, timeout=30, what="uptime")
-        with RunningWorker(make_worker(client, reply_tokens=2000, step_delay=0.005)):
+        with RunningWorker(make_worker(client, reply_tokens=2000, step_delay_s=0.005)):
             _enqueue(client, "kept", "live", "keep going")
             wait_for(lambda: client.hget(keys.worker_jobs("w1"), "kept") == b"streaming", what="streaming")
             _enqueue(client, "orphan", "dead", "nobody reads this")

@@ -18,7 +18,7 @@ def test_worker_survives_a_redis_restart(tmp_path):
     server = EmbeddedRedis(tmp_path, persist=True).start()
     client = connect(server.url)
     try:
-        running = RunningWorker(make_worker(client, reply_tokens=60, step_delay=0.02)).__enter__()
+        running = RunningWorker(make_worker(client, reply_tokens=60, step_delay_s=0.02)).__enter__()
         try:
             request = JobRequest(job_id="a", model=MODEL, prompt="keep going")
             jobs.enqueue(client, request, max_queue=10, result_ttl=600)
