@@ -106,11 +106,6 @@ def chunks_pattern() -> str:
     return f"{PREFIX}job:*:chunks"
 
 
-def job_id_from_chunks(channel: str) -> str:
-    """Inverse of `chunks()`."""
-    return channel[len(f"{PREFIX}job:") : -len(":chunks")]
-
-
 def cancel(job_id: str) -> str:
     """STRING "1" set when a job's client went away or asked to stop; TTL CANCEL_TTL_S."""
     return f"{PREFIX}job:{job_id}:cancel"
