@@ -38,7 +38,7 @@ def test_up_serves_the_demo_model_and_ctrl_c_stops_everything(tmp_path: Path) ->
 
         def serving() -> bool:
             models = httpx.get(f"{url}/api/v1/models", timeout=2).json()["models"]
-            return any(m["name"] == "llava-shapes-demo" and m["workers"] >= 1 for m in models)
+            return any(m["name"] == "llava-v1-shapes-demo" and m["workers"] >= 1 for m in models)
 
         def output() -> str:
             return (tmp_path / "up.log").read_text(errors="replace")
@@ -53,7 +53,7 @@ def test_up_serves_the_demo_model_and_ctrl_c_stops_everything(tmp_path: Path) ->
         # the default model is the shipped demo, which sees: ask about the UI's first example image
         image = base64.b64encode((EXAMPLES_DIR / "demo_0_red_circle.png").read_bytes()).decode()
         request = GenerateRequest.model_validate({
-            "model": "llava-shapes-demo", "temperature": 0, "max_new_tokens": 16,
+            "model": "llava-v1-shapes-demo", "temperature": 0, "max_new_tokens": 16,
             "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
                 {"type": "text", "text": "What colour is the shape?"}]}],

@@ -332,6 +332,6 @@ def test_pad_is_not_offered_for_the_demo_model():
     handlers = ChatHandlers(WebSettings(controller_url=url), ControllerClient(url))
     demo = handlers.image_modes("llava-v1-shapes-demo", "Pad")
     assert demo["choices"] == ["Crop", "Resize", "Default"] and demo["value"] == "Default"
-    assert handlers.image_modes("llava-shapes-demo", "Crop")["value"] == "Crop"
+    assert handlers.image_modes("llava-v1-shapes-demo", "Crop")["value"] == "Crop"
     other = handlers.image_modes("llava-v1.5-7b", "Pad")
     assert other["choices"] == ["Crop", "Resize", "Pad", "Default"] and other["value"] == "Pad"

@@ -80,3 +80,31 @@ def test_head_weights_scale_each_attribute_loss():
     shape_rows = slice(6, 9)  # colour (6 outputs) first, then shape (3)
     assert weighted.cls[1].weight.grad[shape_rows].abs().sum() == 0
     assert weighted.cls[1].weight.grad[:6].abs().sum() > 0
+
+
+def llava_page_template(model_name: str) -> str:
+    """The template LLaVA's own Gradio page picks for a model name on the first round (its `http_bot` rules)."""
+    name = model_name.lower()
+    if "llava" not in name:
+        return "vicuna_v1"
+    if "llama-2" in name:
+        return "llava_llama_2"
+    if "mistral" in name or "mixtral" in name:
+        return "mistral_instruct"
+    if "llava-v1.6-34b" in name:
+        return "chatml_direct"
+    tagged = "mmtag" in name or ("plain" in name and "finetune" not in name)
+    if "v1" in name:
+        return "v1_mmtag" if tagged else "llava_v1"
+    if "mpt" in name:
+        return "mpt"
+    return "v0_mmtag" if tagged else "llava_v0"
+
+
+def test_the_demo_models_name_makes_llavas_own_page_use_the_template_it_was_trained_with():
+    from workers.demo.train import DEMO_MODEL_NAME, demo_model_path
+
+    assert llava_page_template(DEMO_MODEL_NAME) == "llava_v1"
+    # The trained chat template is LLaVA-1.5's (llava_v1): "USER: <image>\n... ASSISTANT:".
+    template = (demo_model_path() / "chat_template.jinja").read_text()
+    assert "USER: " in template and "ASSISTANT:" in template

@@ -21,7 +21,7 @@ from workers.tiny_model import IMAGE_TOKEN, build_bpe_tokenizer, copy_special_to
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL_NAME = "llava-shapes-demo"
+DEMO_MODEL_NAME = "llava-v1-shapes-demo"
 # 64 px (8 x 8 patches): at 56 px a small circle in a 3:2 image (radius 0.1 of the shorter side) is ~4 px across
 # its squashed axis, and was often answered "square".
 IMAGE_SIZE, PATCH_SIZE = 64, 8
