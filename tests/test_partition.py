@@ -1,7 +1,7 @@
 """A worker cut off from Redis by a network partition, with every process on a host of its own.
 
 Redis, two controllers and three workers each run in a network namespace with its own address on a private bridge
-(tests/netns.py), as if on separate hosts; the test process is the client and reaches the controllers (and, to
+(cli/netns.py), as if on separate hosts; the test process is the client and reaches the controllers (and, to
 observe, Redis) through the bridge. The workers run the scripted engine (workers/scripted.py), a deterministic fake
 engine for fault tests of the broker, not a model, so every reply is known word for word.
 
@@ -36,13 +36,13 @@ import pytest
 import redis as redis_lib
 
 from bench.load_checks import MODEL, Arrival, check_stream, load_request, scripted_reply
+from cli.netns import Host, Network, unavailable_reason
 from cli.processes import Proc, cli, env_for
 from contract import jobs, keys
 from contract.client import aiter_events
 from contract.messages import ClaimState, DoneEvent, ErrorEvent, StreamEvent, TokenEvent, parse_event
 from infra.embedded_redis import redis_server_binary
 from infra.redis import connect
-from tests.netns import Host, Network, unavailable_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.pipeline]
 
