@@ -4,8 +4,8 @@ Redis, two controllers and three workers (w1, w2, w3) each run in a network name
 private bridge (cli/netns.py); this process is the client and reaches the controllers (and, to observe, Redis)
 through the bridge. The workers run the scripted engine (workers/scripted.py), a deterministic fake engine for fault
 tests of the broker, not a model, so every reply is checked word for word. `in_flight` streams stay open at all
-times (bench/chaos_requests.py). Once w3 streams a job, its port on the bridge goes down for `partition_s`: w3 keeps
-running but nothing it sends reaches Redis. Measured: how every request ended; cut to `worker_lost` of the streams
+times (bench/chaos_requests.py). Once w3 streams a few jobs, its port on the bridge goes down for `partition_s`: w3
+keeps running but nothing it sends reaches Redis. Measured: how every request ended; cut to `worker_lost` of the streams
 w3 held (target within WORKER_LOST_TARGET_S); `worker_lost` of jobs w3 did not hold (false sweeps); messages on the
 channels of w3's jobs after they were given away (its streams failed, its unstarted jobs requeued), as Redis itself
 delivered them; when w3's key came back after the heal; what is left in Redis once everything has stopped.
@@ -54,7 +54,8 @@ class PartitionConfig:
     after_heal_s: float = 5.0  # streams keep running this long once w3 is back
     reregister_timeout_s: float = 60.0
     step_delay_s: float = 0.05
-    max_batch: int = 16
+    max_batch: int = 4  # 12 streams fill three workers: the cut worker holds a full batch, the others queue
+    streaming_at_cut: int = 3  # w3 is cut once it streams at least this many jobs
     stream_timeout_s: float = 120.0
 
 
@@ -168,11 +169,12 @@ def settled(redis, worker_id: str, reads: int = 12, apart_s: float = 0.25) -> di
 
 
 def partition_schedule(system: PartitionSystem, clients: Clients, config: PartitionConfig) -> Cut:
-    """Warm up, cut w3 once it streams, hold the cut, heal, wait for w3's key, keep the load a little longer."""
+    """Warm up, cut w3 once it streams enough jobs, hold the cut, heal, wait for w3's key, keep the load a while."""
     redis, cut, procs = system.redis, Cut(), list(system.procs.values())
     time.sleep(config.warmup_s)
-    streams = lambda: ClaimState.streaming.value in held(redis, PARTITIONED).values()  # noqa: E731
-    wait_until(streams, 60, f"{PARTITIONED} to stream a job", procs)
+    streaming = lambda: list(held(redis, PARTITIONED).values()).count(ClaimState.streaming.value)  # noqa: E731
+    wait_until(lambda: streaming() >= config.streaming_at_cut, 60,
+               f"{PARTITIONED} to stream {config.streaming_at_cut} job(s)", procs)  # fmt: skip
     clients.phase = "partition"
     cut.at = time.perf_counter()
     system.net.cut(system.net.hosts[PARTITIONED])

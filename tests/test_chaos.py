@@ -36,7 +36,7 @@ def test_a_worker_cut_from_redis_loses_only_its_own_streams_and_comes_back() -> 
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(f"network namespaces cannot be made here: {reason}")
-    report = run_partition(PartitionConfig(in_flight=6, partition_s=8.0, after_heal_s=3.0))
+    report = run_partition(PartitionConfig(in_flight=6, partition_s=8.0, after_heal_s=3.0, streaming_at_cut=1))
     summary = f"{report}"
     assert report.cut_streaming > 0, summary
     assert report.errors == {"worker_lost": report.cut_streaming}, summary
