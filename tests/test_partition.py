@@ -8,8 +8,7 @@ engine for fault tests of the broker, not a model, so every reply is known word 
 The scenario: w1 and w2 are filled with long streams, then w3 starts and serves a steady flow of short requests
 alone. At a moment when w3 holds both a streaming job and a claimed job that has not streamed yet, its port on the
 bridge goes down for PARTITION_S seconds: w3 keeps running, but nothing it sends reaches Redis and nothing comes
-back (what it sent just before is retransmitted by TCP after the heal). Then (issue 15 item 3, issue 11 items 4
-and 8):
+back (what it sent just before is retransmitted by TCP after the heal). Then:
 - every stream w3 had started ends with an `error` event whose code is `worker_lost`, within
   WORKER_LOST_BOUND_S of the cut, and its job's record stays failed;
 - every job w3 had claimed but not started is served by another worker: `done`, word for word;
@@ -53,7 +52,7 @@ FLOW_TOKENS = 4  # short jobs: about one ends on w3 every step, so w3 claims new
 FLOW_IN_FLIGHT = 10  # more than w3's slots: its every claim finds jobs waiting
 FINAL_TOKENS = 12
 PARTITION_S = 20.0
-WORKER_LOST_BOUND_S = 15.0  # issue 15 item 3: the partitioned worker's streams end within this of the cut
+WORKER_LOST_BOUND_S = 15.0  # the partitioned worker's streams end within this of the cut
 STREAM_TIMEOUT_S = 150.0
 CUT_ATTEMPTS = 5
 REREGISTER_TIMEOUT_S = 60.0
