@@ -3,7 +3,7 @@
     python -m bench.chaos [--engine scripted|tiny] [--workers 3] [--in-flight 12] [--kills 100]
                           [--outages 2,8,20] [--restarts 1] [--cpu-hogs 2] [--no-controller-kill]
                           [--partition auto|only|off] [--partition-s 20] [--out bench/results/chaos.json]
-                          [--partition-out bench/results/chaos_partition.json]
+                          [--partition-out bench/results/chaos_partition.json] [--workdir DIR]
 
 Real processes: an embedded append-only redis-server, two `llava-serve controller` replicas and `--workers`
 `llava-serve worker` processes, with either the scripted engine (workers/scripted.py: a deterministic fake engine
@@ -379,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partition-s", type=float, default=20.0, help="how long the worker is cut from Redis")
     parser.add_argument("--out", type=Path, default=Path("bench/results/chaos.json"))
     parser.add_argument("--partition-out", type=Path, default=Path("bench/results/chaos_partition.json"))
+    parser.add_argument("--workdir", type=Path, help="keep Redis's files and every process's log of the fault run "
+                        "here (default: a temporary directory, removed at the end)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.partition_s <= 0:
         parser.error(f"--partition-s must be above 0 s, not {args.partition_s:g}")
@@ -394,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
             cpu_hogs=args.cpu_hogs,
             outages_s=tuple(float(s) for s in args.outages.split(",") if s.strip()), seed=args.seed,
         )  # fmt: skip
-        report = run_chaos(config)
+        if args.workdir is not None:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+        report = run_chaos(config, args.workdir)
         print_table(report)
         _write(args.out, asdict(report))
         bad = bool(report.lost or report.hung or report.false_worker_lost or report.false_outage_errors

@@ -110,7 +110,8 @@ class Clients:
             if self.killed_controller == controller:
                 record.outcome = "cut"
             else:
-                record.outcome, record.problem = "lost", f"{type(exc).__name__}: {exc}"
+                where = f"controller {controller} ({self.urls[controller]})"
+                record.outcome, record.problem = "lost", f"{type(exc).__name__} from {where}: {exc!r}"
             record.ended_at = time.perf_counter()
             return
         record.ended_at = time.perf_counter()
