@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+import redis as redis_lib
 
 from bench.channel_log import ChannelLog
 from bench.chaos_requests import Clients, RequestRecord, count_outcomes, leftovers
@@ -113,7 +114,7 @@ class PartitionSystem:
                 "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no"]  # fmt: skip
         self.procs["redis"] = Proc("redis", host.argv(argv), dict(os.environ), self.workdir)
         self.redis = connect(self.redis_url)
-        wait_until(self.redis.ping, 30, "redis-server", list(self.procs.values()))
+        wait_until(self._answers, 30, "redis-server", list(self.procs.values()))
         for k in (1, 2):
             host = self.net.add_host(f"controller{k}")
             argv = cli("controller", "--host", host.address, "--port", str(CONTROLLER_PORT))
@@ -130,6 +131,12 @@ class PartitionSystem:
             self.procs[name] = Proc(name, host.argv(argv), env_for(self.redis_url), self.workdir)
         registered = lambda: all(self.redis.exists(keys.worker(n)) for n in WORKERS)  # noqa: E731
         wait_until(registered, 60, "the workers to register", list(self.procs.values()))
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except redis_lib.RedisError:  # not listening yet
+            return False
 
     def stop_serving(self) -> None:
         """Workers, then controllers (each one's shutdown may still want Redis); Redis stays up to be read."""
