@@ -2,7 +2,8 @@
 
     python -m bench.chaos [--engine scripted|tiny] [--workers 3] [--in-flight 12] [--kills 100]
                           [--outages 2,8,20] [--restarts 1] [--cpu-hogs 2] [--no-controller-kill]
-                          [--out bench/results/chaos.json]
+                          [--partition auto|only|off] [--partition-s 20] [--out bench/results/chaos.json]
+                          [--partition-out bench/results/chaos_partition.json] [--workdir DIR]
 
 Real processes: an embedded append-only redis-server, two `llava-serve controller` replicas and `--workers`
 `llava-serve worker` processes, with either the scripted engine (workers/scripted.py: a deterministic fake engine
@@ -20,11 +21,15 @@ Clients keep `--in-flight` SSE streams open at all times, spread over the contro
 
 Every request ends as one of: done (and right), error by code, cut (its controller was killed: the client sees the
 connection close, which is all a dead process can give), lost (neither done nor error, or a `done` whose text or
-seq is wrong) or hung (nothing final within `--stream-timeout-s`). Also measured: kill-to-error latency of the
+seq is wrong) or hung (nothing final within the stream timeout, 120 s). Also measured: kill-to-error latency of the
 streams a dead worker held (p50 / max), `worker_lost` errors of jobs no killed worker held (false sweeps), errors
 during outages shorter than the controller's outage allowance (false errors), tokens generated after their
 controller died (for no client), and what is left in Redis once everything has stopped. Prints a table, writes
 JSON (default bench/results/chaos.json).
+
+Then, with `--partition auto` (the default) where network namespaces can be made, or alone with `--partition only`,
+the partition run (bench/chaos_partition.py, scripted engine): every process on a host of its own, one worker cut
+from Redis for `--partition-s` seconds under the same load. Its own table and JSON (`--partition-out`).
 """
 
 from __future__ import annotations
@@ -39,25 +44,24 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
 import redis as redis_lib
 
+from bench.chaos_partition import PartitionConfig, run_partition
+from bench.chaos_partition import failed as partition_failed
+from bench.chaos_partition import print_table as print_partition_table
+from bench.chaos_requests import Clients, count_outcomes, leftovers
 from bench.common import percentile
-from bench.load_checks import check_stream, load_request
+from cli.netns import unavailable_reason
 from cli.processes import Proc, cli, env_for, start_controller, wait_for_workers
 from contract import keys
-from contract.client import ControllerClient, aiter_events, error_from_response
-from contract.messages import DoneEvent, ErrorEvent, StreamEvent, TokenEvent
+from contract.client import ControllerClient
 from infra.embedded_redis import EmbeddedRedis
 from infra.process import die_with_parent
 
 SCRIPTED_MODEL = "scripted-load"
-# Tokens per reply, cycled over requests: short ones keep requests flowing, long ones are running when a fault hits.
-REPLY_TOKENS = (16, 48, 120)
 OUTAGE_ALLOWANCE_S = 30.0  # the controller's default Redis outage allowance
 LEASE_CHECK_MARGIN_S = 1.0  # a worker sees a lease gone at its next step or claim after the TTL
 
@@ -77,21 +81,6 @@ class ChaosConfig:
     step_delay_s: float = 0.05
     stream_timeout_s: float = 120.0
     seed: int = 0
-
-
-@dataclass
-class RequestRecord:
-    index: int
-    controller: int
-    phase: str
-    tokens: int
-    sent_at: float
-    job_id: str | None = None
-    outcome: str = "hung"  # done, error:<code>, cut, lost, hung
-    problem: str | None = None
-    ended_at: float | None = None
-    tokens_received: int = 0
-    accepted: bool = False  # the controller answered 200 and began the stream
 
 
 @dataclass
@@ -227,97 +216,6 @@ class System:
         self.redis_server.stop()
 
 
-class Clients:
-    """Keeps `in_flight` streams open over the live controllers, records how each one ends."""
-
-    def __init__(self, system: System, config: ChaosConfig) -> None:
-        self.system = system
-        self.config = config
-        self.records: list[RequestRecord] = []
-        self.phase = "start"
-        self.live_controllers = list(range(len(system.urls)))
-        self.killed_controller: int | None = None
-        self.controller_killed_at = 0.0  # Unix time, as job records keep theirs
-        self.stopping = False
-
-    async def run(self) -> None:
-        limits = httpx.Limits(max_connections=self.config.in_flight * 2 + 8)
-        timeout = httpx.Timeout(10.0, read=self.config.stream_timeout_s)
-        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-            tasks: set[asyncio.Task] = set()
-            while not self.stopping:
-                while len(tasks) < self.config.in_flight and not self.stopping:
-                    tasks.add(asyncio.create_task(self.one(client, len(self.records))))
-                finished, tasks = await asyncio.wait(tasks, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
-            if tasks:
-                await asyncio.wait(tasks)
-
-    async def one(self, client: httpx.AsyncClient, index: int) -> None:
-        controller = self.live_controllers[index % len(self.live_controllers)]
-        tokens = REPLY_TOKENS[index % len(REPLY_TOKENS)]
-        record = RequestRecord(index, controller, self.phase, tokens, time.perf_counter())
-        self.records.append(record)
-        body = load_request(index, tokens, self.system.model).model_dump(mode="json")
-        events: list[tuple[float, StreamEvent]] = []
-        try:
-            await asyncio.wait_for(self._stream(client, controller, body, record, events),
-                                   self.config.stream_timeout_s)  # fmt: skip
-        except asyncio.TimeoutError:
-            record.outcome, record.problem = "hung", f"no final event within {self.config.stream_timeout_s:g} s"
-            return
-        except httpx.HTTPError as exc:
-            if self.killed_controller == controller:
-                record.outcome = "cut"
-            else:
-                record.outcome, record.problem = "lost", f"{type(exc).__name__}: {exc}"
-            record.ended_at = time.perf_counter()
-            return
-        record.ended_at = time.perf_counter()
-        self._judge(record, events)
-
-    async def _stream(self, client, controller: int, body: dict, record: RequestRecord, events: list) -> None:
-        url = f"{self.system.urls[controller]}/api/v1/generate"
-        async with client.stream("POST", url, json=body) as response:
-            record.job_id = response.headers.get("x-job-id")
-            record.accepted = response.status_code == 200
-            if not record.accepted:
-                await response.aread()
-                record.outcome = f"error:{error_from_response(response).code}"
-                return
-            async for event in aiter_events(response):
-                events.append((time.perf_counter(), event))
-                if isinstance(event, TokenEvent):
-                    record.tokens_received += 1
-                record.job_id = record.job_id or event.job_id
-
-    def _judge(self, record: RequestRecord, events: list) -> None:
-        if record.outcome.startswith("error:"):
-            return
-        final = events[-1][1] if events else None
-        if isinstance(final, ErrorEvent):
-            record.outcome = f"error:{final.code}"
-            record.ended_at = events[-1][0]
-            return
-        if not isinstance(final, DoneEvent):
-            record.outcome, record.problem = "lost", f"the stream ended after {len(events)} events with no final one"
-            return
-        if self.config.engine == "scripted":
-            problem = check_stream(record.index, record.tokens, events, record.job_id)
-        else:
-            problem = _consistency(events)
-        record.outcome, record.problem = ("lost", problem) if problem else ("done", None)
-
-
-def _consistency(events: list) -> str | None:
-    """For a model whose reply is not known in advance: seq 1, 2, ... and the done text is the tokens joined."""
-    tokens = [event for _, event in events if isinstance(event, TokenEvent)]
-    if [t.seq for t in tokens] != list(range(1, len(tokens) + 1)):
-        return f"token seq not 1, 2, ...: {[t.seq for t in tokens][:40]}"
-    if "".join(t.text for t in tokens) != events[-1][1].text:
-        return "done text is not the token events joined"
-    return None
-
-
 def fault_schedule(system: System, clients: Clients, config: ChaosConfig, kills: list[Kill],
                    outages: list[tuple[float, float, float]]) -> None:  # fmt: skip
     """The three phases, one after the other, while the clients keep streams in flight."""
@@ -354,13 +252,10 @@ def measure(system: System, clients: Clients, kills: list[Kill], outages: list[t
             config: ChaosConfig) -> ChaosReport:  # fmt: skip
     report = ChaosReport(config={k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()})
     records = clients.records
-    report.requests = len(records)
-    outcomes = Counter(r.outcome for r in records)
-    report.done = outcomes["done"]
-    report.cut, report.lost, report.hung = outcomes["cut"], outcomes["lost"], outcomes["hung"]
-    report.errors = {k.split(":", 1)[1]: v for k, v in sorted(outcomes.items()) if k.startswith("error:")}
-    report.problems = [f"request {r.index} ({r.phase}, job {r.job_id}): {r.outcome}: {r.problem}"
-                       for r in records if r.outcome in ("lost", "hung")][:50]  # fmt: skip
+    outcomes = count_outcomes(records)
+    report.requests, report.done, report.errors = outcomes.requests, outcomes.done, outcomes.errors
+    report.cut, report.lost, report.hung = outcomes.cut, outcomes.lost, outcomes.hung
+    report.problems = outcomes.problems
 
     held_by = {job_id: kill for kill in kills for job_id in kill.held}
     report.worker_kills, report.jobs_held_by_killed = len(kills), len(held_by)
@@ -414,25 +309,6 @@ def _orphans(system: System, clients: Clients) -> tuple[int, int]:
     return jobs, tokens
 
 
-def leftovers(system: System) -> list[str]:
-    """What the stopped system left in Redis that nothing will clean: job tables, queued jobs, started-registry
-    entries, keys of ours with no TTL."""
-    r = system.redis
-    left = []
-    queue = keys.rq_queue(system.model)
-    if n := r.llen(queue):
-        left.append(f"{n} job(s) in {queue}")
-    if n := r.zcard(keys.rq_registry("wip", system.model)):
-        left.append(f"{n} job(s) in rq's started registry")
-    for key in r.scan_iter(match=f"{keys.PREFIX}*", count=1000):
-        name = key.decode()
-        if name in (keys.feedback(), keys.replays()):
-            continue
-        if r.ttl(name) == -1:
-            left.append(f"{name} has no TTL ({r.type(name).decode()})")
-    return left
-
-
 def run_chaos(config: ChaosConfig, workdir: Path | None = None) -> ChaosReport:
     """Start the system, run the phases with clients in flight, stop everything and report."""
     with tempfile.TemporaryDirectory(prefix="llava-chaos-") as tmp:
@@ -443,7 +319,7 @@ def run_chaos(config: ChaosConfig, workdir: Path | None = None) -> ChaosReport:
         started = time.perf_counter()
         try:
             system.start()
-            clients = Clients(system, config)
+            clients = Clients(system.urls, system.model, config.engine, config.in_flight, config.stream_timeout_s)
             # Faults run on this thread: children die with the thread that started them (PR_SET_PDEATHSIG).
             streams = threading.Thread(target=asyncio.run, args=(clients.run(),))
             streams.start()
@@ -456,7 +332,7 @@ def run_chaos(config: ChaosConfig, workdir: Path | None = None) -> ChaosReport:
             for proc in [*system.workers.values(), *system.retired, *system.controllers]:
                 proc.signal(signal.SIGCONT)
                 proc.stop()
-            report.leftover = leftovers(system)
+            report.leftover = leftovers(system.redis, system.model)
         finally:
             system.stop()
         report.wall_s = round(time.perf_counter() - started, 1)
@@ -497,21 +373,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-controller-kill", action="store_true")
     parser.add_argument("--cpu-hogs", type=int, default=2, help="busy processes beside the workers during the kills")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--partition", choices=["auto", "only", "off"], default="auto",
+                        help="the partition run (scripted engine, network namespaces): auto runs it after the "
+                             "faults above where namespaces can be made, only runs it alone")  # fmt: skip
+    parser.add_argument("--partition-s", type=float, default=20.0, help="how long the worker is cut from Redis")
     parser.add_argument("--out", type=Path, default=Path("bench/results/chaos.json"))
+    parser.add_argument("--partition-out", type=Path, default=Path("bench/results/chaos_partition.json"))
+    parser.add_argument("--workdir", type=Path, help="keep Redis's files and every process's log of the fault run "
+                        "here (default: a temporary directory, removed at the end)")  # fmt: skip
     args = parser.parse_args(argv)
-    config = ChaosConfig(
-        engine=args.engine, workers=args.workers, in_flight=args.in_flight, kills=args.kills,
-        kill_interval_s=args.kill_interval_s, restarts=args.restarts, controller_kill=not args.no_controller_kill,
-        cpu_hogs=args.cpu_hogs,
-        outages_s=tuple(float(s) for s in args.outages.split(",") if s.strip()), seed=args.seed,
-    )  # fmt: skip
-    report = run_chaos(config)
-    print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(asdict(report), indent=2))
-    print(f"written {args.out}")
-    bad = report.lost or report.hung or report.false_worker_lost or report.false_outage_errors or report.leftover
+    if args.partition_s <= 0:
+        parser.error(f"--partition-s must be above 0 s, not {args.partition_s:g}")
+    unavailable = unavailable_reason() if args.partition != "off" else None
+    if args.partition == "only" and unavailable is not None:
+        print(f"the partition run needs network namespaces, which cannot be made here: {unavailable}")
+        return 2
+    bad = False
+    if args.partition != "only":
+        config = ChaosConfig(
+            engine=args.engine, workers=args.workers, in_flight=args.in_flight, kills=args.kills,
+            kill_interval_s=args.kill_interval_s, restarts=args.restarts, controller_kill=not args.no_controller_kill,
+            cpu_hogs=args.cpu_hogs,
+            outages_s=tuple(float(s) for s in args.outages.split(",") if s.strip()), seed=args.seed,
+        )  # fmt: skip
+        if args.workdir is not None:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+        report = run_chaos(config, args.workdir)
+        print_table(report)
+        _write(args.out, asdict(report))
+        bad = bool(report.lost or report.hung or report.false_worker_lost or report.false_outage_errors
+                   or report.leftover)  # fmt: skip
+    if args.partition != "off":
+        if unavailable is not None:
+            print(f"partition run skipped: network namespaces cannot be made here: {unavailable}")
+        else:
+            partition = run_partition(PartitionConfig(in_flight=args.in_flight, partition_s=args.partition_s))
+            print_partition_table(partition)
+            _write(args.partition_out, asdict(partition))
+            bad = bad or partition_failed(partition)
     return 1 if bad else 0
+
+
+def _write(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"written {path}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ RULES: list[tuple[list[str], set[str], str]] = [
     (["workers/**/*.py", "frontend/**/*.py"], {"broker"}, "workers and the UI never import the controller"),
     ([f"{package}/**/*.py" for package in PACKAGES if package != "bench"], {"bench"}, "nothing imports bench"),
     ([f"workers/{pattern}" for pattern in ENGINE_MODULES], {"redis", "rq"}, "the engine knows nothing of Redis"),
+    ([f"{package}/**/*.py" for package in PACKAGES], {"tests"}, "nothing outside the tests imports them"),
 ]  # fmt: skip
 
 
@@ -39,13 +40,13 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
     return names
 
 
-def violations() -> list[str]:
+def violations(root: Path = ROOT) -> list[str]:
     found = []
     for patterns, forbidden, why in RULES:
-        files = sorted({path for pattern in patterns for path in ROOT.glob(pattern)})
+        files = sorted({path for pattern in patterns for path in root.glob(pattern)})
         for path in files:
-            relative = str(path.relative_to(ROOT))
-            for module in sorted(imported_modules(path)):
+            relative = str(path.relative_to(root))
+            for module in sorted(imported_modules(path, root)):
                 if module.split(".")[0] in forbidden:
                     found.append(f"{relative} imports {module}: {why}")
     return found
@@ -61,3 +62,10 @@ def test_the_check_sees_function_level_and_relative_imports(tmp_path: Path) -> N
     probe.parent.mkdir()
     probe.write_text("def f():\n    import redis\n    from .. import broker\n    from rq.job import Job\n")
     assert imported_modules(probe, tmp_path) == {"redis", "broker", "rq.job"}
+
+
+def test_code_outside_the_tests_may_not_import_them(tmp_path: Path) -> None:
+    probe = tmp_path / "bench" / "chaos.py"
+    probe.parent.mkdir()
+    probe.write_text("from tests.netns import Network\n")
+    assert violations(tmp_path) == ["bench/chaos.py imports tests.netns: nothing outside the tests imports them"]

@@ -1,15 +1,14 @@
 """A worker cut off from Redis by a network partition, with every process on a host of its own.
 
 Redis, two controllers and three workers each run in a network namespace with its own address on a private bridge
-(tests/netns.py), as if on separate hosts; the test process is the client and reaches the controllers (and, to
+(cli/netns.py), as if on separate hosts; the test process is the client and reaches the controllers (and, to
 observe, Redis) through the bridge. The workers run the scripted engine (workers/scripted.py), a deterministic fake
 engine for fault tests of the broker, not a model, so every reply is known word for word.
 
 The scenario: w1 and w2 are filled with long streams, then w3 starts and serves a steady flow of short requests
 alone. At a moment when w3 holds both a streaming job and a claimed job that has not streamed yet, its port on the
 bridge goes down for PARTITION_S seconds: w3 keeps running, but nothing it sends reaches Redis and nothing comes
-back (what it sent just before is retransmitted by TCP after the heal). Then (issue 15 item 3, issue 11 items 4
-and 8):
+back (what it sent just before is retransmitted by TCP after the heal). Then:
 - every stream w3 had started ends with an `error` event whose code is `worker_lost`, within
   WORKER_LOST_BOUND_S of the cut, and its job's record stays failed;
 - every job w3 had claimed but not started is served by another worker: `done`, word for word;
@@ -24,9 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,14 +32,16 @@ import httpx
 import pytest
 import redis as redis_lib
 
+from bench.channel_log import ChannelLog
+from bench.chaos_partition import held
 from bench.load_checks import MODEL, Arrival, check_stream, load_request, scripted_reply
+from cli.netns import Host, Network, unavailable_reason
 from cli.processes import Proc, cli, env_for
 from contract import jobs, keys
 from contract.client import aiter_events
-from contract.messages import ClaimState, DoneEvent, ErrorEvent, StreamEvent, TokenEvent, parse_event
+from contract.messages import ClaimState, DoneEvent, ErrorEvent, StreamEvent, TokenEvent
 from infra.embedded_redis import redis_server_binary
 from infra.redis import connect
-from tests.netns import Host, Network, unavailable_reason
 
 pytestmark = [pytest.mark.slow, pytest.mark.pipeline]
 
@@ -53,7 +52,7 @@ FLOW_TOKENS = 4  # short jobs: about one ends on w3 every step, so w3 claims new
 FLOW_IN_FLIGHT = 10  # more than w3's slots: its every claim finds jobs waiting
 FINAL_TOKENS = 12
 PARTITION_S = 20.0
-WORKER_LOST_BOUND_S = 15.0  # issue 15 item 3: the partitioned worker's streams end within this of the cut
+WORKER_LOST_BOUND_S = 15.0  # the partitioned worker's streams end within this of the cut
 STREAM_TIMEOUT_S = 150.0
 CUT_ATTEMPTS = 5
 REREGISTER_TIMEOUT_S = 60.0
@@ -208,38 +207,6 @@ async def follow(client: httpx.AsyncClient, stream: Stream) -> None:
         stream.ended = True
 
 
-class ChannelLog(threading.Thread):
-    """Every message published on any job's chunk channel, as Redis itself delivers it, with its arrival time."""
-
-    def __init__(self, redis_url: str) -> None:
-        super().__init__(name="channel-log", daemon=True)
-        self.client = connect(redis_url)
-        self.pubsub = self.client.pubsub()
-        self.pubsub.psubscribe(keys.chunks_pattern())
-        self.messages: dict[str, list[tuple[float, StreamEvent]]] = defaultdict(list)
-        self._stop_event = threading.Event()
-        deadline = time.monotonic() + 30
-        while (confirmed := self.pubsub.get_message(timeout=1)) is None or confirmed["type"] != "psubscribe":
-            if time.monotonic() > deadline:  # subscribed before any request is sent, or no test
-                raise AssertionError(f"no PSUBSCRIBE confirmation from Redis within 30 s (last {confirmed!r})")
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            message = self.pubsub.get_message(timeout=0.2)
-            if message is not None and message["type"] == "pmessage":
-                channel = message["channel"].decode()
-                self.messages[channel].append((time.perf_counter(), parse_event(message["data"])))
-
-    def of(self, job_id: str) -> list[tuple[float, StreamEvent]]:
-        return self.messages.get(keys.chunks(job_id), [])
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=5)
-        self.pubsub.close()
-        self.client.close()
-
-
 def channel_problem(index: int, tokens: int, messages: list[tuple[float, StreamEvent]]) -> str | None:
     """Why a job's channel did not carry exactly one worker's whole answer: token seqs 1..n, one `done` last and
     nothing after it, done text == tokens joined == the scripted reply (None when it did)."""
@@ -265,14 +232,6 @@ def channel_problem(index: int, tokens: int, messages: list[tuple[float, StreamE
 
 
 # ---- the scenario -------------------------------------------------------------------------------------------------
-
-
-def held(redis, worker_id: str) -> dict[str, str]:
-    """What a worker holds in Redis: its job table, plus inbox ids (claimed) not yet moved into the table."""
-    table = {k.decode(): v.decode() for k, v in redis.hgetall(keys.worker_jobs(worker_id)).items()}
-    for raw in redis.lrange(keys.worker_inbox(worker_id), 0, -1):
-        table.setdefault(raw.decode(), ClaimState.claimed.value)
-    return table
 
 
 def both_kinds(table: dict[str, str]) -> bool:
@@ -406,9 +365,8 @@ async def partition_scenario(system: System, observer: ChannelLog) -> Run:
             except AssertionError:
                 run.problems.append(f"{PARTITIONED} still holds {held(redis, PARTITIONED)} after its last job")
     # pub/sub keeps order: once the observer has this marker, it has every message published before it
-    marker = "end-of-observation"
-    redis.publish(keys.chunks(marker), ErrorEvent(job_id=marker, code="marker", message="").model_dump_json())
-    await until(lambda: bool(observer.of(marker)), 30, "the observer to catch up")
+    observer.publish_marker()
+    await until(observer.caught_up, 30, "the observer to catch up")
     return run
 
 

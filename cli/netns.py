@@ -1,8 +1,8 @@
-"""Hosts of their own on this machine for tests of network faults: one Linux network namespace per process, each
-with one address on a private bridge, as if every process ran on a separate host behind one switch.
+"""Hosts of their own on this machine for tests and benchmarks of network faults: one Linux network namespace per
+process, each with one address on a private bridge, as if every process ran on a separate host behind one switch.
 
 The bridge lives in the root namespace with the first address of a /24 that no address or route of this machine
-covers (10.213.N.0/24, the first free N from 7), so the test process reaches every host directly and traffic
+covers (10.213.N.0/24, the first free N from 7), so the process that made it reaches every host directly and traffic
 never leaves these namespaces. Names carry a random run id, so parallel or leftover runs never clash.
 `Network.cut(host)` takes the host's port on the bridge down: its link loses carrier and every packet to or from it
 is dropped silently, as when a cable or a switch port fails; `heal(host)` brings it back. Needs root and iproute2;
@@ -25,7 +25,7 @@ from pathlib import Path
 
 SUBNET_PREFIX = "10.213"
 FIRST_SUBNET = 7
-FIRST_HOST_OCTET = 10  # .1 is the bridge (the test process), hosts from .10
+FIRST_HOST_OCTET = 10  # .1 is the bridge (the process that made it), hosts from .10
 _LOCK_PATH = Path(tempfile.gettempdir()) / "llava-netns.lock"  # one subnet picked at a time across runs
 
 
@@ -37,14 +37,23 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def unavailable_reason() -> str | None:
-    """Why network namespaces, veth pairs and a bridge cannot be made here; None when they can."""
-    if not sys.platform.startswith("linux"):
-        return f"network namespaces are Linux only (this is {sys.platform})"
-    if os.geteuid() != 0:
-        return "creating network namespaces needs root (`ip netns add`); run as root to include this test"
-    if shutil.which("ip") is None:
+def precondition_reason(platform: str, euid: int, ip_path: str | None) -> str | None:
+    """Why namespaces cannot be made on `platform` by user `euid` with `ip` at `ip_path`, before trying; None: try."""
+    if not platform.startswith("linux"):
+        return f"network namespaces are Linux only (this is {platform})"
+    if euid != 0:
+        return f"creating network namespaces needs root (`ip netns add`); this process runs as uid {euid}"
+    if ip_path is None:
         return "iproute2's `ip` command is not installed"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why network namespaces, veth pairs and a bridge cannot be made here; None when they can (one is made and
+    removed to find out)."""
+    reason = precondition_reason(sys.platform, os.geteuid(), shutil.which("ip"))
+    if reason is not None:
+        return reason
     run_id = secrets.token_hex(3)
     netns, bridge, port = f"llava-probe-{run_id}", f"llpb{run_id}", f"llpv{run_id}"
     steps = [
@@ -79,13 +88,34 @@ def _networks_in_use() -> list[ipaddress.IPv4Network]:
     return used
 
 
-def _free_subnet() -> ipaddress.IPv4Network:
-    used = _networks_in_use()
+def free_subnet(used: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    """The first /24 of SUBNET_PREFIX.N.0 (N from FIRST_SUBNET) that overlaps none of `used`."""
     for n in range(FIRST_SUBNET, 255):
         candidate = ipaddress.ip_network(f"{SUBNET_PREFIX}.{n}.0/24")
         if not any(candidate.overlaps(net) for net in used):
             return candidate
-    raise RuntimeError(f"no free /24 in {SUBNET_PREFIX}.0.0/16 for the test network")
+    raise RuntimeError(f"no free /24 in {SUBNET_PREFIX}.{FIRST_SUBNET}-254.0 for the namespace network")
+
+
+def host_address(subnet: ipaddress.IPv4Network, index: int) -> str:
+    """The address of the `index`-th host (from 0) on `subnet`; the bridge has the first one."""
+    if not 0 <= index < subnet.num_addresses - FIRST_HOST_OCTET - 1:
+        raise ValueError(f"host index {index} is out of range for {subnet} (0 to "
+                         f"{subnet.num_addresses - FIRST_HOST_OCTET - 2})")  # fmt: skip
+    return str(subnet.network_address + FIRST_HOST_OCTET + index)
+
+
+def host_commands(bridge: str, netns: str, port: str, address: str, prefixlen: int) -> list[tuple[str, ...]]:
+    """The `ip` commands that make namespace `netns` and join it to `bridge` through veth `port`, at `address`."""
+    return [
+        ("netns", "add", netns),
+        ("link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", netns),
+        ("link", "set", port, "master", bridge),
+        ("link", "set", port, "up"),
+        ("-n", netns, "addr", "add", f"{address}/{prefixlen}", "dev", "eth0"),
+        ("-n", netns, "link", "set", "eth0", "up"),
+        ("-n", netns, "link", "set", "lo", "up"),
+    ]
 
 
 @dataclass
@@ -122,15 +152,16 @@ class Network:
 
     @property
     def gateway(self) -> str:
-        """The test process's own address on the bridge."""
-        assert self.subnet is not None
+        """The address on the bridge of the process that made it."""
+        if self.subnet is None:
+            raise RuntimeError("the network has no subnet before create()")
         return str(self.subnet.network_address + 1)
 
     def create(self) -> Network:
         """The bridge, up, with the first address of a free /24."""
         with open(_LOCK_PATH, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            self.subnet = _free_subnet()
+            self.subnet = free_subnet(_networks_in_use())
             ip("link", "add", self.bridge, "type", "bridge")
             self._made_bridge = True
             # a bridge takes the lowest address of its ports unless given one: hosts pin this one (see cut)
@@ -141,25 +172,23 @@ class Network:
 
     def add_host(self, role: str) -> Host:
         """A new namespace joined to the bridge by a veth pair, with the next free address of the subnet."""
-        assert self.subnet is not None, "create() first"
+        if self.subnet is None:
+            raise RuntimeError("add_host() needs the bridge: call create() first")
+        if role in self.hosts:
+            raise ValueError(f"host role {role!r} is already on this network")
         index = len(self.hosts)
-        address = str(self.subnet.network_address + FIRST_HOST_OCTET + index)
+        address = host_address(self.subnet, index)
         host = Host(
             role=role, netns=f"llava-{self.run_id}-{role}", address=address, port=f"llv{self.run_id}{index:02d}"
         )
         self.hosts[role] = host
-        ip("netns", "add", host.netns)
-        ip("link", "add", host.port, "type", "veth", "peer", "name", "eth0", "netns", host.netns)
-        ip("link", "set", host.port, "master", self.bridge)
-        ip("link", "set", host.port, "up")
-        ip("-n", host.netns, "addr", "add", f"{address}/24", "dev", "eth0")
-        ip("-n", host.netns, "link", "set", "eth0", "up")
-        ip("-n", host.netns, "link", "set", "lo", "up")
+        for command in host_commands(self.bridge, host.netns, host.port, address, self.subnet.prefixlen):
+            ip(*command)
         self._pin_neighbours(host)
         return host
 
     def cut(self, host: Host) -> None:
-        """Partition `host` from every other host (and from the test process): its bridge port goes down.
+        """Partition `host` from every other host (and from the process that made the network): its port goes down.
 
         Neighbour (ARP) entries are pinned when hosts join, so no kernel learns of the cut from failed address
         resolution and answers `No route to host`: packets vanish, as in a partition between hosts on routed
