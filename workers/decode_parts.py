@@ -33,26 +33,33 @@ def decode_logits(
 ) -> tuple[torch.Tensor | None, dict[int, BaseException]]:
     """One decode step of every running row: the next-token logits of the rows that ran ([ran, vocab], in row
     order; None when none ran), and the rows that ran out of memory alone with their exception. Any other
-    exception propagates, the batch rolled back; so does out of memory in a batch of one row."""
+    exception propagates, the batch rolled back."""
     try:
         return running.forward(model), {}
     except Exception as exc:
-        if not is_out_of_memory(exc) or len(running.rows) < 2:
+        if not is_out_of_memory(exc):
             raise
         log.warning("decode step of %d rows ran out of memory; running it in parts: %s", len(running.rows), exc)
     running.rollback()
     release_cached_memory(device)
     logits: list[torch.Tensor] = []
     failed: dict[int, BaseException] = {}
-    try:
-        _run_halves(running, model, device, 0, len(running.rows), logits, failed)
+    rows = len(running.rows)
+    try:  # one row is tried once more alone; more rows in halves (the whole just ran out of memory)
+        for start, stop in [(0, 1)] if rows == 1 else _halves(0, rows):
+            _run_part(running, model, device, start, stop, logits, failed)
     except Exception:
         running.rollback()
         raise
     return (torch.cat(logits) if logits else None), failed
 
 
-def _run_halves(
+def _halves(start: int, stop: int) -> list[tuple[int, int]]:
+    middle = (start + stop) // 2
+    return [(start, middle), (middle, stop)]
+
+
+def _run_part(
     running: RunningRows,
     model: Any,
     device: str,
@@ -61,19 +68,18 @@ def _run_halves(
     logits: list[torch.Tensor],
     failed: dict[int, BaseException],
 ) -> None:
-    """Rows start..stop-1 (two or more, whose step ran out of memory) in two halves, each split again while it
-    runs out of memory; their logits appended in row order, the rows that run out of memory alone in `failed`."""
-    middle = (start + stop) // 2
-    for first, last in ((start, middle), (middle, stop)):
-        try:
-            logits.append(running.forward_rows(model, first, last))
-            continue
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            fault = exc.with_traceback(None)  # its frames hold the failed forward's tensors
-        release_cached_memory(device)
-        if last - first == 1:
-            failed[first] = fault
-        else:
-            _run_halves(running, model, device, first, last, logits, failed)
+    """Rows start..stop-1 in one forward, their logits appended; when that runs out of memory, a single row goes to
+    `failed`, more rows run as two halves, each in the same way."""
+    try:
+        logits.append(running.forward_rows(model, start, stop))
+        return
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        fault = exc.with_traceback(None)  # its frames hold the failed forward's tensors
+    release_cached_memory(device)
+    if stop - start == 1:
+        failed[start] = fault
+        return
+    for first, last in _halves(start, stop):
+        _run_part(running, model, device, first, last, logits, failed)
