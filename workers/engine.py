@@ -2,8 +2,9 @@
 
 The engine knows nothing of Redis: it takes prepared jobs and returns per-step text deltas (see `step`).
 `TransformersEngine` implements the `Engine` protocol of `workers.engine_types`. A fault stays with the job that
-caused it (`workers.faults`): a failing batched forward is split or retried per row to find that job, and only a
-device fault (out of memory, a CUDA error) fails the jobs of the forward it hit.
+caused it (`workers.faults`): a failing batched forward is split or retried per row to find that job; a forward
+out of memory runs again in smaller parts (`workers.decode_parts` for decode steps), and only a job out of memory
+alone, or a CUDA error, fails the jobs of the forward it hit.
 """
 
 from __future__ import annotations
