@@ -7,7 +7,7 @@ change goes through rq's own job and registry API so that the records tell the t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from redis import Redis, RedisError
@@ -29,7 +29,22 @@ _FINAL = {JobStatus.FINISHED.value, JobStatus.FAILED.value, JobStatus.CANCELED.v
 # A started job's registry entry; liveness is judged by our worker keys, so rq's own expiry must never fire first.
 STARTED_TTL_S = 24 * 3600
 
-_CLAIM = """
+# Both claim scripts reply {ids taken, ids the job table (KEYS[2]) held as claimed before}: the second list is how
+# a worker finds the jobs of a claim whose reply it lost (see `Claimed`). `state` is the claimed state.
+_EARLIER_CLAIMS = """
+local function earlier_claims(state)
+  local earlier, fields = {}, redis.call('HGETALL', KEYS[2])
+  for i = 1, #fields, 2 do
+    if fields[i + 1] == state then earlier[#earlier + 1] = fields[i] end
+  end
+  return earlier
+end
+"""
+
+_CLAIM = (
+    _EARLIER_CLAIMS
+    + """
+local earlier = earlier_claims(ARGV[2])
 local ids = {}
 for i = 1, tonumber(ARGV[1]) do
   local id = redis.call('LPOP', KEYS[1])
@@ -38,11 +53,15 @@ for i = 1, tonumber(ARGV[1]) do
   ids[#ids + 1] = id
 end
 if #ids > 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
-return ids
+return {ids, earlier}
 """
+)
 
 # Moves every id a blocking claim left in the inbox into the job table, so a lost reply never strands a job.
-_TAKE_INBOX = """
+_TAKE_INBOX = (
+    _EARLIER_CLAIMS
+    + """
+local earlier = earlier_claims(ARGV[1])
 local ids = redis.call('LRANGE', KEYS[1], 0, -1)
 for _, id in ipairs(ids) do
   redis.call('HSET', KEYS[2], id, ARGV[1])
@@ -51,8 +70,9 @@ if #ids > 0 then
   redis.call('DEL', KEYS[1])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
-return ids
+return {ids, earlier}
 """
+)
 
 
 # Forgets a settled worker (job table, inbox, id) unless it came back meanwhile: what a woken worker claimed since
@@ -123,22 +143,43 @@ def job_request(job: Job) -> JobRequest:
     return JobRequest.model_validate(job.kwargs["request"])
 
 
+@dataclass
+class Claimed:
+    """What a claim took, and `earlier`: the ids the worker's job table held as claimed before it. Among those, the
+    ones the worker does not hold come from a claim whose reply it never got (Redis ran it, the connection dropped,
+    or the client sent it again and heard only the second run); the worker puts them back."""
+
+    requests: list[JobRequest] = field(default_factory=list)
+    earlier: list[str] = field(default_factory=list)
+
+
 def queue_claim(pipe: Pipeline, worker_id: str, model: str, n: int) -> None:
     """Queue, on the caller's pipeline, an atomic take of up to `n` jobs off the front of a model's queue into the
-    worker's job table; its reply (the ids) goes to `claimed_requests`. Lets a busy worker claim in the same
-    round trip as it publishes a decode step."""
+    worker's job table; read its reply with `claim_reply`. Lets a busy worker claim in the same round trip as it
+    publishes a decode step."""
     claim_keys = (keys.rq_queue(model), keys.worker_jobs(worker_id))
     pipe.eval(_CLAIM, 2, *claim_keys, n, ClaimState.claimed.value, keys.WORKER_JOBS_TTL_S)
 
 
+def claim_reply(raw: Sequence[Iterable[bytes | str]]) -> tuple[list[str], list[str]]:
+    """(ids taken, ids held as claimed before) from the reply of a claim script (`queue_claim`)."""
+    taken, earlier = raw
+    return [_text(i) for i in taken], [_text(i) for i in earlier]
+
+
 def claim(redis: Redis, worker_id: str, model: str, n: int) -> list[JobRequest]:
     """Atomically take up to `n` jobs off the front of a model's queue into the worker's job table."""
+    return _claim(redis, worker_id, model, n).requests
+
+
+def _claim(redis: Redis, worker_id: str, model: str, n: int) -> Claimed:
     if n <= 0:
-        return []
+        return Claimed()
     with redis.pipeline(transaction=False) as pipe:
         queue_claim(pipe, worker_id, model, n)
-        (raw_ids,) = pipe.execute()
-    return claimed_requests(redis, worker_id, raw_ids)
+        (raw,) = pipe.execute()
+    ids, earlier = claim_reply(raw)
+    return Claimed(claimed_requests(redis, worker_id, ids), earlier)
 
 
 def claimed_requests(redis: Redis, worker_id: str, raw_ids: Iterable[bytes | str]) -> list[JobRequest]:
@@ -157,7 +198,11 @@ def claimed_requests(redis: Redis, worker_id: str, raw_ids: Iterable[bytes | str
 
 def take_inbox(redis: Redis, worker_id: str) -> list[JobRequest]:
     """Atomically move the job ids in a worker's inbox (left by `claim_blocking`) into its job table."""
-    raw_ids = redis.eval(
+    return _take_inbox(redis, worker_id).requests
+
+
+def _take_inbox(redis: Redis, worker_id: str) -> Claimed:
+    raw = redis.eval(
         _TAKE_INBOX,
         2,
         keys.worker_inbox(worker_id),
@@ -165,24 +210,30 @@ def take_inbox(redis: Redis, worker_id: str) -> list[JobRequest]:
         ClaimState.claimed.value,
         keys.WORKER_JOBS_TTL_S,
     )
-    return claimed_requests(redis, worker_id, raw_ids)
+    ids, earlier = claim_reply(raw)
+    return Claimed(claimed_requests(redis, worker_id, ids), earlier)
 
 
-def claim_blocking(redis: Redis, worker_id: str, model: str, n: int, timeout_s: float) -> list[JobRequest]:
+def claim_blocking(redis: Redis, worker_id: str, model: str, n: int, timeout_s: float) -> Claimed:
     """Wait up to `timeout_s` seconds for a job (BLMOVE into the worker's inbox), then take up to `n` jobs in all.
 
     Ids left in the inbox by an earlier call whose reply was lost are taken first."""
     if n <= 0:
-        return []
-    taken = take_inbox(redis, worker_id)
-    if not taken:
+        return Claimed()
+    claimed = _take_inbox(redis, worker_id)
+    if not claimed.requests:
         moved = redis.blmove(keys.rq_queue(model), keys.worker_inbox(worker_id), timeout_s, "LEFT", "RIGHT")
         if moved is None:
-            return []
-        taken = take_inbox(redis, worker_id)
-    if len(taken) < n:
-        taken += claim(redis, worker_id, model, n - len(taken))
-    return taken
+            return claimed
+        claimed = _merged(claimed, _take_inbox(redis, worker_id))
+    if len(claimed.requests) < n:
+        claimed = _merged(claimed, _claim(redis, worker_id, model, n - len(claimed.requests)))
+    return claimed
+
+
+def _merged(first: Claimed, then: Claimed) -> Claimed:
+    earlier = list(dict.fromkeys([*first.earlier, *then.earlier]))
+    return Claimed([*first.requests, *then.requests], earlier)
 
 
 def put_back(redis: Redis, worker_id: str, model: str, job_ids: Iterable[str]) -> int:

@@ -56,6 +56,18 @@ class SlabLayer(DynamicLayer):
         self._view()
         return self.keys, self.values
 
+    def rows_view(self, start: int, stop: int) -> SlabLayer:
+        """Rows start..stop-1 of this layer on the same buffers (room for one more column is made first), so a
+        decode step over them writes its column here."""
+        if self.length + 1 > self.capacity:
+            self._grow(_round_up(self.length + 1 + CHUNK))
+        view = SlabLayer.__new__(SlabLayer)
+        DynamicLayer.__init__(view)
+        view.kbuf, view.vbuf = self.kbuf[start:stop], self.vbuf[start:stop]
+        view.length, view.device, view.is_initialized = self.length, self.device, True
+        view._view()
+        return view
+
     def _grow(self, capacity: int) -> None:
         kbuf = self.kbuf.new_zeros((*self.kbuf.shape[:2], capacity, self.kbuf.shape[3]))
         vbuf = self.vbuf.new_zeros((*self.vbuf.shape[:2], capacity, self.vbuf.shape[3]))
@@ -134,6 +146,17 @@ class DecodeBatch:
             positions=mask.sum(dim=1),
             last_tokens=torch.tensor(list(first_tokens), dtype=torch.long, device=device),
             rows=rows,
+        )
+
+    def rows_in(self, start: int, stop: int) -> DecodeBatch:
+        """Rows start..stop-1 as a batch of their own on this batch's cache buffers, left padding kept: a decode
+        step over it gives those rows the logits the whole batch gives them and caches their column in place."""
+        return DecodeBatch(
+            cache=Cache(layers=[layer.rows_view(start, stop) for layer in self.cache.layers]),
+            attention_mask=self.attention_mask[start:stop],
+            positions=self.positions[start:stop],
+            last_tokens=self.last_tokens[start:stop],
+            rows=self.rows[start:stop],
         )
 
     def decode_inputs(self, cache_kwarg: str = "cache") -> dict[str, Any]:
@@ -280,6 +303,7 @@ class PaddedBatch:
         self.batch: DecodeBatch | None = None
         self._stepped_cache: Any = None
         self._lengths_before: list[int] = []  # each layer's cached columns before the last forward
+        self._in_parts = False  # the step ran as `forward_rows` parts, each caching its rows' column in place
 
     @property
     def rows(self) -> list[Any]:
@@ -304,7 +328,15 @@ class PaddedBatch:
         """One decode step of every row: next-token logits [rows, vocab]. After it raises, `rollback`."""
         self._lengths_before = [layer.length for layer in self.batch.cache.layers]
         out = model(**self.batch.decode_inputs(self.cache_kwarg), use_cache=True, logits_to_keep=1)
-        self._stepped_cache = output_cache(out)
+        self._stepped_cache, self._in_parts = output_cache(out), False
+        return out.logits[:, -1, :]
+
+    def forward_rows(self, model: Any, start: int, stop: int) -> torch.Tensor:
+        """One decode step of rows start..stop-1 alone: their next-token logits. How a step that ran out of memory
+        runs again in parts; `advance` once every row ran (or was given up)."""
+        part = self.batch.rows_in(start, stop)
+        out = model(**part.decode_inputs(self.cache_kwarg), use_cache=True, logits_to_keep=1)
+        self._stepped_cache, self._in_parts = None, True
         return out.logits[:, -1, :]
 
     def rollback(self) -> None:
@@ -312,15 +344,20 @@ class PaddedBatch:
         for layer, length in zip(self.batch.cache.layers, self._lengths_before, strict=True):
             layer.length = length
             layer._view()
-        self._stepped_cache = None
+        self._stepped_cache, self._in_parts = None, False
 
     def try_row(self, model: Any, index: int) -> Exception | None:
         """Run row `index` alone on a copy of its cache: the exception the step raises for it, if any."""
         return try_decode(model, self.batch.filter([index]), self.cache_kwarg)
 
     def advance(self, next_tokens: torch.Tensor) -> None:
+        if self._in_parts:  # every part cached its rows' column in the batch's own layers
+            for layer in self.batch.cache.layers:
+                layer.length += 1
+                layer._view()
+            self._stepped_cache = self.batch.cache
         self.batch.advance(self._stepped_cache, next_tokens)
-        self._stepped_cache = None
+        self._stepped_cache, self._in_parts = None, False
 
     def clear(self) -> None:
-        self.batch, self._stepped_cache = None, None
+        self.batch, self._stepped_cache, self._in_parts = None, None, False

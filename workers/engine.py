@@ -2,8 +2,9 @@
 
 The engine knows nothing of Redis: it takes prepared jobs and returns per-step text deltas (see `step`).
 `TransformersEngine` implements the `Engine` protocol of `workers.engine_types`. A fault stays with the job that
-caused it (`workers.faults`): a failing batched forward is split or retried per row to find that job, and only a
-device fault (out of memory, a CUDA error) fails the jobs of the forward it hit.
+caused it (`workers.faults`): a failing batched forward is split or retried per row to find that job; a forward
+out of memory runs again in smaller parts (`workers.decode_parts` for decode steps), and only a job out of memory
+alone, or a CUDA error, fails the jobs of the forward it hit.
 """
 
 from __future__ import annotations
@@ -17,8 +18,16 @@ from contract.errors import ContextTooLong, InvalidRequest, LlavaError
 from contract.limits import check_prompt_chars, job_text_chars
 from contract.messages import FinishReason, Usage
 from workers.batch import PaddedBatch, Prefilled, output_cache, prefill_groups, prefill_inputs
+from workers.decode_parts import decode_logits
 from workers.engine_types import Engine, EngineImage, EngineJob, JobUpdate, PreparedJob
-from workers.faults import device_error, is_device_fault, is_fatal_device_fault, job_error, sample_rows
+from workers.faults import (
+    device_error,
+    is_device_fault,
+    is_fatal_device_fault,
+    job_error,
+    release_cached_memory,
+    sample_rows,
+)
 from workers.model import LoadedModel
 from workers.preprocess import (
     ImageCache,
@@ -254,16 +263,20 @@ class TransformersEngine:
         fails alone (see `_decode_forward`); a device fault fails the batch."""
         logits, updates = self._decode_forward(list(self._rows))
         rows = list(self._rows)
-        if logits is None or not rows:
+        ran = [r for r in rows if r.finish_reason is None]  # a row that ran out of memory alone has ended
+        if logits is None or not ran:
+            self._running.keep([])
             return updates
         try:
-            tokens, faults = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows])
+            tokens, faults = sample_rows(logits, [r.params for r in ran], [r.generator for r in ran])
         except Exception as exc:  # sample_rows raises device faults only
             self._running.clear()
-            return updates + self._fail_device(rows, exc, "sampling")
-        fed = [self.loaded.pad_token_id if t is None else t for t in tokens]
+            return updates + self._fail_device(ran, exc, "sampling")
+        sampled = dict(zip(map(id, ran), tokens, strict=True))
+        fed = [sampled.get(id(r)) for r in rows]
+        fed = [self.loaded.pad_token_id if t is None else t for t in fed]
         self._running.advance(torch.tensor(fed, dtype=torch.long, device=self.device))
-        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+        for i, (row, token) in enumerate(zip(ran, tokens, strict=True)):
             if token is None:
                 updates.append(row.finish(FinishReason.error, error=job_error(faults[i], "sampling")))
                 continue
@@ -274,14 +287,16 @@ class TransformersEngine:
         return updates
 
     def _decode_forward(self, rows: list[RunningJob]) -> tuple[torch.Tensor | None, list[JobUpdate]]:
-        """The batch's next-token logits (None when no row is left), and the final updates of failed jobs.
+        """The next-token logits of the batch's rows that ran (None when none is left), and the final updates of
+        failed jobs.
 
-        When the forward raises (not a device fault), each row is run alone to find the jobs that make it raise;
-        they fail, and the batch without them runs again. A device fault fails every row."""
+        Out of memory runs the step again in parts (`decode_logits`): only a row out of memory alone fails. When the
+        forward raises (not a device fault), each row is run alone to find the jobs that make it raise; they fail,
+        and the batch without them runs again. Any other device fault fails every row."""
         updates: list[JobUpdate] = []
         try:
             try:
-                return self._running.forward(self.model), updates
+                return self._decode_logits(rows)
             except Exception as exc:
                 if is_device_fault(exc):
                     raise
@@ -302,7 +317,8 @@ class TransformersEngine:
             self._running.keep([i for i in range(len(rows)) if i not in culprits])
             if not self._rows:
                 return None, updates
-            return self._running.forward(self.model), updates
+            logits, failed = self._decode_logits(list(self._rows))
+            return logits, updates + failed
         except Exception as exc:
             rest = [r for r in self._rows if r.finish_reason is None]
             self._running.clear()
@@ -310,6 +326,11 @@ class TransformersEngine:
                 return None, updates + self._fail_device(rest, exc, "decode step")
             error = job_error(exc, "decode step")
             return None, updates + [r.finish(FinishReason.error, error=error) for r in rest]
+
+    def _decode_logits(self, rows: list[RunningJob]) -> tuple[torch.Tensor | None, list[JobUpdate]]:
+        logits, out_of_memory = decode_logits(self._running, self.model, self.device)
+        failed = [u for i, exc in out_of_memory.items() for u in self._fail_device([rows[i]], exc, "decode step")]
+        return logits, failed
 
     def _accept(self, row: RunningJob, token: int) -> JobUpdate | None:
         """`row.accept(token)`; a job whose detokenising or stop matching raises fails alone."""
@@ -402,8 +423,7 @@ class TransformersEngine:
             self.healthy = False
         error = device_error(exc, where)
         log.error("%s; failing %d job(s)", error.message, len(rows))
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        release_cached_memory(self.device)
         return [r.finish(FinishReason.error, error=error) for r in rows]
 
 

@@ -26,9 +26,17 @@ def is_fatal_device_fault(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _FATAL_DEVICE_MARKERS)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The device ran out of memory: the same work may pass in smaller pieces, or once memory is freed."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    # The caching allocator's message, raised as a plain RuntimeError by some kernels and by older torch.
+    return isinstance(exc, RuntimeError) and "CUDA out of memory" in str(exc) and not is_fatal_device_fault(exc)
+
+
 def is_device_fault(exc: BaseException) -> bool:
     """Out of memory, or an error of the accelerator itself; anything else is the fault of a job."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if is_out_of_memory(exc):
         return True
     if _ACCELERATOR_ERROR is not None and isinstance(exc, _ACCELERATOR_ERROR):
         return True
@@ -36,8 +44,14 @@ def is_device_fault(exc: BaseException) -> bool:
 
 
 def device_error(exc: BaseException, where: str) -> DeviceError:
-    kind = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else type(exc).__name__
+    kind = "out of memory" if is_out_of_memory(exc) else type(exc).__name__
     return DeviceError(f"the device failed during {where} ({kind}): {str(exc)[:300]}")
+
+
+def release_cached_memory(device: str) -> None:
+    """Hand the allocator's cached blocks back to the device, so that a retry after out of memory finds them."""
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def job_error(exc: BaseException, where: str) -> LlavaError:

@@ -46,7 +46,7 @@ class SlotLayer(DynamicLayer):
 
     is_compileable = True
 
-    def __init__(self, slots: SlotCache, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, slots: SlotCache | SlotRows, keys: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__()
         self.slots = slots
         self.kbuf, self.vbuf = keys, values
@@ -107,6 +107,24 @@ class SlotCache(Cache):
 
     def nbytes(self) -> int:
         return sum(layer.kbuf.nbytes + layer.vbuf.nbytes for layer in self.layers)
+
+    def rows(self, start: int, stop: int, columns: int) -> SlotRows:
+        """Slots start..stop-1 as a cache of their own on the same buffers, stepped over `columns` columns."""
+        return SlotRows(self, start, stop, columns)
+
+
+class SlotRows(Cache):
+    """Some consecutive slots of a SlotCache, viewed (no copy): a decode step over them writes their new column
+    into the slot cache itself, and nothing else changes."""
+
+    def __init__(self, slots: SlotCache, start: int, stop: int, columns: int) -> None:
+        self.max_columns = slots.max_columns
+        self.tokens, self.lengths = slots.tokens[start:stop], slots.lengths[start:stop]
+        self.row_index = slots.row_index  # a layer indexes its rows from 0: its buffers start at slot `start`
+        self.step_columns = slots.column_index[:columns]
+        super().__init__(
+            layers=[SlotLayer(self, layer.kbuf[start:stop], layer.vbuf[start:stop]) for layer in slots.layers]
+        )
 
 
 def decode_forward(
@@ -235,6 +253,13 @@ class SlotBatch:
         if cache.column_index.is_cuda:  # a new step for CUDA graph trees: the last step's outputs are consumed
             torch.compiler.cudagraph_mark_step_begin()
         return self.step(model, cache, cache.tokens[:rows], cache.lengths[:rows], cache.step_columns, self.cache_kwarg)
+
+    def forward_rows(self, model: Any, start: int, stop: int) -> torch.Tensor:
+        """One decode step of slots start..stop-1 alone: their next-token logits. How a step that ran out of memory
+        runs again in parts; `advance` once every row ran (or was given up). It runs `decode_forward` eagerly: the
+        compiled step's graphs are captured for buckets of slots from 0 at fixed addresses, and a part is neither."""
+        part = self.cache.rows(start, stop, self.step_shape()[1])
+        return decode_forward(model, part, part.tokens, part.lengths, part.step_columns, self.cache_kwarg)
 
     def rollback(self) -> None:
         """After a failed step: nothing to undo (a step writes each row's new column past its length, and only

@@ -183,8 +183,10 @@ class Worker:
             self.returning += claimed_ids
             return []
         self._backoff.ok()
-        self._forget_stale(r.job_id for r in claimed)
-        return claimed
+        ids = [r.job_id for r in claimed.requests]
+        self._forget_stale(ids)
+        self._put_back_lost_claims(claimed.earlier, ids)
+        return claimed.requests
 
     # ---- admit ------------------------------------------------------------------------------------------------
 
@@ -330,8 +332,9 @@ class Worker:
                 job.cancel_sent = True
                 self.engine.cancel(job.job_id)
         if claiming:
-            claimed = [_text(i) for i in results[-1]]
+            claimed, earlier = jobs.claim_reply(results[-1])
             self._forget_stale(claimed)
+            self._put_back_lost_claims(earlier, claimed)
             self._claimed_ids = [*self._claimed_ids, *claimed]
 
     @staticmethod
@@ -359,6 +362,19 @@ class Worker:
         for job_id in claimed:
             if job_id in self.active or any(j.job_id == job_id for j in self.finishing) or job_id in self.returning:
                 self._drop(job_id)
+
+    def _put_back_lost_claims(self, earlier: list[str], claimed: list[str]) -> None:
+        """Jobs the job table held as claimed by this worker before a claim (`earlier`), and that it holds neither
+        as claimed nor as being prepared, returned or finished, come from a claim whose reply it never got: they go
+        back to the queue. (A running job is marked started: one listed here was taken away and claimed again.)"""
+        held = {
+            *claimed, *map(_text, self._claimed_ids), *self.returning,
+            *(p.job_id for p in self.preparing.in_flight()), *(j.job_id for j in self.finishing),
+        }  # fmt: skip
+        lost = [job_id for job_id in earlier if job_id not in held]
+        if lost:
+            log.warning("the reply of a claim of job(s) %s was lost; putting them back in the queue", ", ".join(lost))
+            self.returning += lost
 
     # ---- finish -----------------------------------------------------------------------------------------------
 

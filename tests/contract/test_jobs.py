@@ -67,10 +67,11 @@ def test_claim_skips_a_job_deleted_while_queued(redis_client):
 
 
 def test_claim_blocking_waits_then_tops_up(redis_client):
-    assert jobs.claim_blocking(redis_client, "w1", MODEL, 2, timeout_s=0.1) == []
+    assert jobs.claim_blocking(redis_client, "w1", MODEL, 2, timeout_s=0.1) == jobs.Claimed()
     for job_id in "abc":
         _enqueue(redis_client, job_id)
-    assert [r.job_id for r in jobs.claim_blocking(redis_client, "w1", MODEL, 2, timeout_s=1)] == ["a", "b"]
+    claimed = jobs.claim_blocking(redis_client, "w1", MODEL, 2, timeout_s=1)
+    assert [r.job_id for r in claimed.requests] == ["a", "b"]
     assert _table(redis_client) == {"a": "claimed", "b": "claimed"}
     assert redis_client.llen(keys.worker_inbox("w1")) == 0
     assert _queue(redis_client) == ["c"]
@@ -79,9 +80,25 @@ def test_claim_blocking_waits_then_tops_up(redis_client):
 def test_take_inbox_recovers_an_id_left_by_a_lost_reply(redis_client):
     _enqueue(redis_client, "a")
     redis_client.lmove(jobs.queue_for(redis_client, MODEL).key, keys.worker_inbox("w1"), "LEFT", "RIGHT")
-    assert [r.job_id for r in jobs.claim_blocking(redis_client, "w1", MODEL, 1, timeout_s=0.1)] == ["a"]
+    assert [r.job_id for r in jobs.claim_blocking(redis_client, "w1", MODEL, 1, timeout_s=0.1).requests] == ["a"]
     assert not redis_client.exists(keys.worker_inbox("w1"))
     assert _table(redis_client) == {"a": "claimed"}
+
+
+def test_every_claim_reports_the_jobs_already_held_as_claimed(redis_client):
+    """How a worker learns of the jobs of a claim whose reply it lost: the next claim lists them."""
+    for job_id in "abcd":
+        _enqueue(redis_client, job_id)
+    assert jobs.claim(redis_client, "w1", MODEL, 2)  # a reply the worker never gets
+    jobs.mark_started(redis_client, "w1", "a")
+    with redis_client.pipeline(transaction=False) as pipe:
+        jobs.queue_claim(pipe, "w1", MODEL, 1)
+        (raw,) = pipe.execute()
+    assert jobs.claim_reply(raw) == (["c"], ["b"])  # a started job is not a claim
+    redis_client.lmove(jobs.queue_for(redis_client, MODEL).key, keys.worker_inbox("w1"), "LEFT", "RIGHT")
+    claimed = jobs.claim_blocking(redis_client, "w1", MODEL, 1, timeout_s=0.1)
+    assert [r.job_id for r in claimed.requests] == ["d"] and claimed.earlier == ["b", "c"]
+    assert jobs.claim_blocking(redis_client, "w2", MODEL, 1, timeout_s=0.1) == jobs.Claimed()
 
 
 def test_cancel_of_a_queued_job_removes_it_at_once(redis_client):

@@ -40,3 +40,22 @@ class ModelOutOfMemoryOnBatches:
 
     def __getattr__(self, name):
         return getattr(self.model, name)
+
+
+class ModelOutOfMemoryOnDecodesOver:
+    """A model wrapper for fault injection: a decode step over more than `rows` rows runs out of memory (as a step
+    over a batch too large for the device does); prefills and smaller steps go to the model."""
+
+    def __init__(self, model, rows: int) -> None:
+        self.model, self.rows = model, rows
+        self.raised = 0
+
+    def __call__(self, **kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] == 1 and ids.shape[0] > self.rows:
+            self.raised += 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)

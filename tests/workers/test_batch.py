@@ -54,3 +54,19 @@ def test_slab_cache_writes_in_place_and_grows():
     for _ in range(layer.capacity):  # past the capacity it grows and keeps what it held
         keys, _ = batch.cache.update(new, new, 0)
     assert layer.capacity > buffer.shape[2] and bool((keys[:, :, :3] == 1).all()) and bool((keys[:, :, 3:] == 9).all())
+
+
+def test_rows_in_steps_some_rows_on_the_batch_own_cache_even_when_full():
+    batch = DecodeBatch.concatenate([one_row(2, 1.0, "a"), one_row(63, 2.0, "b"), one_row(3, 3.0, "c")])
+    for layer in batch.cache.layers:  # one step more fills every buffer
+        layer.update(torch.full((3, 2, 1, 4), 5.0), torch.full((3, 2, 1, 4), 5.0))
+    layer = batch.cache.layers[0]
+    assert layer.length == layer.capacity == 64
+    part = batch.rows_in(1, 3)
+    assert part.rows == ["b", "c"] and part.attention_mask.tolist() == batch.attention_mask[1:].tolist()
+    assert part.positions.tolist() == [63, 3] and part.last_tokens.tolist() == [2, 3]
+    new = torch.full((2, 2, 1, 4), 9.0)
+    keys, _ = part.cache.update(new, new, 0)
+    assert keys.shape == (2, 2, 65, 4) and layer.length == 64  # the batch's own length moves at `advance`
+    assert bool((layer.kbuf[1:, :, 64] == 9).all()) and bool((layer.kbuf[0, :, 64] == 0).all())
+    assert bool((layer.kbuf[2, :, 62] == 3).all()) and bool((layer.kbuf[:, :, 63] == 5).all())  # what it held

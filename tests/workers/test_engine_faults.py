@@ -5,10 +5,15 @@ without it, and the engine stays healthy. Faults go in through the real engine c
 from __future__ import annotations
 
 import pytest
+import torch
 
 from contract.errors import ErrorCode
 from contract.messages import FinishReason, JobMessage, JobText, SamplingParams
-from tests.workers.faulty_models import ModelOutOfMemoryOnBatches, ModelRaisingOnMarkedToken
+from tests.workers.faulty_models import (
+    ModelOutOfMemoryOnBatches,
+    ModelOutOfMemoryOnDecodesOver,
+    ModelRaisingOnMarkedToken,
+)
 from tests.workers.tiny_llava import tiny_loaded
 from workers.engine import EngineJob, TransformersEngine, run_to_completion
 from workers.slots import SlotBatch, decode_forward
@@ -126,4 +131,43 @@ def test_out_of_memory_in_a_batched_prefill_retries_it_split_before_failing_anyo
     out = run_to_completion(engine, [*OTHERS, MARKED])
     assert engine.model.raised == 3  # four rows, then two pairs, then four prefills of one
     assert {k: c.token_ids for k, c in out.items()} == clean
+    assert engine.healthy
+
+
+def engine_for(loaded, slots: bool) -> TransformersEngine:
+    engine = TransformersEngine(loaded, max_batch=8, compile=slots, token_budget=8 * 256)
+    if slots:  # the compiled engine's slot batch, stepped without compiling so that a wrapper can raise
+        assert isinstance(engine._running, SlotBatch)
+        engine._running.step = decode_forward
+    return engine
+
+
+@pytest.mark.parametrize("slots", [False, True], ids=["padded-batch", "slot-batch"])
+def test_out_of_memory_in_a_decode_step_runs_it_in_parts_before_failing_anyone(loaded, clean, slots):
+    engine = engine_for(loaded, slots)
+    engine.model = ModelOutOfMemoryOnDecodesOver(loaded.model, rows=1)
+    out = run_to_completion(engine, [*OTHERS, MARKED])
+    assert engine.model.raised == 7 * 3  # each of the 7 decode steps: four rows, then two pairs
+    assert {k: c.token_ids for k, c in out.items()} == clean
+    assert all(c.finish_reason == FinishReason.length for c in out.values())
+    assert engine.healthy
+
+
+@pytest.mark.parametrize("slots", [False, True], ids=["padded-batch", "slot-batch"])
+def test_a_row_out_of_memory_alone_in_a_decode_step_fails_alone(loaded, clean, slots):
+    fed = {j: set(tokens[:-1]) for j, tokens in clean.items()}
+    others = set().union(*(fed[j.job_id] for j in OTHERS))
+    marked = next(t for t in clean[MARKED.job_id][:-1] if t not in others)
+    engine = engine_for(loaded, slots)
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    engine.model = ModelRaisingOnMarkedToken(loaded.model, marked, "decode", oom)
+    out = run_to_completion(engine, [OTHERS[0], MARKED, *OTHERS[1:]])
+    assert engine.model.raised == 3  # four rows, the pair holding it, then the row alone
+    failed = out[MARKED.job_id]
+    assert failed.token_ids == clean[MARKED.job_id][: clean[MARKED.job_id].index(marked) + 1]
+    assert failed.finish_reason == FinishReason.error and failed.error.code == ErrorCode.device_error
+    assert "decode step (out of memory)" in failed.error.message, failed.error.message
+    for other in OTHERS:
+        assert out[other.job_id].token_ids == clean[other.job_id], other.job_id
+        assert out[other.job_id].finish_reason == FinishReason.length
     assert engine.healthy

@@ -168,3 +168,23 @@ def test_warmup_builds_every_graph_before_jobs_come(loaded):
 def test_cudagraphs_backend_needs_cuda(loaded):
     with pytest.raises(ValueError, match="'cudagraphs' needs a CUDA device, not cpu"):
         TransformersEngine(loaded, compile=True, compile_backend="cudagraphs")
+
+
+def test_a_compiled_step_out_of_memory_runs_in_parts_and_the_compiled_step_goes_on(loaded):
+    # Every other whole step runs out of memory: its parts write into the slots the compiled step reads next.
+    jobs = [chat_job(f"j{i}", "go " * (i + 1), [RED] if i == 1 else [], greedy(n)) for i, n in enumerate([9, 14, 6])]
+    expected = run_to_completion(TransformersEngine(loaded, max_batch=4), jobs)
+    engine = compiled_engine(loaded, max_batch=4)
+    compiled, calls = engine._running.step, []
+
+    def step_out_of_memory_every_other_call(model, cache, tokens, *rest):
+        calls.append(tokens.shape[0])
+        if len(calls) % 2 == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return compiled(model, cache, tokens, *rest)
+
+    engine._running.step = step_out_of_memory_every_other_call
+    out = run_to_completion(engine, jobs)
+    assert {j: c.token_ids for j, c in out.items()} == {j: c.token_ids for j, c in expected.items()}
+    assert all(c.finish_reason == FinishReason.length for c in out.values())
+    assert len(calls) >= 8 and engine.healthy
