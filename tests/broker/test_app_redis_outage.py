@@ -1,9 +1,12 @@
-"""Redis goes away and comes back: the controller answers 503 meanwhile and recovers by itself."""
+"""Redis goes away and comes back: a request or stream waits for it up to the outage allowance (503 after that),
+and the controller recovers by itself."""
 
 from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -25,8 +28,9 @@ def wait_ready(client: TestClient, timeout: float = 15.0) -> None:
 
 def test_redis_down_is_503_then_the_controller_recovers(tmp_path: Path) -> None:
     server = EmbeddedRedis(tmp_path / "redis", persist=False).start()
+    timings = replace(FAST, redis_outage_s=0.5)  # a new job waits this long for Redis, then 503
     try:
-        with TestClient(create_app(settings_for(server.url), timings=FAST, run_sweeper=False)) as client:
+        with TestClient(create_app(settings_for(server.url), timings=timings, run_sweeper=False)) as client:
             wait_ready(client)
             server.stop()
 
@@ -39,6 +43,9 @@ def test_redis_down_is_503_then_the_controller_recovers(tmp_path: Path) -> None:
                 client.post("/worker_generate_stream", json={"model": "tiny-llava", "prompt": "hi"}),
             ):
                 assert response.status_code == 503, response.text
+            generate = client.post("/api/v1/generate", json=chat_body()).json()["error"]
+            assert generate["code"] == "redis_unavailable"
+            assert "outage allowance of 0.5 s" in generate["message"], generate
             assert client.get("/healthz").status_code == 200
 
             server = EmbeddedRedis(tmp_path / "redis", port=server.port, persist=False).start()
@@ -133,5 +140,33 @@ def test_a_running_stream_rides_out_a_redis_outage_longer_than_its_stall_check(t
                 redis_client.close()
             assert [name for name, _ in rest] == ["done"], rest
             assert rest[-1][1]["text"] == "so far"
+    finally:
+        server.stop()
+
+
+def test_a_request_arriving_during_a_short_outage_waits_for_redis(tmp_path: Path) -> None:
+    """A new request rides out an outage within the allowance instead of failing at once with 503."""
+    server = EmbeddedRedis(tmp_path / "redis", persist=True).start()  # the worker's liveness key survives
+    try:
+        with TestClient(create_app(settings_for(server.url), timings=FAST, run_sweeper=False)) as client:
+            wait_ready(client)
+            redis_client = connect(server.url)
+            ScriptedWorker(redis_client).register()
+            redis_client.close()
+            server.stop()
+            with ThreadPoolExecutor(1) as pool:
+                sent = pool.submit(client.post, "/api/v1/generate", json=chat_body())
+                time.sleep(2.0)  # the outage, with the request in it
+                assert not sent.done(), sent.result().text  # waiting for Redis, not refused
+                server = EmbeddedRedis(tmp_path / "redis", port=server.port, persist=True).start()
+                redis_client = connect(server.url)
+                running = ScriptedWorker(redis_client).in_thread(lambda w: w.serve_one(["back"]))
+                response = sent.result(timeout=30)
+                running.result()
+                redis_client.close()
+            assert response.status_code == 200, response.text
+            events = list(read_sse(iter(response.text.splitlines())))
+            assert events[0][0] == "queued"
+            assert events[-1][0] == "done" and events[-1][1]["text"] == "back"
     finally:
         server.stop()
