@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import anyio
 
 from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
+from broker.outage import OutageClock
 from broker.relay import Subscription
 from contract import jobs
 from contract.errors import ErrorCode, NoWorker, QueueFull, RedisUnavailable
@@ -85,15 +86,22 @@ class _JobFollower:
         self.waiting = True  # still in the queue, as far as we know
         self.no_worker_since: float | None = None
         self.last_position: int | None = None
-        self.redis_down_since: float | None = None
+        self.outage = OutageClock(ctx.timings.redis_outage_s)
         self.last_seq = 0  # of the latest token event heard
         self.sent_seq = 0  # of the latest token event the client got
         self.gap = False  # a token event was lost: later ones are held back until the final event
 
     async def first_position(self) -> QueuedEvent:
         """The first event of every stream, so that its client learns the job id at once (to Stop it): the
-        position in the queue, or 0 when a worker has already claimed the job."""
-        position = await self.ctx.queue_position(self.model, self.job_id)
+        position in the queue, or 0 when a worker has already claimed the job (or Redis is unreachable: the
+        outage is ridden out as after any other read)."""
+        try:
+            position = await self.ctx.queue_position(self.model, self.job_id)
+        except (RedisUnavailable, *REDIS_ERRORS) as exc:
+            self.outage.failed(exc)
+            log.info("job %s: Redis unreachable (%s); still waiting", self.job_id, exc)
+            return QueuedEvent(job_id=self.job_id, position=0)
+        self.outage.answered()
         if position is None:
             self.waiting = False
             return QueuedEvent(job_id=self.job_id, position=0)
@@ -162,13 +170,10 @@ class _JobFollower:
             if event is None and self.sub.missed_messages():
                 event = await self.check_record()
         except (RedisUnavailable, *REDIS_ERRORS) as exc:
-            now = time.monotonic()
-            self.redis_down_since = self.redis_down_since or now
-            if now - self.redis_down_since >= self.ctx.timings.redis_outage_s:
-                raise
+            self.outage.failed(exc)
             log.info("job %s: Redis unreachable (%s); still waiting", self.job_id, exc)
             return None
-        self.redis_down_since = None
+        self.outage.answered()
         return event
 
     def take_token(self, event: TokenEvent) -> bool:

@@ -9,9 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 
 from broker.app import create_app
+from contract import jobs
 from infra.embedded_redis import EmbeddedRedis, free_port
 from infra.redis import connect
 from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, read_sse, settings_for
@@ -168,5 +170,41 @@ def test_a_request_arriving_during_a_short_outage_waits_for_redis(tmp_path: Path
             events = list(read_sse(iter(response.text.splitlines())))
             assert events[0][0] == "queued"
             assert events[-1][0] == "done" and events[-1][1]["text"] == "back"
+    finally:
+        server.stop()
+
+
+def test_a_stream_rides_out_an_outage_that_starts_right_after_its_job_is_enqueued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis goes away between enqueueing the job and the stream's first read of its queue position: the stream
+    still starts with `queued` (position 0, as nothing better is known) and ends `done` once Redis is back."""
+    server = EmbeddedRedis(tmp_path / "redis", persist=True).start()  # the queued job survives the restart
+    real_enqueue = jobs.enqueue
+
+    def enqueue_then_lose_redis(*args, **kwargs):
+        job = real_enqueue(*args, **kwargs)
+        server.stop()
+        return job
+
+    try:
+        with TestClient(create_app(settings_for(server.url), timings=FAST, run_sweeper=False)) as client:
+            wait_ready(client)
+            redis_client = connect(server.url)
+            ScriptedWorker(redis_client).register()
+            redis_client.close()
+            monkeypatch.setattr(jobs, "enqueue", enqueue_then_lose_redis)
+            with client.stream("POST", "/api/v1/generate", json=chat_body()) as response:
+                assert response.status_code == 200
+                events = read_sse(response.iter_lines())
+                name, data = next(events)
+                assert (name, data.get("position")) == ("queued", 0), data
+                server = EmbeddedRedis(tmp_path / "redis", port=server.port, persist=True).start()
+                redis_client = connect(server.url)
+                running = ScriptedWorker(redis_client).in_thread(lambda w: w.serve_one(["after", " all"]))
+                rest = list(events)
+                assert running.result().job_id == data["job_id"]
+                redis_client.close()
+            assert rest[-1][0] == "done" and rest[-1][1]["text"] == "after all", rest
     finally:
         server.stop()
