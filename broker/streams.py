@@ -5,7 +5,8 @@ published unheard; `follow_job` yields its events until the final `done` or `err
 event is always `queued` (the client learns the job id at once); silence makes it read the job record (a final
 outcome there ends the stream, and a job requeued from a dead worker goes back to `queued` events); a job left
 queued with no live worker ends as `no_worker`. Token events lost across a relay reconnect are made up from the
-final text. A follower that is closed before the final event cancels the job.
+final text. A follower that is closed before the final event cancels the job. A Redis outage pauses the stream
+for up to the outage allowance, measured from the last time Redis answered (a read, or an event heard).
 """
 
 from __future__ import annotations
@@ -217,6 +218,7 @@ class _JobFollower:
         while True:
             raw = await self.sub.get(interval if self.waiting else timings.stall_check_s)
             if raw is not None:
+                self.outage.answered()  # Redis answered (through the relay): any outage is over
                 try:
                     event = parse_event(raw)
                 except ValueError:

@@ -4,16 +4,20 @@ and the controller recovers by itself."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from broker.app import create_app
+from broker.context import ControllerContext
 from contract import jobs
+from contract.messages import TokenEvent
 from infra.embedded_redis import EmbeddedRedis, free_port
 from infra.redis import connect
 from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, read_sse, settings_for
@@ -208,3 +212,62 @@ def test_a_stream_rides_out_an_outage_that_starts_right_after_its_job_is_enqueue
             assert rest[-1][0] == "done" and rest[-1][1]["text"] == "after all", rest
     finally:
         server.stop()
+
+
+class FailingReads:
+    """The stream's reads of the queue and the job record fail as in an outage while `down` is set (its events
+    still come through the relay); `failed` is set by the first read that fails."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.down = threading.Event()
+        self.failed = threading.Event()
+        real_view, real_position = jobs.view, ControllerContext.queue_position
+
+        def view(*args, **kwargs):
+            self.fail_if_down()
+            return real_view(*args, **kwargs)
+
+        async def queue_position(ctx: ControllerContext, model: str, job_id: str) -> int | None:
+            self.fail_if_down()
+            return await real_position(ctx, model, job_id)
+
+        monkeypatch.setattr(jobs, "view", view)
+        monkeypatch.setattr(ControllerContext, "queue_position", queue_position)
+
+    def fail_if_down(self) -> None:
+        if self.down.is_set():
+            self.failed.set()
+            raise redis.ConnectionError("Redis is down (the test's outage)")
+
+
+def test_two_short_outages_are_measured_each_on_its_own(
+    redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event heard between two outages ends the first: together they last longer than the allowance, each of
+    them does not, and the stream ends done."""
+    allowance_s = 2.0
+    outage_s = 0.65 * allowance_s
+    reads = FailingReads(monkeypatch)
+    worker = ScriptedWorker(redis_client).register()
+    timings = replace(FAST, redis_outage_s=allowance_s)
+    with TestClient(create_app(settings_for(redis_url), timings=timings, run_sweeper=False)) as client:
+        with client.stream("POST", "/api/v1/generate", json=chat_body()) as response:
+            events = read_sse(response.iter_lines())
+            assert next(events)[0] == "queued"
+            job = worker.claim()
+            worker.start(job)
+            worker.publish(TokenEvent(job_id=job.job_id, text="one", seq=1))
+            assert next(events)[0] == "token"
+            reads.down.set()
+            assert reads.failed.wait(5)  # the stream's record check failed: the first outage has begun
+            time.sleep(outage_s)  # the first outage
+            worker.publish(TokenEvent(job_id=job.job_id, text=" two", seq=2))  # Redis answers through the relay
+            assert next(events) == ("token", {"job_id": job.job_id, "type": "token", "text": " two", "seq": 2})
+            reads.failed.clear()
+            assert reads.failed.wait(5)  # the second outage
+            time.sleep(outage_s)
+            reads.down.clear()
+            worker.finish(job, "one two")
+            rest = list(events)
+    assert [name for name, _ in rest] == ["done"], rest
+    assert rest[-1][1]["text"] == "one two"
