@@ -2,6 +2,7 @@
 
 `submit_for(request, job)` is what every generate route calls instead of `submit_job`: it checks the client's rate
 limits, then moderation (when on), takes a slot of its fair share, then submits; refusals are counted in Redis.
+Each of these steps rides out a Redis outage of up to the controller's allowance (`broker.outage`).
 `broker.streams.follow_job` calls `ctx.on_job_end` when a stream ends (done, error, or its client gone), which here
 releases the slot, counts the generated tokens, writes the conversation log entry and, for a cancelled or abandoned
 job, releases its images at once.
@@ -22,6 +23,7 @@ from broker.context import ControllerContext
 from broker.convlog import ConversationLog
 from broker.limits import Client, ClientLimits
 from broker.moderation import moderators, user_texts
+from broker.outage import ride_out_outage
 from broker.relay import Subscription
 from broker.streams import submit_job
 from contract import keys
@@ -65,15 +67,16 @@ class Admission:
         self.running: dict[str, AdmittedJob] = {}
         self._release_images = redis.register_script(_RELEASE_IMAGES)
 
-    async def admit(self, request: Request, job: JobRequest) -> AdmittedJob:
-        """Check the client's limits for `job` (RateLimited 429 names the one reached) and remember the job."""
+    async def admit(self, request: Request, job: JobRequest, outage_s: float) -> AdmittedJob:
+        """Check the client's limits for `job` (RateLimited 429 names the one reached) and remember the job; each
+        Redis step waits out an outage of up to `outage_s` seconds."""
         client = Client.of(request, keys_checked=self.keys_checked)
         admitted = AdmittedJob(job=job, client=client, endpoint=request.url.path)
         try:
-            await self.limits.check_rate(client.name)
+            await ride_out_outage(lambda: self.limits.check_rate(client.name), outage_s)
             for moderator in self.moderators:
                 await moderator.check(user_texts(job))
-            await self.limits.take_slot(client.name, job.job_id)
+            await ride_out_outage(lambda: self.limits.take_slot(client.name, job.job_id), outage_s)
         except (RateLimited, ContentRefused) as exc:
             await self.refused(admitted, exc)
             raise
@@ -136,11 +139,13 @@ def admission(request: Request) -> Admission:
 
 
 async def submit_for(request: Request, ctx: ControllerContext, job: JobRequest) -> Subscription:
-    """Admit `job` for the request's client, then subscribe and enqueue it (`submit_job`); 429 when a limit is hit."""
+    """Admit `job` for the request's client, then subscribe and enqueue it (`submit_job`); 429 when a limit is hit,
+    503 when Redis stays unreachable for longer than the outage allowance."""
     gate = admission(request)
-    await gate.admit(request, job)
+    outage_s = ctx.timings.redis_outage_s
+    await gate.admit(request, job, outage_s)
     try:
-        return await submit_job(ctx, job)
+        return await ride_out_outage(lambda: submit_job(ctx, job), outage_s)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await gate.withdraw(job.job_id)

@@ -32,13 +32,14 @@ class StreamTimings:
     no_worker_timeout_s: float = 30.0  # queued with no live worker serving the model this long: error no_worker
     relay_wait_s: float = 2.0  # how long a new request waits for the relay's subscription after an outage
     relay_backoff_max_s: float = 5.0  # longest pause between the relay's reconnect attempts
-    redis_outage_s: float = 30.0  # a stream rides out a Redis outage this long, then ends with redis_unavailable
+    redis_outage_s: float = 30.0  # a request or stream rides out a Redis outage this long, then redis_unavailable
 
     @classmethod
     def from_settings(cls, settings: ControllerSettings) -> StreamTimings:
         return cls(
             stall_check_s=settings.stall_check_interval_s,
             no_worker_timeout_s=settings.no_worker_timeout_s,
+            redis_outage_s=settings.redis_outage_s,
         )
 
 

@@ -14,6 +14,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from broker import images
 from broker.admission import submit_for
 from broker.context import ControllerContext
+from broker.outage import ride_out_outage
 from broker.streams import follow_job
 from broker.validation import (
     BODY_ERRORS,
@@ -135,15 +136,15 @@ async def checked_images(ctx: ControllerContext, sources: list[tuple[str, str]])
     if not sources:
         return []
     checked = await anyio.to_thread.run_sync(images.check_images, sources, limits)
-    await images.store_images(ctx.redis, checked)
+    await ride_out_outage(lambda: images.store_images(ctx.redis, checked), ctx.timings.redis_outage_s)
     return checked
 
 
 async def require_live_model(ctx: ControllerContext, model: str, prompt_chars: int = 0) -> None:
     """ModelNotFound (404, naming the live models) when no worker serves `model`, NoWorker (503) when its workers
     are gone, PayloadTooLarge (413, naming the limit) when `prompt_chars` characters of prompt text could fit the
-    context of none of them (`contract.limits`); a Redis failure propagates to the app's handler (503)."""
-    workers = await ctx.require_model(model)
+    context of none of them (`contract.limits`); Redis unreachable for longer than the outage allowance is a 503."""
+    workers = await ride_out_outage(lambda: ctx.require_model(model), ctx.timings.redis_outage_s)
     contexts = [w.context_length for w in workers if w.context_length]
     if contexts and len(contexts) == len(workers):  # a worker of unknown context might take any prompt
         check_prompt_chars(prompt_chars, max(contexts), model)

@@ -4,8 +4,11 @@
 published unheard; `follow_job` yields its events until the final `done` or `error`, and never hangs. Its first
 event is always `queued` (the client learns the job id at once); silence makes it read the job record (a final
 outcome there ends the stream, and a job requeued from a dead worker goes back to `queued` events); a job left
-queued with no live worker ends as `no_worker`. Token events lost across a relay reconnect are made up from the
-final text. A follower that is closed before the final event cancels the job.
+queued with no live worker ends as `no_worker`; until the first text, each silent interval gives a `queued` event
+(position 0 once claimed), which keeps every wire's client reading. Token events lost across a relay reconnect
+are made up from the final text. A follower that is closed before the final event cancels the job. A Redis outage
+pauses the stream for up to the outage allowance, measured from the last time Redis answered (a read, or an event
+heard).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import AsyncIterator
 import anyio
 
 from broker.context import REDIS_ERRORS, ControllerContext, redis_unavailable
+from broker.outage import OutageClock
 from broker.relay import Subscription
 from contract import jobs
 from contract.errors import ErrorCode, NoWorker, QueueFull, RedisUnavailable
@@ -85,15 +89,22 @@ class _JobFollower:
         self.waiting = True  # still in the queue, as far as we know
         self.no_worker_since: float | None = None
         self.last_position: int | None = None
-        self.redis_down_since: float | None = None
+        self.outage = OutageClock(ctx.timings.redis_outage_s)
         self.last_seq = 0  # of the latest token event heard
         self.sent_seq = 0  # of the latest token event the client got
         self.gap = False  # a token event was lost: later ones are held back until the final event
 
     async def first_position(self) -> QueuedEvent:
         """The first event of every stream, so that its client learns the job id at once (to Stop it): the
-        position in the queue, or 0 when a worker has already claimed the job."""
-        position = await self.ctx.queue_position(self.model, self.job_id)
+        position in the queue, or 0 when a worker has already claimed the job (or Redis is unreachable: the
+        outage is ridden out as after any other read)."""
+        try:
+            position = await self.ctx.queue_position(self.model, self.job_id)
+        except (RedisUnavailable, *REDIS_ERRORS) as exc:
+            self.outage.failed(exc)
+            log.info("job %s: Redis unreachable (%s); still waiting", self.job_id, exc)
+            return QueuedEvent(job_id=self.job_id, position=0)
+        self.outage.answered()
         if position is None:
             self.waiting = False
             return QueuedEvent(job_id=self.job_id, position=0)
@@ -162,13 +173,10 @@ class _JobFollower:
             if event is None and self.sub.missed_messages():
                 event = await self.check_record()
         except (RedisUnavailable, *REDIS_ERRORS) as exc:
-            now = time.monotonic()
-            self.redis_down_since = self.redis_down_since or now
-            if now - self.redis_down_since >= self.ctx.timings.redis_outage_s:
-                raise
+            self.outage.failed(exc)
             log.info("job %s: Redis unreachable (%s); still waiting", self.job_id, exc)
             return None
-        self.redis_down_since = None
+        self.outage.answered()
         return event
 
     def take_token(self, event: TokenEvent) -> bool:
@@ -205,13 +213,30 @@ class _JobFollower:
                         yield missed
                 yield event
 
+    def keepalive(self) -> QueuedEvent | None:
+        """While the job has made no text yet: its last known position (0 once claimed), sent after each silent
+        interval whatever the reason (a long prefill, a frozen worker not yet swept, a Redis outage), so that every
+        wire can keep its client reading (LLaVA's clients give up after 10 s without a byte)."""
+        if self.last_seq:
+            return None
+        position = self.last_position if self.waiting and self.last_position is not None else 0
+        return QueuedEvent(job_id=self.job_id, position=position)
+
     async def _events(self) -> AsyncIterator[StreamEvent]:
         timings = self.ctx.timings
         interval = self.ctx.settings.queued_update_interval_s
         yield await self.first_position()
+        heard_at = time.monotonic()  # of the last event heard or record check made
         while True:
-            raw = await self.sub.get(interval if self.waiting else timings.stall_check_s)
+            if self.waiting:
+                wait_s = interval
+            elif not self.last_seq:  # claimed, no text yet: keepalives at the queue's pace, checks as usual
+                wait_s = min(interval, timings.stall_check_s)
+            else:
+                wait_s = timings.stall_check_s
+            raw = await self.sub.get(wait_s)
             if raw is not None:
+                self.outage.answered()  # Redis answered (through the relay): any outage is over
                 try:
                     event = parse_event(raw)
                 except ValueError:
@@ -219,6 +244,7 @@ class _JobFollower:
                     continue
                 if isinstance(event, QueuedEvent):
                     continue  # positions come from the queue itself
+                heard_at = time.monotonic()
                 self.waiting = False
                 if isinstance(event, TokenEvent) and not self.take_token(event):
                     continue
@@ -226,7 +252,11 @@ class _JobFollower:
                 if isinstance(event, (DoneEvent, ErrorEvent)):
                     return
                 continue
-            event = await self.check()
+            event = None
+            if self.waiting or time.monotonic() - heard_at >= timings.stall_check_s:
+                heard_at = time.monotonic()
+                event = await self.check()
+            event = event or self.keepalive()
             if event is not None:
                 yield event
                 if isinstance(event, (DoneEvent, ErrorEvent)):

@@ -29,7 +29,7 @@ NOT_AN_IMAGE = (
 def waiting_text(ahead: int) -> str:
     """What a reply shows while its request waits for the model, `ahead` requests before it."""
     if ahead <= 0:
-        return "⏳ _Your request is next: the model is busy with other replies._"
+        return "⏳ _Your request is next: the model is reading it, or finishing other replies first._"
     return f"⏳ _Waiting for the model: {ahead} request{'s' * (ahead != 1)} ahead of yours._"
 
 

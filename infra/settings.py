@@ -54,6 +54,9 @@ class ControllerSettings(BaseSettings):
     ping_interval_s: int = Field(default=15, ge=1)
     stall_check_interval_s: float = Field(default=3.0, gt=0, description="silent stream: read the job record after")
     no_worker_timeout_s: float = Field(default=30.0, gt=0, description="queued with no live worker: fail after")
+    redis_outage_s: float = Field(
+        default=30.0, gt=0, description="Redis unreachable: requests and streams wait this long for it, then fail 503"
+    )
     api_keys: str | None = Field(
         default=None,
         validation_alias=AliasChoices("api_keys", "LLAVA_API_KEYS"),

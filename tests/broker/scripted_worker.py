@@ -174,3 +174,20 @@ FAST = StreamTimings(stall_check_s=0.3, no_worker_timeout_s=0.6, relay_wait_s=2.
 
 def settings_for(redis_url: str, **overrides) -> ControllerSettings:
     return ControllerSettings(redis_url=redis_url, queued_update_interval_s=0.1, **overrides)
+
+
+WATCHDOG_S = 8.0
+
+
+class Watchdog:
+    """Ends a stream that would otherwise never end (an `error` event with code `test_watchdog` on its channel),
+    so that a regression fails the test instead of hanging it."""
+
+    def __init__(self, client: redis.Redis, job_id: str, after_s: float = WATCHDOG_S) -> None:
+        event = ErrorEvent(job_id=job_id, code="test_watchdog", message="the stream did not end by itself")
+        self._timer = threading.Timer(after_s, client.publish, (keys.chunks(job_id), event.model_dump_json()))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        self._timer.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,7 +12,7 @@ from broker.app import create_app
 from broker.context import StreamTimings
 from contract import jobs, keys
 from contract.keys import rq_queue
-from tests.broker.scripted_worker import FAST, ScriptedWorker, png_b64, settings_for
+from tests.broker.scripted_worker import FAST, ScriptedWorker, Watchdog, png_b64, settings_for
 
 
 def llava_chunks(response) -> list[dict]:
@@ -240,3 +241,35 @@ def test_a_queued_job_keeps_llavas_clients_reading(redis_url: str, worker: Scrip
     chunks = [json.loads(piece) for piece in data.split(b"\0") if piece]
     assert [c["text"] for c in chunks] == [PROMPT + " A", PROMPT + " A square"]
     assert b"\0\0" not in data.split(b"{", 1)[1]  # no keepalive once the text has started
+
+
+def test_a_claimed_job_silent_for_long_keeps_llavas_clients_reading(
+    client: TestClient, worker: ScriptedWorker, redis_client
+) -> None:
+    """A job claimed by a worker that makes no text for longer than LLaVA's 10 s read timeout (a long prefill, or a
+    frozen worker the sweeper has not caught yet) still gets a bare separator at most every keepalive interval."""
+    keepalive_s = 5.0
+    start = time.monotonic()
+    arrivals: list[float] = []  # of each bare keepalive separator
+    with client.stream("POST", "/worker_generate_stream", json=llava_body()) as response:
+        assert response.status_code == 200
+        job = worker.claim()
+        worker.start(job)  # and then silence
+        watchdog = Watchdog(redis_client, job.job_id, after_s=30.0)
+        try:
+            data = b""
+            for piece in response.iter_raw():
+                data += piece
+                while data.startswith(b"\0"):
+                    arrivals.append(time.monotonic())
+                    data = data[1:]
+                    if len(arrivals) == 3:  # more than 10 s of silence kept alive: the text comes now
+                        worker.tokens(job, [" A", " square"])
+                        worker.finish(job, " A square")
+        finally:
+            watchdog.cancel()
+    chunks = [json.loads(piece) for piece in data.split(b"\0") if piece]
+    assert [c["text"] for c in chunks] == [PROMPT + " A", PROMPT + " A square"], chunks
+    assert len(arrivals) == 3
+    gaps = [later - earlier for earlier, later in zip([start, *arrivals[:-1]], arrivals, strict=True)]
+    assert all(gap <= keepalive_s + 1.0 for gap in gaps), gaps

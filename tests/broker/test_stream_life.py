@@ -14,25 +14,10 @@ from fastapi.testclient import TestClient
 from broker.context import ControllerContext
 from contract import jobs, keys, sweeper
 from contract.keys import rq_queue
-from contract.messages import ErrorEvent, FinishReason, JobRequest, TokenEvent
-from tests.broker.scripted_worker import ScriptedWorker, chat_body, read_sse
+from contract.messages import FinishReason, JobRequest, TokenEvent
+from tests.broker.scripted_worker import ScriptedWorker, Watchdog, chat_body, read_sse
 
 MODEL = "tiny-llava"
-WATCHDOG_S = 8.0
-
-
-class Watchdog:
-    """Ends a stream that would otherwise never end (an `error` event with code `test_watchdog` on its channel),
-    so that a regression fails the test instead of hanging it."""
-
-    def __init__(self, client: redis.Redis, job_id: str, after_s: float = WATCHDOG_S) -> None:
-        event = ErrorEvent(job_id=job_id, code="test_watchdog", message="the stream did not end by itself")
-        self._timer = threading.Timer(after_s, client.publish, (keys.chunks(job_id), event.model_dump_json()))
-        self._timer.daemon = True
-        self._timer.start()
-
-    def cancel(self) -> None:
-        self._timer.cancel()
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
