@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
+import anyio.to_thread
 import redis as sync_redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,13 +20,14 @@ from pydantic import BaseModel
 from broker import images
 from broker.admission import Admission
 from broker.auth import ApiKeyCheck, ApiKeyMiddleware, load_api_keys
+from broker.bodies import BodyParser, invalid_fields
 from broker.context import ControllerContext, StreamTimings, redis_unavailable
 from broker.metrics import ControllerMetrics, StatsWriter
 from broker.relay import ChunkRelay
 from broker.routes_llava import LLAVA_STREAM_PATH, llava_error_response
-from broker.validation import BODY_ERRORS, IMAGE_ERRORS, error_responses, field_errors
+from broker.validation import BODY_ERRORS, IMAGE_ERRORS, error_responses
 from contract import liveness
-from contract.errors import LlavaError, RequestInvalid
+from contract.errors import LlavaError
 from contract.feedback_messages import FeedbackRequest
 from contract.messages import DoneEvent, ErrorEvent, GenerateRequest, QueuedEvent, TokenEvent
 from contract.openai_messages import ChatCompletionRequest, CompletionRequest, openai_error, openai_status
@@ -75,7 +77,7 @@ async def _llava_error(request: Request, exc: Exception) -> Response:
 async def _validation_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, RequestValidationError):  # registered for RequestValidationError only
         raise exc
-    return await _llava_error(request, RequestInvalid(field_errors(list(exc.errors()))))
+    return await _llava_error(request, invalid_fields(list(exc.errors())))
 
 
 async def _redis_error(request: Request, exc: Exception) -> Response:
@@ -123,12 +125,14 @@ def create_app(
         relay = ChunkRelay(lambda: async_connect(settings.redis_url), backoff_max_s=stream_timings.relay_backoff_max_s)
         relay.start()
         stats = StatsWriter(redis)
+        bodies = BodyParser.from_settings(settings)
         app.state.ctx = ControllerContext(
             settings=settings,
             redis=redis,
             redis_sync=redis_sync,
             relay=relay,
             timings=stream_timings,
+            bodies=bodies,
             observe=lambda model: metrics.observe(model, stats.record),
         )
         app.state.admission = Admission(redis, settings, keys_checked=bool(api_keys))
@@ -152,6 +156,7 @@ def create_app(
             await stats.drain()
             await redis.aclose()
             redis_sync.close()
+            await anyio.to_thread.run_sync(bodies.close)
 
     app = FastAPI(
         title="llava-serve controller",
@@ -210,6 +215,12 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-bytes", type=int, default=None)
     parser.add_argument("--max-image-pixels", type=int, default=None, help="width x height limit per image")
     parser.add_argument("--max-body-bytes", type=int, default=None)
+    parser.add_argument(
+        "--max-body-values",
+        type=int,
+        default=None,
+        help="JSON values (arrays, objects, scalars) a body may hold (20000)",
+    )
     parser.add_argument("--job-result-ttl-s", type=int, default=None, help="seconds a finished job record is kept")
     parser.add_argument("--sweep-interval-s", type=float, default=None)
     parser.add_argument("--ping-interval-s", type=int, default=None, help="SSE keep-alive ping, seconds")
@@ -274,6 +285,7 @@ _CONTROLLER_FLAGS = (
     "max_image_bytes",
     "max_image_pixels",
     "max_body_bytes",
+    "max_body_values",
     "job_result_ttl_s",
     "sweep_interval_s",
     "ping_interval_s",

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import anyio.to_thread
 import redis as sync_redis
 
+from broker.bodies import BodyParser
 from broker.relay import ChunkRelay
 from contract import keys, liveness
 from contract.errors import ModelNotFound, NoWorker, RedisUnavailable
@@ -49,6 +50,7 @@ class ControllerContext:
     redis_sync: sync_redis.Redis
     relay: ChunkRelay
     timings: StreamTimings
+    bodies: BodyParser
     workers_cache_s: float = 1.0
     # Called with the model as a stream starts; returns an observer (`on_event(event)`, `close()`): metrics.
     observe: Callable[[str], Any] | None = None

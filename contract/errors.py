@@ -79,12 +79,22 @@ class RequestInvalid(InvalidRequest):
 
     MAX_LISTED = 8
 
-    def __init__(self, fields: list[dict[str, str]]) -> None:
+    def __init__(self, fields: list[dict[str, str]], *, total: int | None = None) -> None:
         self.fields = fields
+        self.total = max(total or 0, len(fields))  # errors found; `fields` may list only the first of them
         text = "; ".join(f"{f['field']}: {f['message']}" for f in fields[: self.MAX_LISTED])
-        if len(fields) > self.MAX_LISTED:
-            text += f"; and {len(fields) - self.MAX_LISTED} more"
+        if self.total > self.MAX_LISTED:
+            text += f"; and {self.total - self.MAX_LISTED} more"
+        if self.total > len(fields):
+            text += f" (the first {len(fields)} are listed in fields)"
         super().__init__(f"invalid request: {text}")
+
+    def __reduce__(self) -> tuple:  # crosses a process boundary (the body parser's pool) with its fields
+        return (_request_invalid, (self.fields, self.total))
+
+
+def _request_invalid(fields: list[dict[str, str]], total: int) -> RequestInvalid:
+    return RequestInvalid(fields, total=total)
 
 
 class ImageInvalid(LlavaError):

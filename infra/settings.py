@@ -48,6 +48,13 @@ class ControllerSettings(BaseSettings):
         default=20.0, ge=1, description="longest over shortest side; bounds an image's size after the model's resize"
     )
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_body_values: int = Field(
+        default=20_000, ge=1, description="JSON values (arrays, objects, strings, numbers, literals) a body may hold"
+    )
+    body_inline_max_bytes: int = Field(
+        default=64 * 1024, ge=0, description="bodies up to this size are parsed on the event loop, larger ones not"
+    )
+    body_parse_processes: int = Field(default=2, ge=1, description="processes that parse large request bodies")
     job_result_ttl_s: int = Field(default=600, ge=1, description="seconds a finished job's record is kept")
     queued_update_interval_s: float = Field(default=1.0, gt=0)
     sweep_interval_s: float = Field(default=1.0, gt=0)
