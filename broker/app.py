@@ -23,6 +23,7 @@ from broker.auth import ApiKeyCheck, ApiKeyMiddleware, load_api_keys
 from broker.bodies import BodyParser, invalid_fields
 from broker.context import ControllerContext, StreamTimings, redis_unavailable
 from broker.metrics import ControllerMetrics, StatsWriter
+from broker.moderation import ReplyModeration, reply_moderators
 from broker.relay import ChunkRelay
 from broker.routes_llava import LLAVA_STREAM_PATH, llava_error_response
 from broker.validation import BODY_ERRORS, IMAGE_ERRORS, error_responses
@@ -116,6 +117,7 @@ def create_app(
     stream_timings = timings or StreamTimings.from_settings(settings)
     images.install_pil_guard(settings.max_image_pixels)
     api_keys = load_api_keys(settings.api_keys, settings.api_keys_file)
+    checkers = reply_moderators(settings)
     metrics = ControllerMetrics()
 
     @contextlib.asynccontextmanager
@@ -137,6 +139,9 @@ def create_app(
         )
         app.state.admission = Admission(redis, settings, keys_checked=bool(api_keys))
         app.state.ctx.on_job_end = app.state.admission.job_ended
+        if checkers:
+            moderation = ReplyModeration(app.state.ctx, checkers, settings.moderation_reply_interval_chars)
+            app.state.ctx.screen_reply = moderation.screen
         # A client of its own: a pool busy with a thousand streams must never delay the lease past its TTL.
         lease_redis = async_connect(settings.redis_url)
         lease = asyncio.create_task(liveness.hold_controller_lease(lease_redis, app.state.ctx.controller_id))
@@ -271,6 +276,14 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--moderation-url", default=None, help="check user text with an OpenAI-shaped moderation API at this URL"
     )
+    parser.add_argument(
+        "--moderate-replies",
+        action="store_true",
+        default=None,
+        help="check replies as they stream with the same moderators (every --moderation-reply-interval-chars "
+        "characters and at the end); a flagged reply stops with error reply_flagged. Default: off",
+    )
+    parser.add_argument("--moderation-reply-interval-chars", type=int, default=None, help="(400)")
     parser.add_argument("--feedback-retention-days", type=float, default=None, help="days feedback is kept (365)")
     parser.add_argument("--feedback-retention-entries", type=int, default=None, help="feedback entries kept (100000)")
 
@@ -302,6 +315,8 @@ _CONTROLLER_FLAGS = (
     "feedback_retention_days",
     "moderation_words_file",
     "moderation_url",
+    "moderate_replies",
+    "moderation_reply_interval_chars",
     "feedback_retention_entries",
 )
 

@@ -27,6 +27,7 @@ class ErrorCode(str, Enum):
     queue_full = "queue_full"
     content_refused = "content_refused"  # the moderation hook flagged the user's text
     moderation_unavailable = "moderation_unavailable"  # the moderation service failed: the request is refused
+    reply_flagged = "reply_flagged"  # reply moderation flagged the text being generated: the job was stopped
     rate_limited = "rate_limited"  # a client's cap on jobs held at once, or its requests or tokens per minute
     generation_failed = "generation_failed"
     device_error = "device_error"
@@ -152,6 +153,13 @@ class ContentRefused(LlavaError):
 
     status_code = 400
     code = ErrorCode.content_refused
+
+
+class ReplyFlagged(LlavaError):
+    """400: reply moderation flagged the reply as it streamed; the job was stopped, the stream ends with this."""
+
+    status_code = 400
+    code = ErrorCode.reply_flagged
 
 
 class ModerationUnavailable(LlavaError):

@@ -98,6 +98,12 @@ class ControllerSettings(BaseSettings):
     )
     moderation_api_key: str | None = Field(default=None, description="bearer key for moderation_url")
     moderation_timeout_s: float = Field(default=5.0, gt=0, description="a moderation call that takes longer fails")
+    moderate_replies: bool = Field(
+        default=False, description="check replies too as they stream, with the same moderators; a flagged one stops"
+    )
+    moderation_reply_interval_chars: int = Field(
+        default=400, ge=1, description="a streaming reply is checked each time it grows by this many characters"
+    )
     log_conversations: bool = Field(default=False, description="write every exchange to the conversation log")
     log_retention_days: float | None = Field(
         default=30.0, gt=0, description="conversation log entries and their images are kept this long"
