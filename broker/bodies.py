@@ -2,23 +2,30 @@
 
 A body over `inline_max_bytes` is parsed in a small pool of spawned processes: JSON parsing and validation hold the
 GIL, so a thread would stall the loop just the same (a 60 MB prompt, or a body of a million small values, takes from
-a fifth of a second to many seconds). Before it is parsed, every body's JSON values are counted from its raw bytes
-(C-speed byte scans, no objects built); more than `max_values` is refused with 413. A body that does not validate is
-refused with 422 listing at most `MAX_REPORTED_ERRORS` of its errors.
+a fifth of a second to many seconds). Such a body reaches its process through a temporary file written off the loop,
+not pickled: writing a file releases the GIL, copying 60 MB in memory holds it (about 45 ms).
+
+Before it is parsed, every body's JSON values are counted from its raw bytes (C-speed byte scans, no objects built);
+more than `max_values` is refused with 413. A body that does not validate is refused with 422 listing at most
+`MAX_REPORTED_ERRORS` of its errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
+import os
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+import anyio.to_thread
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from broker.validation import field_errors, read_body
+from broker.validation import field_errors, read_chunks
 from contract.errors import InvalidRequest, LlavaError, PayloadTooLarge, RequestInvalid
 from infra.settings import ControllerSettings
 
@@ -84,6 +91,28 @@ def parse_body(body: bytes, model: type[M], max_values: int) -> M:
         raise invalid_fields(exc.errors(include_url=False)) from None
 
 
+def parse_file(path: str, model: type[M], max_values: int) -> M:
+    """`parse_body` of the body in the file at `path` (run in a pool process)."""
+    with open(path, "rb") as file:
+        return parse_body(file.read(), model, max_values)
+
+
+def spill(chunks: list[bytes]) -> str:
+    """Write a body's chunks to a new temporary file (each write releases the GIL); returns its path."""
+    fd, path = tempfile.mkstemp(prefix="llava-body-")
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return path
+
+
 class BodyParser:
     """Reads and parses request bodies for every route; `close()` stops its processes (the app's lifespan does)."""
 
@@ -114,18 +143,27 @@ class BodyParser:
 
     async def read(self, request: Request, model: type[M]) -> M:
         """Read the request's body (413 past `max_bytes`) and parse it as `model` (`parse_body`)."""
-        body = await read_body(request, self.max_bytes)
-        if not body.strip():
+        chunks = await read_chunks(request, self.max_bytes)
+        if not any(chunk.strip() for chunk in chunks):
             raise InvalidRequest("invalid request: body: a JSON object is required")
-        return await self.parse(body, model)
+        return await self.parse(chunks, model)
 
-    async def parse(self, body: bytes, model: type[M]) -> M:
-        """`parse_body`, inline for a body up to `inline_max_bytes`, else in a pool process."""
-        if len(body) <= self.inline_max_bytes:
-            return parse_body(body, model, self.max_values)
+    async def parse(self, body: bytes | list[bytes], model: type[M]) -> M:
+        """`parse_body` of `body` (or its chunks), inline up to `inline_max_bytes`, else in a pool process."""
+        chunks = [body] if isinstance(body, bytes) else body
+        if sum(len(chunk) for chunk in chunks) <= self.inline_max_bytes:
+            return parse_body(b"".join(chunks), model, self.max_values)
+        path = await anyio.to_thread.run_sync(spill, chunks)
+        try:
+            return await self._parse_file(path, model)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    async def _parse_file(self, path: str, model: type[M]) -> M:
         pool = self._executor()
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, parse_body, body, model, self.max_values)
+            return await asyncio.get_running_loop().run_in_executor(pool, parse_file, path, model, self.max_values)
         except BrokenProcessPool as exc:  # a parser process died (killed, out of memory): start afresh next time
             if self._pool is pool:
                 self._pool = None

@@ -112,6 +112,12 @@ def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The request body, refused with 413 as soon as Content-Length or the bytes read pass `max_bytes`."""
+    return b"".join(await read_chunks(request, max_bytes))
+
+
+async def read_chunks(request: Request, max_bytes: int) -> list[bytes]:
+    """The request body as the chunks it came in (not joined: a large one goes to a file as it is), refused with 413
+    as soon as Content-Length or the bytes read pass `max_bytes`."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -127,7 +133,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         if total > max_bytes:
             raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks
 
 
 def require_prompt(prompt: str, field: str = "prompt") -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,7 +117,10 @@ def test_a_large_body_is_parsed_while_the_event_loop_runs_on(tmp_path: Path) -> 
     assert parsed.released, "the parse was released only after it gave up: it ran on the event loop"
 
 
-def test_the_parser_processes_end_with_the_app(redis_url: str, redis_client: redis.Redis) -> None:
+def test_the_parser_processes_end_with_the_app_and_leave_no_files(
+    redis_url: str, redis_client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where large bodies are written for the parser
     settings = settings_for(redis_url, body_inline_max_bytes=0)
     with TestClient(create_app(settings, timings=FAST, run_sweeper=False)) as client:
         reply = client.post("/api/v1/generate", json=chat_body(model="not-served"))
@@ -128,3 +132,4 @@ def test_the_parser_processes_end_with_the_app(redis_url: str, redis_client: red
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    assert list(tmp_path.iterdir()) == []
