@@ -4,6 +4,7 @@ and logged. Real Redis, two controllers, scripted worker."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import redis
 
 from broker.app import create_app
 from broker.convlog import read_conversations
+from broker.moderation import ModerationApi, ReplyModeration
 from contract import jobs, keys
 from tests.broker.scripted_worker import ScriptedWorker, chat_body, read_sse, settings_for
 from tests.broker.test_limits import A, two_controllers
@@ -226,3 +228,11 @@ def test_the_moderation_api_checks_replies_as_they_stream(
 def test_replies_need_a_moderator(redis_url: str) -> None:
     with pytest.raises(ValueError, match="moderate_replies needs a moderator"):
         create_app(settings_for(redis_url, moderate_replies=True))
+
+
+def test_a_moderation_service_that_fails_mid_reply_ends_it(moderation_server: ModerationServer) -> None:
+    url = moderation_server.url
+    moderation_server.close()
+    checker = ReplyModeration(None, [ModerationApi(url, timeout_s=2.0)], interval_chars=10)  # type: ignore[arg-type]
+    refusal = asyncio.run(checker.verdict("job-1", "some reply text"))
+    assert refusal is not None and refusal.code == "moderation_unavailable"
