@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
+import anyio.to_thread
 import redis as sync_redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,13 +20,15 @@ from pydantic import BaseModel
 from broker import images
 from broker.admission import Admission
 from broker.auth import ApiKeyCheck, ApiKeyMiddleware, load_api_keys
+from broker.bodies import BodyParser, invalid_fields
 from broker.context import ControllerContext, StreamTimings, redis_unavailable
 from broker.metrics import ControllerMetrics, StatsWriter
+from broker.moderation import ReplyModeration, reply_moderators
 from broker.relay import ChunkRelay
 from broker.routes_llava import LLAVA_STREAM_PATH, llava_error_response
-from broker.validation import BODY_ERRORS, IMAGE_ERRORS, error_responses, field_errors
+from broker.validation import BODY_ERRORS, IMAGE_ERRORS, error_responses
 from contract import liveness
-from contract.errors import LlavaError, RequestInvalid
+from contract.errors import LlavaError
 from contract.feedback_messages import FeedbackRequest
 from contract.messages import DoneEvent, ErrorEvent, GenerateRequest, QueuedEvent, TokenEvent
 from contract.openai_messages import ChatCompletionRequest, CompletionRequest, openai_error, openai_status
@@ -75,7 +78,7 @@ async def _llava_error(request: Request, exc: Exception) -> Response:
 async def _validation_error(request: Request, exc: Exception) -> Response:
     if not isinstance(exc, RequestValidationError):  # registered for RequestValidationError only
         raise exc
-    return await _llava_error(request, RequestInvalid(field_errors(list(exc.errors()))))
+    return await _llava_error(request, invalid_fields(list(exc.errors())))
 
 
 async def _redis_error(request: Request, exc: Exception) -> Response:
@@ -114,6 +117,7 @@ def create_app(
     stream_timings = timings or StreamTimings.from_settings(settings)
     images.install_pil_guard(settings.max_image_pixels)
     api_keys = load_api_keys(settings.api_keys, settings.api_keys_file)
+    checkers = reply_moderators(settings)
     metrics = ControllerMetrics()
 
     @contextlib.asynccontextmanager
@@ -123,16 +127,21 @@ def create_app(
         relay = ChunkRelay(lambda: async_connect(settings.redis_url), backoff_max_s=stream_timings.relay_backoff_max_s)
         relay.start()
         stats = StatsWriter(redis)
+        bodies = BodyParser.from_settings(settings)
         app.state.ctx = ControllerContext(
             settings=settings,
             redis=redis,
             redis_sync=redis_sync,
             relay=relay,
             timings=stream_timings,
+            bodies=bodies,
             observe=lambda model: metrics.observe(model, stats.record),
         )
         app.state.admission = Admission(redis, settings, keys_checked=bool(api_keys))
         app.state.ctx.on_job_end = app.state.admission.job_ended
+        if checkers:
+            moderation = ReplyModeration(app.state.ctx, checkers, settings.moderation_reply_interval_chars)
+            app.state.ctx.screen_reply = moderation.screen
         # A client of its own: a pool busy with a thousand streams must never delay the lease past its TTL.
         lease_redis = async_connect(settings.redis_url)
         lease = asyncio.create_task(liveness.hold_controller_lease(lease_redis, app.state.ctx.controller_id))
@@ -152,6 +161,7 @@ def create_app(
             await stats.drain()
             await redis.aclose()
             redis_sync.close()
+            await anyio.to_thread.run_sync(bodies.close)
 
     app = FastAPI(
         title="llava-serve controller",
@@ -210,6 +220,12 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-bytes", type=int, default=None)
     parser.add_argument("--max-image-pixels", type=int, default=None, help="width x height limit per image")
     parser.add_argument("--max-body-bytes", type=int, default=None)
+    parser.add_argument(
+        "--max-body-values",
+        type=int,
+        default=None,
+        help="JSON values (arrays, objects, scalars) a body may hold (20000)",
+    )
     parser.add_argument("--job-result-ttl-s", type=int, default=None, help="seconds a finished job record is kept")
     parser.add_argument("--sweep-interval-s", type=float, default=None)
     parser.add_argument("--ping-interval-s", type=int, default=None, help="SSE keep-alive ping, seconds")
@@ -260,6 +276,14 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--moderation-url", default=None, help="check user text with an OpenAI-shaped moderation API at this URL"
     )
+    parser.add_argument(
+        "--moderate-replies",
+        action="store_true",
+        default=None,
+        help="check replies as they stream with the same moderators (every --moderation-reply-interval-chars "
+        "characters and at the end); a flagged reply stops with error reply_flagged. Default: off",
+    )
+    parser.add_argument("--moderation-reply-interval-chars", type=int, default=None, help="(400)")
     parser.add_argument("--feedback-retention-days", type=float, default=None, help="days feedback is kept (365)")
     parser.add_argument("--feedback-retention-entries", type=int, default=None, help="feedback entries kept (100000)")
 
@@ -274,6 +298,7 @@ _CONTROLLER_FLAGS = (
     "max_image_bytes",
     "max_image_pixels",
     "max_body_bytes",
+    "max_body_values",
     "job_result_ttl_s",
     "sweep_interval_s",
     "ping_interval_s",
@@ -290,6 +315,8 @@ _CONTROLLER_FLAGS = (
     "feedback_retention_days",
     "moderation_words_file",
     "moderation_url",
+    "moderate_replies",
+    "moderation_reply_interval_chars",
     "feedback_retention_entries",
 )
 

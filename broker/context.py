@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio.to_thread
 import redis as sync_redis
 
+from broker.bodies import BodyParser
 from broker.relay import ChunkRelay
 from contract import keys, liveness
 from contract.errors import ModelNotFound, NoWorker, RedisUnavailable
@@ -50,11 +51,14 @@ class ControllerContext:
     redis_sync: sync_redis.Redis
     relay: ChunkRelay
     timings: StreamTimings
+    bodies: BodyParser
     workers_cache_s: float = 1.0
     # Called with the model as a stream starts; returns an observer (`on_event(event)`, `close()`): metrics.
     observe: Callable[[str], Any] | None = None
     # Awaited once as a stream ends: (job id, its done or error event or None when its client went away, text).
     on_job_end: Callable[[str, Any, str], Awaitable[None]] | None = None
+    # Passes a job's events through reply moderation (events, job id, model) -> events; None when it is off.
+    screen_reply: Callable[[AsyncIterator[Any], str, str], AsyncIterator[Any]] | None = None
     # This process's id: jobs carry it, and its lease (`keys.controller()`) ending cancels them.
     controller_id: str = field(default_factory=liveness.new_controller_id)
     _workers: tuple[float, list[WorkerInfo]] | None = field(default=None, repr=False)

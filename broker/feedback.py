@@ -20,7 +20,7 @@ from redis import Redis
 
 from broker.convlog import KEEP_IMAGES
 from broker.images import ImageLimits, check_images
-from broker.validation import documented_body, read_model
+from broker.validation import documented_body
 from contract import keys
 from contract.errors import ImageInvalid, RedisUnavailable
 from contract.feedback_messages import FeedbackAccepted, FeedbackEntry, FeedbackRequest, FeedbackType
@@ -135,7 +135,7 @@ async def post_feedback(request: Request) -> FeedbackAccepted:
     """Append a vote or flag, with its whole conversation and images, to the feedback stream. The body is read
     under `max_body_bytes` like every other endpoint's, and its images are checked in a worker thread."""
     ctx = request.app.state.ctx  # broker.context.ControllerContext
-    body = await read_model(request, FeedbackRequest, ctx.settings.max_body_bytes)
+    body = await ctx.bodies.read(request, FeedbackRequest)
     limits = ImageLimits.from_settings(ctx.settings)
     entry, images = await anyio.to_thread.run_sync(build_entry, body, limits)
     retention = FeedbackRetention.from_settings(ctx.settings)

@@ -174,9 +174,11 @@ class RedisStateCollector(Collector):
         log_entries.add_metric([], report.conversation_log_entries)
         yield log_entries
         refused = CounterMetricFamily(
-            "llava_requests_refused", "Requests refused before enqueueing, every replica, by code", labels=["code"]
+            "llava_requests_refused",
+            "Requests refused by limits or moderation (reply_flagged: a reply stopped), every replica, by code",
+            labels=["code"],
         )
-        for code in ("rate_limited", "content_refused"):
+        for code in ("rate_limited", "content_refused", "reply_flagged"):
             refused.add_metric([code], report.refusals.get(code, 0))
         yield refused
 

@@ -1,5 +1,7 @@
 """Moderation, off by default: user text is checked before its job is enqueued, and a flagged request is refused
-with `ContentRefused` (400, code `content_refused`, the message naming the rule or categories).
+with `ContentRefused` (400, code `content_refused`, the message naming the rule or categories). With
+`moderate_replies`, `ReplyModeration` also checks each reply as it streams (every `moderation_reply_interval_chars`
+characters and at the end): a flagged reply stops its job and ends its stream with `reply_flagged`.
 
 Two implementations: `WordList`, regular expressions from a file (one a line, `#` comments; a plain word is a
 regular expression too), matched case-insensitively; and `ModerationApi`, a client of OpenAI's moderation API shape
@@ -9,19 +11,33 @@ moderation service that fails or times out refuses the request (503): a public d
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
-from contract.errors import ContentRefused, ModerationUnavailable
-from contract.messages import JobRequest, JobText
+from contract import jobs, keys
+from contract.errors import ContentRefused, ModerationUnavailable, ReplyFlagged
+from contract.messages import DoneEvent, ErrorEvent, JobRequest, JobText, StreamEvent, TokenEvent, error_event
 from infra.settings import ControllerSettings
+
+if TYPE_CHECKING:
+    from broker.context import ControllerContext
+
+log = logging.getLogger(__name__)
+
+REFUSED_PREFIX = "the request was refused by moderation"
 
 
 class Moderator(Protocol):
+    async def flagged(self, texts: list[str]) -> str | None:
+        """None when every text passes, else what flagged one; ModerationUnavailable when it cannot tell."""
+
     async def check(self, texts: list[str]) -> None:
         """Return when every text passes; raise ContentRefused naming what flagged one."""
 
@@ -49,14 +65,17 @@ class WordList:
             raise ValueError(f"moderation word list {path} holds no pattern")
         return cls(patterns)
 
-    async def check(self, texts: list[str]) -> None:
+    async def flagged(self, texts: list[str]) -> str | None:
         for text in texts:
             for pattern in self.patterns:
                 if pattern.search(text):
-                    raise ContentRefused(
-                        f"the request was refused by moderation: its text matches the word list entry "
-                        f"`{pattern.pattern}`"
-                    )
+                    return f"its text matches the word list entry `{pattern.pattern}`"
+        return None
+
+    async def check(self, texts: list[str]) -> None:
+        reason = await self.flagged(texts)
+        if reason is not None:
+            raise ContentRefused(f"{REFUSED_PREFIX}: {reason}")
 
 
 @dataclass
@@ -66,10 +85,10 @@ class ModerationApi:
     timeout_s: float = 5.0
     transport: httpx.AsyncBaseTransport | None = None
 
-    async def check(self, texts: list[str]) -> None:
+    async def flagged(self, texts: list[str]) -> str | None:
         texts = [text for text in texts if text]
         if not texts:
-            return
+            return None
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
             async with httpx.AsyncClient(timeout=self.timeout_s, transport=self.transport) as client:
@@ -88,8 +107,13 @@ class ModerationApi:
             }
         )
         if any(result.get("flagged") for result in results):
-            named = ", ".join(flagged) or "unnamed categories"
-            raise ContentRefused(f"the request was refused by moderation: flagged for {named}")
+            return f"flagged for {', '.join(flagged) or 'unnamed categories'}"
+        return None
+
+    async def check(self, texts: list[str]) -> None:
+        reason = await self.flagged(texts)
+        if reason is not None:
+            raise ContentRefused(f"{REFUSED_PREFIX}: {reason}")
 
 
 def moderators(settings: ControllerSettings) -> list[Moderator]:
@@ -100,3 +124,69 @@ def moderators(settings: ControllerSettings) -> list[Moderator]:
     if settings.moderation_url:
         found.append(ModerationApi(settings.moderation_url, settings.moderation_api_key, settings.moderation_timeout_s))
     return found
+
+
+def reply_moderators(settings: ControllerSettings) -> list[Moderator]:
+    """The moderators that check replies: those of user text, when `moderate_replies` is on; ValueError when it is
+    on with no moderator to use."""
+    if not settings.moderate_replies:
+        return []
+    found = moderators(settings)
+    if not found:
+        raise ValueError("moderate_replies needs a moderator: set moderation_words_file or moderation_url")
+    return found
+
+
+class ReplyModeration:
+    """Checks replies as they stream, for every endpoint (`broker.streams.follow_job` passes each job's events
+    through `screen`). A flagged reply, or a moderation service that cannot tell, stops the job: the stream ends
+    with `reply_flagged` (or `moderation_unavailable`: a public demo fails closed) instead of its next text."""
+
+    def __init__(self, ctx: ControllerContext, checkers: list[Moderator], interval_chars: int) -> None:
+        self.ctx = ctx
+        self.checkers = checkers
+        self.interval_chars = interval_chars
+
+    async def screen(self, events: AsyncIterator[StreamEvent], job_id: str, model: str) -> AsyncIterator[StreamEvent]:
+        """`events`, checked each time the reply grew by `interval_chars` characters and once more at its end."""
+        text = ""
+        checked = 0
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    text += event.text
+                    due = len(text) - checked >= self.interval_chars
+                elif isinstance(event, DoneEvent):
+                    text = event.text or text
+                    due = len(text) > checked
+                else:
+                    due = False
+                if due:
+                    checked = len(text)
+                    refusal = await self.verdict(job_id, text)
+                    if refusal is not None:
+                        await self.stop(job_id, model, refusal)
+                        yield refusal
+                        return
+                yield event
+
+    async def verdict(self, job_id: str, text: str) -> ErrorEvent | None:
+        """None when the reply so far passes every moderator, else the error event that ends its stream."""
+        try:
+            for checker in self.checkers:
+                reason = await checker.flagged([text])
+                if reason is not None:
+                    return error_event(job_id, ReplyFlagged(f"the reply was stopped by moderation: {reason}"))
+        except ModerationUnavailable as exc:
+            return error_event(job_id, exc)
+        return None
+
+    async def stop(self, job_id: str, model: str, refusal: ErrorEvent) -> None:
+        """Cancel the job and count and log the refusal; best effort (the stream ends either way)."""
+        log.warning("job %s: reply stopped by moderation: %s", job_id, refusal.message)
+        try:
+            await self.ctx.run_sync(jobs.request_cancel, self.ctx.redis_sync, job_id, model)
+            if refusal.code == ReplyFlagged.code:
+                await self.ctx.redis.hincrby(keys.refusals(), refusal.code, 1)
+        except Exception as exc:  # noqa: BLE001 - Redis may be down; max_new_tokens bounds the waste
+            log.warning("job %s: could not stop the flagged reply's job (%s)", job_id, exc)

@@ -25,7 +25,6 @@ from broker.validation import (
     SSE_MEDIA_TYPE,
     documented_body,
     error_responses,
-    read_model,
     sse_event_schema,
     stream_reply,
 )
@@ -205,7 +204,7 @@ async def sse_events(events: AsyncIterator[StreamEvent]) -> AsyncIterator[Server
 )
 async def generate(request: Request) -> EventSourceResponse:
     ctx = context(request)
-    body = await read_model(request, GenerateRequest, ctx.settings.max_body_bytes)
+    body = await ctx.bodies.read(request, GenerateRequest)
     job = await prepare_job(ctx, body)
     sub = await submit_for(request, ctx, job)
     return EventSourceResponse(

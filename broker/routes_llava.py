@@ -36,7 +36,6 @@ from broker.validation import (
     READ_ERRORS,
     documented_body,
     error_responses,
-    read_model,
     require_prompt,
     stream_reply,
 )
@@ -166,7 +165,7 @@ async def llava_chunks(
 
 async def _start_llava_job(ctx: ControllerContext, request: Request) -> tuple[LlavaGenerateBody, JobRequest | None]:
     """The checked body and its job; no job (nothing stored or queued) when `max_new_tokens` is 0."""
-    body = await read_model(request, LlavaGenerateBody, ctx.settings.max_body_bytes)
+    body = await ctx.bodies.read(request, LlavaGenerateBody)
     require_prompt(body.prompt)
     sent = body.images or []
     placeholders = body.prompt.count(IMAGE_PLACEHOLDER)
@@ -229,7 +228,7 @@ async def list_models(request: Request) -> dict[str, list[str]]:
 )
 async def get_worker_address(request: Request) -> dict[str, str]:
     ctx = context(request)
-    body = await read_model(request, ModelName, ctx.settings.max_body_bytes)
+    body = await ctx.bodies.read(request, ModelName)
     if body.model not in await ctx.serving(fresh=True):
         return {"address": ""}
     address = ctx.settings.public_url or str(request.base_url)

@@ -35,7 +35,6 @@ from broker.validation import (
     SSE_MEDIA_TYPE,
     documented_body,
     error_responses,
-    read_model,
     require_prompt,
     sse_event_schema,
     stream_reply,
@@ -251,7 +250,7 @@ async def final_text_completion(
 )
 async def chat_completions(request: Request):
     ctx = context(request)
-    body = await read_model(request, ChatCompletionRequest, ctx.settings.max_body_bytes)
+    body = await ctx.bodies.read(request, ChatCompletionRequest)
     generate = await with_remote_images(request, ctx, body.to_generate_request())
     job = await prepare_job(ctx, generate)
     return await respond(request, ctx, job, body, "chatcmpl", completion_chunks, final_completion)
@@ -350,7 +349,7 @@ async def prepare_prompt_job(ctx: ControllerContext, body: CompletionRequest) ->
 )
 async def completions(request: Request):
     ctx = context(request)
-    body = await read_model(request, CompletionRequest, ctx.settings.max_body_bytes)
+    body = await ctx.bodies.read(request, CompletionRequest)
     job = await prepare_prompt_job(ctx, body)
     return await respond(request, ctx, job, body, "cmpl", text_completion_chunks, final_text_completion)
 

@@ -272,7 +272,10 @@ async def follow_job(ctx: ControllerContext, sub: Subscription, model: str) -> A
     final: DoneEvent | ErrorEvent | None = None
     try:
         try:
-            async for event in follower.events():
+            events = follower.events()
+            if ctx.screen_reply is not None:  # reply moderation (`broker.moderation.ReplyModeration.screen`)
+                events = ctx.screen_reply(events, sub.job_id, model)
+            async for event in events:
                 if isinstance(event, (DoneEvent, ErrorEvent)):
                     finished = True
                     final = event

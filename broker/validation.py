@@ -4,9 +4,9 @@ OpenAPI spec says each route answers (`documented_body`, `error_responses` and t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.requests import Request
 
 from contract.errors import (
@@ -32,8 +32,6 @@ from contract.errors import (
 )
 from contract.openai_messages import OpenAIError
 from contract.replies import ErrorReply
-
-M = TypeVar("M", bound=BaseModel)
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaVA's image placeholder in prompt text
 
@@ -114,6 +112,12 @@ def field_errors(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The request body, refused with 413 as soon as Content-Length or the bytes read pass `max_bytes`."""
+    return b"".join(await read_chunks(request, max_bytes))
+
+
+async def read_chunks(request: Request, max_bytes: int) -> list[bytes]:
+    """The request body as the chunks it came in (not joined: a large one goes to a file as it is), refused with 413
+    as soon as Content-Length or the bytes read pass `max_bytes`."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -129,18 +133,7 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
         if total > max_bytes:
             raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_model(request: Request, model: type[M], max_bytes: int) -> M:
-    """Read and validate a JSON body as `model`; 413 when too big, 422 naming every bad field."""
-    body = await read_body(request, max_bytes)
-    if not body.strip():
-        raise InvalidRequest("invalid request: body: a JSON object is required")
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        raise RequestInvalid(field_errors(exc.errors(include_url=False))) from None
+    return chunks
 
 
 def require_prompt(prompt: str, field: str = "prompt") -> None:
@@ -150,7 +143,7 @@ def require_prompt(prompt: str, field: str = "prompt") -> None:
 
 
 def documented_body(model: type[BaseModel]) -> dict[str, Any]:
-    """`openapi_extra` for a route that reads its JSON body with `read_model(request, model, ...)`: OpenAPI shows
+    """`openapi_extra` for a route that reads its JSON body with `ctx.bodies.read(request, model)`: OpenAPI shows
     `model` as the required body (the app adds the schema itself, see `app._document_bodies`)."""
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}

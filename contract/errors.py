@@ -27,6 +27,7 @@ class ErrorCode(str, Enum):
     queue_full = "queue_full"
     content_refused = "content_refused"  # the moderation hook flagged the user's text
     moderation_unavailable = "moderation_unavailable"  # the moderation service failed: the request is refused
+    reply_flagged = "reply_flagged"  # reply moderation flagged the text being generated: the job was stopped
     rate_limited = "rate_limited"  # a client's cap on jobs held at once, or its requests or tokens per minute
     generation_failed = "generation_failed"
     device_error = "device_error"
@@ -79,12 +80,22 @@ class RequestInvalid(InvalidRequest):
 
     MAX_LISTED = 8
 
-    def __init__(self, fields: list[dict[str, str]]) -> None:
+    def __init__(self, fields: list[dict[str, str]], *, total: int | None = None) -> None:
         self.fields = fields
+        self.total = max(total or 0, len(fields))  # errors found; `fields` may list only the first of them
         text = "; ".join(f"{f['field']}: {f['message']}" for f in fields[: self.MAX_LISTED])
-        if len(fields) > self.MAX_LISTED:
-            text += f"; and {len(fields) - self.MAX_LISTED} more"
+        if self.total > self.MAX_LISTED:
+            text += f"; and {self.total - self.MAX_LISTED} more"
+        if self.total > len(fields):
+            text += f" (the first {len(fields)} are listed in fields)"
         super().__init__(f"invalid request: {text}")
+
+    def __reduce__(self) -> tuple:  # crosses a process boundary (the body parser's pool) with its fields
+        return (_request_invalid, (self.fields, self.total))
+
+
+def _request_invalid(fields: list[dict[str, str]], total: int) -> RequestInvalid:
+    return RequestInvalid(fields, total=total)
 
 
 class ImageInvalid(LlavaError):
@@ -142,6 +153,13 @@ class ContentRefused(LlavaError):
 
     status_code = 400
     code = ErrorCode.content_refused
+
+
+class ReplyFlagged(LlavaError):
+    """400: reply moderation flagged the reply as it streamed; the job was stopped, the stream ends with this."""
+
+    status_code = 400
+    code = ErrorCode.reply_flagged
 
 
 class ModerationUnavailable(LlavaError):

@@ -167,6 +167,7 @@ def conversations() -> str:
 
 
 def refusals() -> str:
-    """HASH of requests refused before enqueueing, by error code (`rate_limited`, `content_refused`), summed over
+    """HASH of requests refused, by error code (`rate_limited`, `content_refused`, and `reply_flagged` for a reply
+    stopped as it streamed), summed over
     every replica since Redis began (HINCRBY). No TTL; a handful of fields."""
     return f"{PREFIX}refusals"

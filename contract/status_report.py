@@ -48,5 +48,5 @@ class StatusReport(BaseModel):
     rates: dict[str, ModelRates] = Field(default_factory=dict)
     conversation_log_entries: int = Field(default=0, description="entries in the conversation log now")
     refusals: dict[str, int] = Field(
-        default_factory=dict, description="requests refused before enqueueing, by code (rate_limited, content_refused)"
+        default_factory=dict, description="requests refused, by code (rate_limited, content_refused, reply_flagged)"
     )

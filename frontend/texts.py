@@ -61,6 +61,11 @@ def describe_error(exc: LlavaError, model: str | None) -> str:
         )
     if code == ErrorCode.invalid_request:
         return f"⚠️ This request could not be sent as it is: {message}"
+    if code == ErrorCode.reply_flagged:
+        return (
+            "⚠️ This reply was stopped because it went against the rules of this service. "
+            f"Try asking in a different way: edit your message, or {REGENERATE[0].lower() + REGENERATE[1:]}."
+        )
     if code == ErrorCode.worker_lost:
         return f"⚠️ The server writing this reply stopped before finishing it. {REGENERATE}."
     if code == ErrorCode.timeout:

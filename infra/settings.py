@@ -48,6 +48,13 @@ class ControllerSettings(BaseSettings):
         default=20.0, ge=1, description="longest over shortest side; bounds an image's size after the model's resize"
     )
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_body_values: int = Field(
+        default=20_000, ge=1, description="JSON values (arrays, objects, strings, numbers, literals) a body may hold"
+    )
+    body_inline_max_bytes: int = Field(
+        default=64 * 1024, ge=0, description="bodies up to this size are parsed on the event loop, larger ones not"
+    )
+    body_parse_processes: int = Field(default=2, ge=1, description="processes that parse large request bodies")
     job_result_ttl_s: int = Field(default=600, ge=1, description="seconds a finished job's record is kept")
     queued_update_interval_s: float = Field(default=1.0, gt=0)
     sweep_interval_s: float = Field(default=1.0, gt=0)
@@ -94,6 +101,12 @@ class ControllerSettings(BaseSettings):
     )
     moderation_api_key: str | None = Field(default=None, description="bearer key for moderation_url")
     moderation_timeout_s: float = Field(default=5.0, gt=0, description="a moderation call that takes longer fails")
+    moderate_replies: bool = Field(
+        default=False, description="check replies too as they stream, with the same moderators; a flagged one stops"
+    )
+    moderation_reply_interval_chars: int = Field(
+        default=400, ge=1, description="a streaming reply is checked each time it grows by this many characters"
+    )
     log_conversations: bool = Field(default=False, description="write every exchange to the conversation log")
     log_retention_days: float | None = Field(
         default=30.0, gt=0, description="conversation log entries and their images are kept this long"

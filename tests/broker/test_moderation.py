@@ -4,6 +4,7 @@ and logged. Real Redis, two controllers, scripted worker."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from collections.abc import Iterator
@@ -13,9 +14,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from broker.app import create_app
 from broker.convlog import read_conversations
-from contract import keys
-from tests.broker.scripted_worker import ScriptedWorker, chat_body
+from broker.moderation import ModerationApi, ReplyModeration
+from contract import jobs, keys
+from tests.broker.scripted_worker import ScriptedWorker, chat_body, read_sse, settings_for
 from tests.broker.test_limits import A, two_controllers
 
 
@@ -148,3 +151,88 @@ def test_status_and_metrics_show_the_log_size_and_refusals(
     assert "llava_conversation_log_entries 2.0" in exposition
     assert 'llava_requests_refused_total{code="rate_limited"} 1.0' in exposition
     assert 'llava_requests_refused_total{code="content_refused"} 1.0' in exposition
+
+
+# ---- Replies, as they stream --------------------------------------------------------------------------------------
+
+
+def word_file(tmp_path: Path) -> Path:
+    words = tmp_path / "words.txt"
+    words.write_text("forbidden\n")
+    return words
+
+
+def test_a_streaming_reply_is_stopped_at_the_check_that_flags_it(
+    redis_url: str, redis_client: redis.Redis, worker: ScriptedWorker, tmp_path: Path
+) -> None:
+    settings = {"moderation_words_file": word_file(tmp_path), "moderate_replies": True, "log_conversations": True}
+    with two_controllers(redis_url, moderation_reply_interval_chars=10, **settings) as (first, _):
+        thread = worker.in_thread(lambda w: w.stream_then_hold(["hello ", "there ", "a forbidden ", "word"]))
+        with first.stream("POST", "/api/v1/generate", json=chat_body(text="hi"), headers=A) as reply:
+            events = list(read_sse(reply.iter_lines()))
+        job = thread.result()
+        exposition = first.get("/metrics").text
+    # Checked at 12 characters ("hello there ", passes) and at 24 (flagged): the flagged piece never reaches the client.
+    assert [(name, data.get("text")) for name, data in events[1:-1]] == [("token", "hello "), ("token", "there ")]
+    name, error = events[-1]
+    assert name == "error" and error["code"] == "reply_flagged"
+    assert error["message"] == "the reply was stopped by moderation: its text matches the word list entry `forbidden`"
+    assert jobs.is_cancel_requested(redis_client, job.job_id)
+    assert redis_client.hget(keys.refusals(), "reply_flagged") == b"1"
+    assert 'llava_requests_refused_total{code="reply_flagged"} 1.0' in exposition
+    (record,) = read_conversations(redis_client)
+    assert (record.finish_reason, record.error_code) == ("error", "reply_flagged")
+    assert record.reply == "hello there a forbidden "  # the log keeps what the model wrote
+
+
+def test_a_reply_is_checked_at_its_end_on_every_endpoint(
+    redis_url: str, redis_client: redis.Redis, worker: ScriptedWorker, tmp_path: Path
+) -> None:
+    settings = {"moderation_words_file": word_file(tmp_path), "moderate_replies": True}
+    with two_controllers(redis_url, **settings) as (first, second):  # 400 characters: only the end is checked
+        thread = worker.in_thread(lambda w: w.serve_one(["a forbidden", " word"]))
+        whole = first.post("/v1/chat/completions", json=chat_body(text="hi"), headers=A)
+        thread.result()
+        assert whole.status_code == 400 and whole.json()["error"]["code"] == "reply_flagged"
+        thread = worker.in_thread(lambda w: w.serve_one(["forbidden"]))
+        llava = second.post(
+            "/worker_generate_stream", json={"model": "tiny-llava", "prompt": "USER: hi ASSISTANT:"}, headers=A
+        )
+        thread.result()
+        assert json.loads(llava.content.rstrip(b"\0").split(b"\0")[-1])["error"]["code"] == "reply_flagged"
+        thread = worker.in_thread(lambda w: w.serve_one(["a kind", " word"]))
+        fine = first.post("/v1/chat/completions", json=chat_body(text="hi"), headers=A)
+        thread.result()
+        assert fine.status_code == 200 and fine.json()["choices"][0]["message"]["content"] == "a kind word"
+    assert redis_client.hget(keys.refusals(), "reply_flagged") == b"2"
+
+
+def test_the_moderation_api_checks_replies_as_they_stream(
+    redis_url: str, redis_client: redis.Redis, worker: ScriptedWorker, moderation_server: ModerationServer
+) -> None:
+    settings = {"moderation_url": moderation_server.url, "moderate_replies": True}
+    with two_controllers(redis_url, moderation_reply_interval_chars=5, **settings) as (first, _):
+        thread = worker.in_thread(lambda w: w.stream_then_hold(["nice ", "and hateful", " more"]))
+        body = {**chat_body(text="hi"), "stream": True}
+        with first.stream("POST", "/v1/chat/completions", json=body, headers=A) as reply:
+            chunks = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+        job = thread.result()
+    assert moderation_server.inputs == [["hi"], ["nice "], ["nice and hateful"]]
+    error = json.loads(chunks[-2])["error"]
+    assert error["code"] == "reply_flagged" and error["message"].endswith("flagged for hate")
+    assert chunks[-1] == "[DONE]"
+    assert "hateful" not in "".join(chunks[:-2])
+    assert jobs.is_cancel_requested(redis_client, job.job_id)
+
+
+def test_replies_need_a_moderator(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="moderate_replies needs a moderator"):
+        create_app(settings_for(redis_url, moderate_replies=True))
+
+
+def test_a_moderation_service_that_fails_mid_reply_ends_it(moderation_server: ModerationServer) -> None:
+    url = moderation_server.url
+    moderation_server.close()
+    checker = ReplyModeration(None, [ModerationApi(url, timeout_s=2.0)], interval_chars=10)  # type: ignore[arg-type]
+    refusal = asyncio.run(checker.verdict("job-1", "some reply text"))
+    assert refusal is not None and refusal.code == "moderation_unavailable"

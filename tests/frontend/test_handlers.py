@@ -16,6 +16,7 @@ from contract.errors import (
     ImageInvalid,
     NoWorker,
     QueueFull,
+    ReplyFlagged,
     WorkerLost,
     error_from_code,
 )
@@ -93,6 +94,12 @@ def test_errors_are_specific(controller_url, scripted_worker):
     assert "Regenerate" in describe_error(WorkerLost("worker w1 died"), "m")
     assert "too long" in describe_error(ContextTooLong("2000 > 1024"), "m")
     assert "`m` is not available right now" in describe_error(NoWorker("none"), "m")
+
+
+def test_a_flagged_reply_is_explained_in_words() -> None:
+    text = describe_error(ReplyFlagged("the reply was stopped by moderation: its text matches `forbidden`"), "m")
+    assert text.startswith("⚠️ This reply was stopped because it went against the rules of this service.")
+    assert "forbidden" not in text and "Regenerate" in text
 
 
 # What the server says for the operator: a worker's id and host, and what to run.
