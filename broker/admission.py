@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 from starlette.requests import Request
 
+from broker.auth import ApiKeyCheck
 from broker.context import ControllerContext
 from broker.convlog import ConversationLog
 from broker.limits import Client, ClientLimits
@@ -56,10 +57,13 @@ class Admission:
     """Per controller process: the jobs it admitted and has not seen end (a stream ends on the replica that
     started it), the client limits, and the conversation log."""
 
-    def __init__(self, redis: Any, settings: ControllerSettings, *, keys_checked: bool) -> None:
+    def __init__(
+        self, redis: Any, settings: ControllerSettings, *, keys_checked: bool, trusted: ApiKeyCheck | None = None
+    ) -> None:
         self.limits = ClientLimits(redis, settings)
         self.convlog = ConversationLog(redis, settings) if settings.log_conversations else None
         self.keys_checked = keys_checked
+        self.trusted = trusted  # the keys whose end-user header counts
         self.moderators = moderators(settings)
         self.redis = redis
         self.running: dict[str, AdmittedJob] = {}
@@ -67,7 +71,7 @@ class Admission:
 
     async def admit(self, request: Request, job: JobRequest) -> AdmittedJob:
         """Check the client's limits for `job` (RateLimited 429 names the one reached) and remember the job."""
-        client = Client.of(request, keys_checked=self.keys_checked)
+        client = Client.of(request, keys_checked=self.keys_checked, trusted=self.trusted)
         admitted = AdmittedJob(job=job, client=client, endpoint=request.url.path)
         try:
             await self.limits.check_rate(client.name)

@@ -60,7 +60,8 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-keys",
         type=Path,
         default=None,
-        help="require bearer keys (file, one per line; or LLAVA_API_KEYS); the UI uses the first",
+        help="require bearer keys (file, one per line; or LLAVA_API_KEYS); the UI uses the first, and the controller "
+        "trusts it to name each person on the page, so that per-client limits count per person",
     )
 
 
@@ -159,6 +160,18 @@ def _web_env(env: dict[str, str], api_keys_file: Path | None) -> dict[str, str]:
     return env
 
 
+def _controller_env(env: dict[str, str], api_keys_file: Path | None) -> dict[str, str]:
+    """The controller's environment: it trusts the UI's key to name each person using the page (so limits count
+    per person, not for the page as a whole), unless trusted UI keys are set already."""
+    from broker.auth import load_api_keys
+
+    web_key = _web_env(env, api_keys_file).get("LLAVA_WEB_API_KEY")
+    keys = load_api_keys(env.get("LLAVA_API_KEYS"), api_keys_file)
+    if web_key and web_key in keys and not env.get("LLAVA_CONTROLLER_TRUSTED_UI_KEYS"):
+        return {**env, "LLAVA_CONTROLLER_TRUSTED_UI_KEYS": web_key}
+    return env
+
+
 def _print_banner(args: argparse.Namespace, controller_url: str, redis_url: str, model: str) -> None:
     print(f"\nllava-serve is up\n  controller  {controller_url}  (API: {controller_url}/docs)", flush=True)
     if not args.no_web:
@@ -193,7 +206,7 @@ def run_up(args: argparse.Namespace) -> int:
     controller_argv = cli("controller", "--host", args.host, "--port", str(args.port))
     if args.api_keys:
         controller_argv += ["--api-keys", str(args.api_keys)]
-    children = [Child("controller", controller_argv, env)]
+    children = [Child("controller", controller_argv, _controller_env(env, args.api_keys) if not args.no_web else env)]
     cpu_threads = _cpu_threads_per_worker(args.device, args.workers)
     for i in range(args.workers):
         device = args.device

@@ -87,6 +87,13 @@ class RequestInvalid(InvalidRequest):
         super().__init__(f"invalid request: {text}")
 
 
+class HeaderInvalid(LlavaError):
+    """400: a request header the controller reads is malformed (the message names the header and the rule)."""
+
+    status_code = 400
+    code = ErrorCode.invalid_request
+
+
 class ImageInvalid(LlavaError):
     status_code = 400
     code = ErrorCode.invalid_image

@@ -15,6 +15,7 @@ from contract.feedback_messages import FeedbackType
 from frontend.conversation import Conversation, ImageMode, display_dir
 from frontend.feedback import FeedbackHandlers
 from frontend.handlers import ChatHandlers
+from frontend.users import page_login
 from infra.settings import WebSettings
 
 log = logging.getLogger("llava.web")
@@ -31,6 +32,8 @@ TERMS = """### Terms of use
 This is a research preview for non-commercial use only. The model may produce wrong, offensive or biased output.
 Votes and flags you send are stored with the whole conversation, images included, to improve the service: please
 **Flag** replies that are harmful or wrong, and do not upload personal data."""
+
+LOGIN_MESSAGE = "Log in with your name and your API key as the password."
 
 MODEL_LIST_REFRESH_S = 10.0
 EMPTY_TEXTBOX_JS = "() => ({text: '', files: []})"
@@ -192,7 +195,9 @@ def build_demo(
 
 
 def launch(demo: gr.Blocks, settings: WebSettings, *, block: bool = True) -> None:
-    """Queue and launch `demo` as `settings` say (theme and CSS are launch options in Gradio 6)."""
+    """Queue and launch `demo` as `settings` say (theme and CSS are launch options in Gradio 6), behind a login
+    when `--auth` or `--auth-keys-file` is set."""
+    login = page_login(settings.auth, settings.auth_keys_file)
     demo.queue(max_size=settings.max_queue, default_concurrency_limit=settings.concurrency_limit)
     demo.launch(
         server_name=settings.host,
@@ -205,6 +210,8 @@ def launch(demo: gr.Blocks, settings: WebSettings, *, block: bool = True) -> Non
         prevent_thread_lock=not block,
         show_error=True,
         quiet=not block,
+        auth=login,
+        auth_message=LOGIN_MESSAGE if login is not None and login.keys is not None else None,
     )
 
 
@@ -241,6 +248,21 @@ def add_web_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--image-max-side", type=int, default=None, help="cap on an image's long side (default 1344)")
     parser.add_argument("--api-key", default=None, help="bearer token for the controller, if it requires one")
+    parser.add_argument(
+        "--auth",
+        action="append",
+        default=None,
+        metavar="USER:PASSWORD",
+        help="require a login to use the page (repeatable); limits then count by login name",
+    )
+    parser.add_argument(
+        "--auth-keys-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="let holders of an API key in FILE (the controller's keys file) log in, with any name and the key as "
+        "the password",
+    )
 
 
 def web_settings_from_args(args: argparse.Namespace) -> WebSettings:
@@ -256,6 +278,8 @@ def web_settings_from_args(args: argparse.Namespace) -> WebSettings:
         "model_list_mode",
         "image_max_side",
         "api_key",
+        "auth",
+        "auth_keys_file",
     )
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     return WebSettings(**given)

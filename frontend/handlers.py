@@ -41,6 +41,7 @@ from frontend.texts import (
     describe_error,
     waiting_text,
 )
+from frontend.users import end_user
 from infra.settings import WebSettings
 
 log = logging.getLogger("llava.web")
@@ -83,12 +84,12 @@ class ChatHandlers:
 
     # ---- model list ------------------------------------------------------------------------------------------
 
-    def fetch_models(self) -> tuple[list[ModelInfo], str | None]:
-        """The model list, and a message for the page when it could not be fetched or is empty."""
+    def fetch_models(self, user: str | None = None) -> tuple[list[ModelInfo], str | None]:
+        """The model list (asked for `user`), and a message for the page when it could not be fetched or is empty."""
         if self.settings.model_list_mode == "once" and self._models:
             return self._models, None
         try:
-            models = self.client.list_models()
+            models = self.client.list_models(end_user=user)
         except LlavaError as exc:
             log.warning("model list: %s", exc)
             return [], SERVICE_DOWN
@@ -101,7 +102,7 @@ class ChatHandlers:
 
     def load(self, request: gr.Request | None = None) -> tuple:
         """Page load: fresh state, the model dropdown (`?model=NAME` selects one), and a status line."""
-        models, problem = self.fetch_models()
+        models, problem = self.fetch_models(end_user(request))
         wanted = request.query_params.get("model") if request is not None else None
         names = [m.name for m in models]
         value = wanted if wanted in names else (names[0] if names else None)
@@ -114,11 +115,11 @@ class ChatHandlers:
             gr.update(value=status, visible=bool(status)),
         )
 
-    def refresh_models(self, current: str | None, status: str | None) -> tuple:
+    def refresh_models(self, current: str | None, status: str | None, request: gr.Request | None = None) -> tuple:
         """The page's periodic refresh: (model dropdown, status line). A model chosen stays chosen; the first one
         served is chosen when none was. The status line shows a model list problem, and loses it once solved,
         but other notes there (a vote's) are left alone."""
-        models, problem = self.fetch_models()
+        models, problem = self.fetch_models(end_user(request))
         names = [m.name for m in models]
         value = current if current else (names[0] if names else None)
         ours = not status or status in (SERVICE_DOWN, NO_MODEL_YET)
@@ -210,6 +211,7 @@ class ChatHandlers:
         """Stream a reply to the last user turn; yields (state, chatbot, *buttons) as the reply grows. One reply is
         written at a time per browser session: a message sent meanwhile is answered by the running call, next."""
         session = request.session_hash if request is not None and request.session_hash else f"anon-{id(conversation)}"
+        user = end_user(request)
         with self._lock:
             running = session in self._writing
             self._writing.add(session)
@@ -224,14 +226,14 @@ class ChatHandlers:
                         self._writing.discard(session)
                         break
                 answered = True
-                yield from self._reply(conversation, model, temperature, top_p, max_new_tokens, session)
+                yield from self._reply(conversation, model, temperature, top_p, max_new_tokens, session, user)
         finally:
             with self._lock:
                 self._writing.discard(session)
         if not answered:  # nothing to answer (the message was refused, or the chat cleared)
             yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
 
-    def _reply(self, conversation: Conversation, model, temperature, top_p, max_new_tokens, session: str):
+    def _reply(self, conversation: Conversation, model, temperature, top_p, max_new_tokens, session: str, user=None):
         """Write one reply to the user turns at the end of `conversation`."""
         reply = conversation.start_reply()
         if not conversation.image_count():
@@ -249,7 +251,7 @@ class ChatHandlers:
             seed=random.randrange(2**31),  # recorded, so a voted or flagged reply can be replayed
         )
         body = GenerateRequest(model=model, messages=conversation.request_messages(), **reply.params.model_dump())
-        active = ReplyStream(self.client, body)
+        active = ReplyStream(self.client, body, end_user=user)
         final = False  # a done or error event ended the reply: the job needs no cancel
         with self._lock:
             self._active[session] = active
@@ -291,7 +293,7 @@ class ChatHandlers:
                     del self._active[session]
             active.stop()
             if not final:  # stopped, or the page went away: the worker stops too
-                self._cancel(reply.job_id)
+                self._cancel(reply.job_id, user)
         more = (
             bool(conversation.turns) and conversation.turns[-1].role == "user"
         )  # a message sent meanwhile: answered next, Stop stays on
@@ -318,12 +320,12 @@ class ChatHandlers:
             return False
         return True
 
-    def _cancel(self, job_id: str | None) -> None:
+    def _cancel(self, job_id: str | None, user: str | None = None) -> None:
         """Cancel a job through the API; without a job id yet, the stream's close cancels it."""
         if job_id is None:
             return
         try:
-            self.client.cancel(job_id)
+            self.client.cancel(job_id, end_user=user)
         except LlavaError as exc:
             log.warning("cancel %s: %s", job_id, exc)
 

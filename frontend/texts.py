@@ -6,7 +6,7 @@ page's logs and in the API's error bodies.
 
 from __future__ import annotations
 
-from contract.errors import ErrorCode, LlavaError, QueueFull
+from contract.errors import ErrorCode, LlavaError, QueueFull, RateLimited
 
 REGENERATE = "Press 🔄 **Regenerate** to ask again"
 
@@ -51,6 +51,10 @@ def describe_error(exc: LlavaError, model: str | None) -> str:
         retry_after = exc.retry_after if isinstance(exc, QueueFull) else None
         wait = f"in {retry_after} s" if retry_after is not None else "in a moment"
         return f"⚠️ {name} has too many requests right now. Try again {wait}: {REGENERATE}."
+    if code == ErrorCode.rate_limited:
+        retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+        wait = f"in {retry_after} s" if retry_after is not None else "in a moment"
+        return f"⚠️ You have sent many requests at once or in a short time. Try again {wait}: {REGENERATE}."
     if code in (ErrorCode.invalid_image, ErrorCode.image_too_large):
         return f"⚠️ An image could not be used: {message}. Attach a different image and send your question again."
     if code == ErrorCode.context_length_exceeded:

@@ -60,6 +60,12 @@ class ControllerSettings(BaseSettings):
         description="comma-separated bearer keys; when set, every endpoint but health and metrics needs one",
     )
     api_keys_file: Path | None = Field(default=None, description="file of bearer keys, one per line, # comments")
+    trusted_ui_keys: str | None = Field(
+        default=None,
+        description="comma-separated API keys of front ends (the web page) trusted to name their end user in the "
+        "X-LLaVA-End-User header; limits then count by that user. Each must be one of the API keys",
+    )
+    trusted_ui_keys_file: Path | None = Field(default=None, description="file of trusted UI keys, one per line")
     allow_remote_images: bool = Field(default=False, description="fetch http(s) image_url (public addresses only)")
     remote_image_timeout_s: float = Field(default=5.0, gt=0, description="seconds to fetch one remote image, in all")
     remote_image_max_redirects: int = Field(default=3, ge=0)
@@ -139,3 +145,7 @@ class WebSettings(BaseSettings):
     embed: bool = False
     image_max_side: int = Field(default=1344, ge=64)
     api_key: str | None = None
+    auth: list[str] = Field(default_factory=list, description="USER:PASSWORD logins for the page (JSON list in env)")
+    auth_keys_file: Path | None = Field(
+        default=None, description="API keys file whose keys log in to the page as passwords, with any user name"
+    )

@@ -102,3 +102,15 @@ def test_restart_back_off_grows_with_quick_exits_and_resets_after_a_healthy_run(
     # killed again minutes later, after running healthily: the back-off starts over
     assert child.restart_delay_s(exited_at=child.started_at + HEALTHY_RUN_S + 1) == RESTART_BACKOFF_S[0]
     assert child.restart_delay_s(exited_at=child.started_at + 1) == RESTART_BACKOFF_S[1]
+
+
+def test_the_controller_trusts_the_ui_key_to_name_each_person(tmp_path: Path) -> None:
+    from cli.up import _controller_env
+
+    keys = tmp_path / "keys"
+    keys.write_text("first-key\nsecond-key\n")
+    assert _controller_env({}, keys)["LLAVA_CONTROLLER_TRUSTED_UI_KEYS"] == "first-key"
+    own = {"LLAVA_API_KEYS": "a,b", "LLAVA_WEB_API_KEY": "b"}
+    assert _controller_env(own, None)["LLAVA_CONTROLLER_TRUSTED_UI_KEYS"] == "b"
+    assert "LLAVA_CONTROLLER_TRUSTED_UI_KEYS" not in _controller_env({"LLAVA_WEB_API_KEY": "not-a-key"}, keys)
+    assert "LLAVA_CONTROLLER_TRUSTED_UI_KEYS" not in _controller_env({}, None)

@@ -34,13 +34,15 @@ MODEL = "scripted-model"
 class RecordingClient(ControllerClient):
     """The real client, keeping every generate request it sent."""
 
-    def __init__(self, url: str):
-        super().__init__(url)
+    def __init__(self, url: str, api_key: str | None = None):
+        super().__init__(url, api_key=api_key)
         self.sent: list[GenerateRequest] = []
+        self.end_users: list[str | None] = []
 
-    def generate(self, request):
+    def generate(self, request, end_user=None):
         self.sent.append(request)
-        return super().generate(request)
+        self.end_users.append(end_user)
+        return super().generate(request, end_user=end_user)
 
 
 def session(name: str = "s1"):
@@ -96,16 +98,23 @@ class ServerThread:
         self.thread.join(15)
 
 
-@pytest.fixture
-def controller_url(redis_client: redis.Redis, redis_url: str) -> Iterator[str]:
-    """The controller on a free port over the emptied test database (max_queue 2, so 429 is reachable)."""
-    settings = ControllerSettings(redis_url=redis_url, max_queue=2, queued_update_interval_s=0.1)
-    app = create_app(settings, timings=StreamTimings(stall_check_s=0.5, no_worker_timeout_s=30.0), run_sweeper=False)
+@contextmanager
+def running_controller(redis_url: str, **settings: object) -> Iterator[str]:
+    """The controller app under uvicorn on a free port with `settings`; yields its URL."""
+    full = ControllerSettings(redis_url=redis_url, queued_update_interval_s=0.1, **settings)
+    app = create_app(full, timings=StreamTimings(stall_check_s=0.5, no_worker_timeout_s=30.0), run_sweeper=False)
     server = ServerThread(app, free_port()).start()
     try:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture
+def controller_url(redis_client: redis.Redis, redis_url: str) -> Iterator[str]:
+    """The controller on a free port over the emptied test database (max_queue 2, so 429 is reachable)."""
+    with running_controller(redis_url, max_queue=2) as url:
+        yield url
 
 
 class WorkerThread:

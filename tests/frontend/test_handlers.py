@@ -198,7 +198,7 @@ def test_a_message_sent_while_a_reply_is_written_is_answered_next(controller_url
 class GarbledClient(ControllerClient):
     """A client whose stream carries a malformed event (a controller bug), without any controller."""
 
-    def generate(self, request):
+    def generate(self, request, end_user=None):
         yield parse_event("queued", '{"type": "queued", "job_id": "j1", "position": "soon"}')
 
 
@@ -260,11 +260,11 @@ class SilentClient(ControllerClient):
         self.cancelled: list[str] = []
         self.released = threading.Event()
 
-    def generate(self, request):
+    def generate(self, request, end_user=None):
         yield QueuedEvent(job_id="j-silent", position=0)
         self.released.wait(30)
 
-    def cancel(self, job_id: str):
+    def cancel(self, job_id: str, end_user=None):
         self.cancelled.append(job_id)
         return None
 
@@ -310,7 +310,7 @@ def test_the_model_list_recovers_when_a_worker_registers_after_the_page_opened(c
 class SpacedClient(ControllerClient):
     """A client whose reply starts with a space, as SentencePiece tokens do, without any controller."""
 
-    def generate(self, request):
+    def generate(self, request, end_user=None):
         yield QueuedEvent(job_id="j-spaced", position=0)
         yield TokenEvent(job_id="j-spaced", text=" A", seq=1)
         yield TokenEvent(job_id="j-spaced", text=" red", seq=2)
