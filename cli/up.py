@@ -117,15 +117,16 @@ def _wait_ready(url: str, children: list[Child], timeout_s: float) -> bool:
     return False
 
 
-def _default_model(tiny: bool) -> tuple[str, str]:
-    """(path, name) of the model served when none is given: the trained shapes demo, or the tiny random one."""
+def _default_model(tiny: bool) -> tuple[str, str, tuple[str, ...] | None]:
+    """(path, name, image modes or None for all) of the model served when none is given: the trained shapes demo,
+    or the tiny random one."""
     if tiny:
         from workers.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
-        return str(ensure_tiny_model(default_cache_dir() / "models")), TINY_MODEL_NAME
-    from workers.demo.train import DEMO_MODEL_NAME, demo_model_path
+        return str(ensure_tiny_model(default_cache_dir() / "models")), TINY_MODEL_NAME, None
+    from workers.demo.train import DEMO_IMAGE_MODES, DEMO_MODEL_NAME, demo_model_path
 
-    return str(demo_model_path()), DEMO_MODEL_NAME
+    return str(demo_model_path()), DEMO_MODEL_NAME, DEMO_IMAGE_MODES
 
 
 def _cpu_threads_per_worker(device: str, workers: int) -> int | None:
@@ -199,7 +200,10 @@ def run_up(args: argparse.Namespace) -> int:
         redis_url = redis_server.url
         log.info("embedded redis-server on %s (data in %s)", redis_url, data_dir / "redis")
 
-    model_path, model_name = (args.model_path, args.model_name) if args.model_path else _default_model(args.tiny)
+    if args.model_path:
+        model_path, model_name, image_modes = args.model_path, args.model_name, None
+    else:
+        model_path, model_name, image_modes = _default_model(args.tiny)
     model_name = args.model_name or model_name
     env = {**os.environ, "LLAVA_REDIS_URL": redis_url}
     controller_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
@@ -218,6 +222,8 @@ def run_up(args: argparse.Namespace) -> int:
             argv += ["--threads", str(cpu_threads)]
         if model_name:
             argv += ["--model-name", model_name]
+        if image_modes:
+            argv += ["--image-modes", ",".join(image_modes)]
         children.append(Child(f"worker-{i + 1}", argv, env))
     if not args.no_web:
         web_argv = cli("web", "--controller-url", controller_url, "--host", args.host, "--port", str(args.web_port))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from contract.messages import JobView, WorkerInfo
+from contract.messages import ImageMode, JobView, WorkerInfo
 
 
 class ModelInfo(BaseModel):
@@ -18,6 +18,10 @@ class ModelInfo(BaseModel):
     workers: int = Field(description="live workers serving it")
     queue_depth: int
     max_context: int | None = Field(default=None, description="the smallest context length of its workers")
+    image_modes: list[ImageMode] = Field(
+        default_factory=lambda: list(ImageMode),
+        description="the image pre-processing modes every worker of the model supports (`--image-modes`)",
+    )
 
 
 class ModelList(BaseModel):

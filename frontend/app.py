@@ -12,7 +12,7 @@ import gradio as gr
 
 from contract.client import ControllerClient
 from contract.feedback_messages import FeedbackType
-from frontend.conversation import Conversation, ImageMode, display_dir
+from frontend.conversation import Conversation, ImageMode, display_dir, mode_choices
 from frontend.feedback import FeedbackHandlers
 from frontend.handlers import ChatHandlers
 from frontend.users import page_login
@@ -89,7 +89,7 @@ def build_demo(
                     elem_id="model",
                 )
                 mode = gr.Radio(
-                    [m.value for m in ImageMode],
+                    mode_choices(list(ImageMode)),
                     value=ImageMode.default.value,
                     label="Pre-process non-square images",
                     info="Crop: center square · Resize: stretch to square · Pad: square with grey · Default: as is",
@@ -190,7 +190,9 @@ def build_demo(
         )
         model.change(handlers.image_modes, [model, mode], [mode], queue=False, api_visibility="private")
         refresh = gr.Timer(model_list_refresh_s)
-        refresh.tick(handlers.refresh_models, [model, status], [model, status], queue=False, show_progress="hidden")
+        refresh.tick(
+            handlers.refresh_models, [model, status], [model, status], queue=False, show_progress="hidden"
+        ).then(handlers.image_modes, [model, mode], [mode], queue=False, show_progress="hidden")
     return demo
 
 

@@ -28,7 +28,7 @@ from contract.messages import (
     TokenEvent,
 )
 from contract.replies import ModelInfo
-from frontend.conversation import CURSOR, NO_IMAGE_HINT, ChatImage, Conversation, ImageMode, Turn
+from frontend.conversation import CURSOR, NO_IMAGE_HINT, ChatImage, Conversation, ImageMode, Turn, mode_choices
 from frontend.feedback import why_not_votable
 from frontend.reply_stream import ENDED, SILENT, STOPPED, ReplyStream
 from frontend.texts import (
@@ -54,15 +54,6 @@ def _choices(models: list[ModelInfo]) -> list[tuple[str, str]]:
     return [(m.name, m.name) for m in models]
 
 
-# Models known to answer about a padded image's border rather than its content: the shapes demo model is trained on
-# whole drawings only, under any name that contains this.
-PADDING_MISREAD_BY = ("shapes-demo",)
-
-
-def _misreads_padding(model: str | None) -> bool:
-    return bool(model) and any(part in model for part in PADDING_MISREAD_BY)
-
-
 def _note_for_finish(reason: FinishReason) -> str:
     if reason is FinishReason.length:
         return "_(cut at the max output tokens limit)_"
@@ -81,6 +72,7 @@ class ChatHandlers:
         self._writing: set[str] = set()  # the browser sessions with a `generate` call answering their messages
         self._lock = threading.Lock()
         self._models: list[ModelInfo] | None = None  # `once` mode: the list, once fetched successfully
+        self._image_modes: dict[str, list[ImageMode]] = {}  # each model's modes, as the model list last said
 
     # ---- model list ------------------------------------------------------------------------------------------
 
@@ -98,6 +90,7 @@ class ChatHandlers:
             return [], NO_MODEL_YET
         if self.settings.model_list_mode == "once":
             self._models = models  # only a list with models: an empty one is asked again
+        self._image_modes.update({m.name: list(m.image_modes) for m in models})
         return models, None
 
     def load(self, request: gr.Request | None = None) -> tuple:
@@ -130,10 +123,12 @@ class ChatHandlers:
         return gr.update(choices=_choices(models), value=value), note
 
     def image_modes(self, model: str | None, mode: str | None) -> dict:
-        """The pre-processing choices for `model`: all of them, except Pad for models that were not trained on padded
-        images (the shapes demo model answers about the grey border). A mode no longer offered becomes Default."""
-        modes = [m.value for m in ImageMode if m is not ImageMode.pad or not _misreads_padding(model)]
-        return gr.update(choices=modes, value=mode if mode in modes else ImageMode.default.value)
+        """The pre-processing choices for `model`: the modes its workers support, as the model list last said (all of
+        them for a model not listed). A mode no longer offered becomes Default, or the first one offered."""
+        modes = self._image_modes.get(model or "", list(ImageMode))
+        values = [value for _, value in mode_choices(modes)]
+        fallback = ImageMode.default.value if ImageMode.default.value in values else values[0]
+        return gr.update(choices=mode_choices(modes), value=mode if mode in values else fallback)
 
     # ---- chat -----------------------------------------------------------------------------------------------
 

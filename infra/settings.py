@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract.messages import ImageMode
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 CONTROLLER_PORT = 10000
 WEB_PORT = 7860
@@ -124,6 +126,10 @@ class WorkerSettings(BaseSettings):
     prefill_tokens: int = Field(default=4096, ge=1, description="prompt tokens prefilled per step, at most")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics here (default off)")
     metrics_host: str = Field(default="127.0.0.1", description="address the /metrics server binds")
+    image_modes: list[ImageMode] = Field(
+        default_factory=lambda: list(ImageMode),
+        description="the image pre-processing modes the model was trained with, offered by the web page",
+    )
 
     def resolved_model_name(self) -> str:
         """`--model-name`, else the last component of the model path."""

@@ -164,7 +164,10 @@ def test_cancel_endpoint_removes_a_queued_job(client: TestClient, worker: Script
 
 def test_models_workers_and_health(client: TestClient, worker: ScriptedWorker) -> None:
     models = client.get("/api/v1/models").json()["models"]
-    assert models == [{"name": "tiny-llava", "workers": 1, "queue_depth": 0, "max_context": 2048}]
+    every_mode = ["crop", "resize", "pad", "default"]
+    assert models == [
+        {"name": "tiny-llava", "workers": 1, "queue_depth": 0, "max_context": 2048, "image_modes": every_mode}
+    ]
     workers = client.get("/api/v1/workers").json()["workers"]
     assert [w["worker_id"] for w in workers] == ["scripted-1"]
     assert client.get("/healthz").status_code == 200
@@ -176,3 +179,11 @@ def test_unknown_job_is_404(client: TestClient) -> None:
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "job_not_found"
         assert "nope" in response.json()["error"]["message"]
+
+
+def test_a_model_lists_the_image_modes_all_its_workers_support(client: TestClient, redis_client) -> None:
+    ScriptedWorker(redis_client, "shapes", "w1").register(image_modes=["resize", "default", "crop"])
+    ScriptedWorker(redis_client, "shapes", "w2").register(image_modes=["default", "resize"])
+    ScriptedWorker(redis_client, "other", "w3").register()  # lists none: every mode
+    models = {m["name"]: m["image_modes"] for m in client.get("/api/v1/models").json()["models"]}
+    assert models == {"shapes": ["resize", "default"], "other": ["crop", "resize", "pad", "default"]}

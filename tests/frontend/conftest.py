@@ -22,7 +22,7 @@ from broker.app import create_app
 from broker.context import StreamTimings
 from contract import keys
 from contract.client import ControllerClient
-from contract.messages import ChatMessage, GenerateRequest, TextPart, WorkerInfo
+from contract.messages import ChatMessage, GenerateRequest, ImageMode, TextPart, WorkerInfo
 from infra.embedded_redis import free_port
 from infra.settings import ControllerSettings, WorkerSettings
 from workers.scripted import ScriptedEngine
@@ -52,7 +52,7 @@ def session(name: str = "s1"):
 
 def chat(handlers, conv, text: str, files=(), model=MODEL, max_tokens=6, name="s1") -> list[tuple]:
     """Send a message as the page does; returns every (state, chatbot, *buttons) the reply yielded."""
-    out = handlers.add_message(conv, {"text": text, "files": list(files)}, "Pad")
+    out = handlers.add_message(conv, {"text": text, "files": list(files)}, "pad")
     return list(handlers.generate(out[0], model, 0.2, 0.7, max_tokens, session(name)))
 
 
@@ -127,11 +127,14 @@ class WorkerThread:
         self.thread.join(15)
 
 
-def start_worker(redis_url: str, **engine_kwargs) -> WorkerThread:
+def start_worker(redis_url: str, image_modes: list[str] | None = None, **engine_kwargs) -> WorkerThread:
+    """A scripted worker of MODEL in a thread (supporting `image_modes`, default all), once it has registered."""
     from infra.redis import connect
 
     engine_kwargs.setdefault("step_delay_s", 0.01)
     settings = WorkerSettings(model_path=MODEL, worker_id=f"ui-test-{time.monotonic_ns()}", drain_timeout_s=2.0)
+    if image_modes is not None:
+        settings = settings.model_copy(update={"image_modes": [ImageMode(m) for m in image_modes]})
     worker = Worker(settings, ScriptedEngine(**engine_kwargs), connect(redis_url), model_name=MODEL)
     running = WorkerThread(worker)
     running.thread.start()

@@ -56,7 +56,7 @@ def test_chat_vote_and_flag_through_gradio_client(web_url, redis_url):
     client = Client(web_url, verbose=False)
     chatbot, _ = client.predict(
         {"text": "what colour are the shapes", "files": [handle_file(str(EXAMPLES_DIR / "demo_5_3_shapes.png"))]},
-        "Pad",
+        "pad",
         api_name="/add_message",
     )
     assert (

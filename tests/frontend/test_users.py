@@ -67,7 +67,7 @@ def test_the_page_asks_for_a_login_when_auth_is_set(redis_url, redis_client):
                 with pytest.raises(Exception):  # noqa: B017
                     Client(web, auth=("alice", "wrong"), verbose=False)
                 client = Client(web, auth=("alice", "wonderland"), verbose=False)
-                client.predict({"text": "hello", "files": []}, "Default", api_name="/add_message")
+                client.predict({"text": "hello", "files": []}, "default", api_name="/add_message")
                 list(client.submit("scripted-model", 0.2, 0.7, 16, api_name="/generate"))
         finally:
             worker.stop()
