@@ -49,7 +49,7 @@ from contract.messages import (
     TokenEvent,
     WorkerInfo,
 )
-from contract.replies import CancelReply, ModelInfo, ModelList, WorkerList
+from contract.replies import CancelReply, ModelInfo, ModelList, ServiceInfo, WorkerList
 
 router = APIRouter()
 
@@ -243,6 +243,18 @@ async def list_models(request: Request) -> ModelList:
             )
         )
     return ModelList(models=models)
+
+
+@router.get("/api/v1/info", response_model=ServiceInfo, summary="Whether conversations are recorded, and for how long")
+async def service_info(request: Request) -> ServiceInfo:
+    settings = context(request).settings
+    logging = settings.log_conversations
+    return ServiceInfo(
+        conversation_log=logging,
+        log_retention_days=settings.log_retention_days if logging else None,
+        log_retention_entries=settings.log_retention_entries if logging else None,
+        feedback_retention_days=settings.feedback_retention_days,
+    )
 
 
 @router.get(

@@ -19,7 +19,7 @@ from contract.feedback_messages import FeedbackAccepted, FeedbackRequest
 from contract.identity import END_USER_HEADER
 from contract.messages import GenerateRequest, JobView, StreamEvent
 from contract.messages import parse_event as parse_event_json
-from contract.replies import CancelReply, ErrorReply, ModelInfo, ModelList
+from contract.replies import CancelReply, ErrorReply, ModelInfo, ModelList, ServiceInfo
 
 # Connect fast; reads wait long because the controller sends queue updates and pings while a job waits.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=5.0)
@@ -186,6 +186,11 @@ class ControllerClient:
         """`GET /api/v1/models`: every model live workers serve, with its worker count."""
         response = self._request("GET", "/api/v1/models", end_user=end_user, timeout=10.0)
         return ModelList.model_validate_json(response.content).models
+
+    def info(self, *, end_user: str | None = None) -> ServiceInfo:
+        """`GET /api/v1/info`: whether conversations are recorded, and for how long."""
+        response = self._request("GET", "/api/v1/info", end_user=end_user, timeout=10.0)
+        return ServiceInfo.model_validate_json(response.content)
 
     def generate(self, request: GenerateRequest, *, end_user: str | None = None) -> Iterator[StreamEvent]:
         """Stream `POST /api/v1/generate`. Errors before the stream raise; after, they arrive as an `ErrorEvent`.

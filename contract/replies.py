@@ -24,6 +24,17 @@ class ModelInfo(BaseModel):
     )
 
 
+class ServiceInfo(BaseModel):
+    """Body of `GET /api/v1/info`: what the service does with what it is sent, for the page's terms of use."""
+
+    conversation_log: bool = Field(description="every exchange is recorded (`--log-conversations`)")
+    log_retention_days: float | None = Field(default=None, description="days a recorded exchange is kept; None: ever")
+    log_retention_entries: int | None = Field(default=None, description="the log keeps about this many, the newest")
+    feedback_retention_days: float | None = Field(
+        default=None, description="days votes and flags (with their conversation) are kept; None: for ever"
+    )
+
+
 class ModelList(BaseModel):
     """Body of `GET /api/v1/models`."""
 

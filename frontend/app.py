@@ -28,11 +28,6 @@ EXAMPLES = [(e["file"], e["question"]) for e in json.loads((EXAMPLES_DIR / "exam
 TITLE = """# 🌋 LLaVA: Large Language and Vision Assistant
 Served by **llava-serve**. Upload one or more images, ask about them, and keep chatting."""
 
-TERMS = """### Terms of use
-This is a research preview for non-commercial use only. The model may produce wrong, offensive or biased output.
-Votes and flags you send are stored with the whole conversation, images included, to improve the service: please
-**Flag** replies that are harmful or wrong, and do not upload personal data."""
-
 LOGIN_MESSAGE = "Log in with your name and your API key as the password."
 
 MODEL_LIST_REFRESH_S = 10.0
@@ -137,7 +132,8 @@ def build_demo(
                     label="Examples",
                 )
         if not settings.embed:
-            gr.Markdown(TERMS)
+            terms = gr.Markdown(handlers.terms(), elem_id="terms")
+            demo.load(handlers.terms, None, [terms], queue=False, api_visibility="private")
 
         buttons = [upvote, downvote, flag, regenerate, clear, stop]
         stream = dict(

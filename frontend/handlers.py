@@ -39,6 +39,7 @@ from frontend.texts import (
     SERVICE_DOWN,
     STILL_WORKING,
     describe_error,
+    terms_of_use,
     waiting_text,
 )
 from frontend.users import end_user
@@ -121,6 +122,14 @@ class ChatHandlers:
         else:
             note = gr.update(value=problem or "", visible=bool(problem))
         return gr.update(choices=_choices(models), value=value), note
+
+    def terms(self, request: gr.Request | None = None) -> str:
+        """The terms of use, saying whether the service records conversations (it is asked at each page load)."""
+        try:
+            return terms_of_use(self.client.info(end_user=end_user(request)))
+        except LlavaError as exc:
+            log.warning("service info: %s", exc)
+            return terms_of_use(None)
 
     def image_modes(self, model: str | None, mode: str | None) -> dict:
         """The pre-processing choices for `model`: the modes its workers support, as the model list last said (all of

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from broker.app import create_app
 from contract import jobs, keys
 from contract.keys import rq_queue
-from tests.broker.scripted_worker import ScriptedWorker, chat_body, png_b64, read_sse
+from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, png_b64, read_sse, settings_for
 
 
 def stream(client: TestClient, body: dict) -> list[tuple[str, dict]]:
@@ -187,3 +188,16 @@ def test_a_model_lists_the_image_modes_all_its_workers_support(client: TestClien
     ScriptedWorker(redis_client, "other", "w3").register()  # lists none: every mode
     models = {m["name"]: m["image_modes"] for m in client.get("/api/v1/models").json()["models"]}
     assert models == {"shapes": ["resize", "default"], "other": ["crop", "resize", "pad", "default"]}
+
+
+def test_info_says_whether_conversations_are_recorded(client: TestClient, redis_url: str) -> None:
+    assert client.get("/api/v1/info").json() == {
+        "conversation_log": False,
+        "log_retention_days": None,
+        "log_retention_entries": None,
+        "feedback_retention_days": 365.0,
+    }
+    settings = settings_for(redis_url, log_conversations=True, log_retention_days=7)
+    with TestClient(create_app(settings, timings=FAST, run_sweeper=False)) as logging:
+        info = logging.get("/api/v1/info").json()
+    assert info["conversation_log"] is True and info["log_retention_days"] == 7

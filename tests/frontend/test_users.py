@@ -10,6 +10,7 @@ import redis
 from gradio_client import Client
 
 from broker.convlog import read_conversations
+from contract.client import ControllerClient
 from contract.errors import RateLimited
 from contract.messages import GenerateRequest
 from frontend.conversation import Conversation
@@ -91,3 +92,15 @@ def test_key_holders_log_in_with_their_key_and_keep_their_name(tmp_path):
 def test_a_person_over_their_share_is_told_when_to_try_again():
     text = describe_error(RateLimited("too many jobs at once", retry_after=7), "m")
     assert "Try again in 7 s" in text and "too many jobs" not in text
+
+
+def test_the_terms_say_that_conversations_are_recorded_when_they_are(redis_url, redis_client):
+    with running_controller(redis_url, log_conversations=True, log_retention_days=30) as url:
+        handlers = ChatHandlers(WebSettings(controller_url=url), ControllerClient(url))
+        recorded = handlers.terms()
+    assert "**Conversations are recorded**" in recorded and "kept for 30 days" in recorded
+    with running_controller(redis_url) as url:
+        handlers = ChatHandlers(WebSettings(controller_url=url), ControllerClient(url))
+        assert "Conversations are not recorded" in handlers.terms()
+    # The controller is gone: the page cannot tell, so it says they may be.
+    assert "Conversations may be recorded" in handlers.terms()
