@@ -201,8 +201,9 @@ def test_two_sends_in_quick_succession_keep_both_messages(slow_web_url):
             browser.close()
 
 
-# Set LLAVA_SCREENSHOT_PHONE=docs/screenshot-phone.png to refresh the README's phone picture from this test.
-SCREENSHOT_PHONE = os.environ.get("LLAVA_SCREENSHOT_PHONE")
+# Set LLAVA_SCREENSHOT_PHONE=docs/screenshot-phone.png and LLAVA_SCREENSHOT_LAPTOP=docs/screenshot-laptop.png to
+# refresh the README's phone and laptop pictures from this test.
+SCREENSHOTS = {"phone": os.environ.get("LLAVA_SCREENSHOT_PHONE"), "laptop": os.environ.get("LLAVA_SCREENSHOT_LAPTOP")}
 
 
 @pytest.mark.parametrize("width, height", [(390, 844), (1366, 768)], ids=["phone", "laptop"])
@@ -221,8 +222,9 @@ def test_typing_sending_stopping_and_voting_need_no_scrolling(slow_web_url, tmp_
             page.screenshot(path=str(shot))
         finally:
             browser.close()
-    if SCREENSHOT_PHONE and width < 500:
-        shutil.copyfile(shot, SCREENSHOT_PHONE)
+    target = SCREENSHOTS["phone" if width < 500 else "laptop"]
+    if target:
+        shutil.copyfile(shot, target)
 
 
 def test_no_thumbs_on_a_reply_being_written_or_failed(slow_web_url):
