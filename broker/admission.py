@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 from starlette.requests import Request
 
+from broker.auth import ApiKeyCheck
 from broker.context import ControllerContext
 from broker.convlog import ConversationLog
 from broker.limits import Client, ClientLimits
@@ -58,10 +59,13 @@ class Admission:
     """Per controller process: the jobs it admitted and has not seen end (a stream ends on the replica that
     started it), the client limits, and the conversation log."""
 
-    def __init__(self, redis: Any, settings: ControllerSettings, *, keys_checked: bool) -> None:
+    def __init__(
+        self, redis: Any, settings: ControllerSettings, *, keys_checked: bool, trusted: ApiKeyCheck | None = None
+    ) -> None:
         self.limits = ClientLimits(redis, settings)
         self.convlog = ConversationLog(redis, settings) if settings.log_conversations else None
         self.keys_checked = keys_checked
+        self.trusted = trusted  # the keys whose end-user header counts
         self.moderators = moderators(settings)
         self.redis = redis
         self.running: dict[str, AdmittedJob] = {}
@@ -70,7 +74,7 @@ class Admission:
     async def admit(self, request: Request, job: JobRequest, outage_s: float) -> AdmittedJob:
         """Check the client's limits for `job` (RateLimited 429 names the one reached) and remember the job; each
         Redis step waits out an outage of up to `outage_s` seconds."""
-        client = Client.of(request, keys_checked=self.keys_checked)
+        client = Client.of(request, keys_checked=self.keys_checked, trusted=self.trusted)
         admitted = AdmittedJob(job=job, client=client, endpoint=request.url.path)
         try:
             await ride_out_outage(lambda: self.limits.check_rate(client.name), outage_s)

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from broker import images
 from broker.admission import Admission
-from broker.auth import ApiKeyCheck, ApiKeyMiddleware, load_api_keys
+from broker.auth import ApiKeyCheck, ApiKeyMiddleware, load_api_keys, trusted_ui_check
 from broker.bodies import BodyParser, invalid_fields
 from broker.context import ControllerContext, StreamTimings, redis_unavailable
 from broker.metrics import ControllerMetrics, StatsWriter
@@ -118,6 +118,7 @@ def create_app(
     images.install_pil_guard(settings.max_image_pixels)
     api_keys = load_api_keys(settings.api_keys, settings.api_keys_file)
     checkers = reply_moderators(settings)
+    trusted = trusted_ui_check(settings.trusted_ui_keys, settings.trusted_ui_keys_file, api_keys)
     metrics = ControllerMetrics()
 
     @contextlib.asynccontextmanager
@@ -137,7 +138,7 @@ def create_app(
             bodies=bodies,
             observe=lambda model: metrics.observe(model, stats.record),
         )
-        app.state.admission = Admission(redis, settings, keys_checked=bool(api_keys))
+        app.state.admission = Admission(redis, settings, keys_checked=bool(api_keys), trusted=trusted)
         app.state.ctx.on_job_end = app.state.admission.job_ended
         if checkers:
             moderation = ReplyModeration(app.state.ctx, checkers, settings.moderation_reply_interval_chars)
@@ -240,6 +241,14 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
         "`Authorization: Bearer <key>` (also: LLAVA_API_KEYS=k1,k2)",
     )
     parser.add_argument(
+        "--trusted-ui-keys",
+        dest="trusted_ui_keys_file",
+        default=None,
+        metavar="FILE",
+        help="file of API keys (one per line) of front ends trusted to name their end user in the X-LLaVA-End-User "
+        "header, so that per-client limits count each user of the web page (also: LLAVA_CONTROLLER_TRUSTED_UI_KEYS)",
+    )
+    parser.add_argument(
         "--allow-remote-images",
         action="store_true",
         default=None,
@@ -303,6 +312,7 @@ _CONTROLLER_FLAGS = (
     "sweep_interval_s",
     "ping_interval_s",
     "api_keys_file",
+    "trusted_ui_keys_file",
     "allow_remote_images",
     "remote_image_timeout_s",
     "max_jobs_per_client",

@@ -8,72 +8,35 @@ keys are compared as sha256 digests with `hmac.compare_digest`, against every co
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from contract.errors import LlavaError, Unauthorized
+from contract.api_keys import ApiKeyCheck, load_api_keys, parse_keys
+from contract.errors import LlavaError
+
+__all__ = ["ApiKeyCheck", "ApiKeyMiddleware", "load_api_keys", "parse_keys", "trusted_ui_check"]
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def parse_keys(text: str, *, separator: str | None = None) -> list[str]:
-    """Keys from `text`: split on `separator` (default: lines), stripped, blanks and `#` comments dropped."""
-    parts = text.split(separator) if separator else text.splitlines()
-    keys = []
-    for part in parts:
-        key = part.split("#", 1)[0].strip() if separator is None else part.strip()
-        if key:
-            keys.append(key)
-    return keys
-
-
-def load_api_keys(api_keys: str | None, api_keys_file: Path | None) -> list[str]:
-    """The configured keys; a keys file that holds none is an error (so a typo never turns auth off)."""
-    keys = parse_keys(api_keys, separator=",") if api_keys else []
-    if api_keys_file is not None:
-        from_file = parse_keys(Path(api_keys_file).read_text())
-        if not from_file:
-            raise ValueError(f"API keys file {api_keys_file} holds no key")
-        keys += from_file
-    return keys
-
-
-def _digest(key: str | bytes) -> bytes:
-    return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
-
-
-class ApiKeyCheck:
-    """Whether a presented key is one of the configured ones, in time that does not depend on which, or how
-    much of it, matched."""
-
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = [_digest(k) for k in keys]
-        if not self._digests:
-            raise ValueError("ApiKeyCheck needs at least one key")
-
-    def accepts(self, presented: str | bytes) -> bool:
-        digest = _digest(presented)
-        matched = False
-        for known in self._digests:
-            matched |= hmac.compare_digest(digest, known)
-        return matched
-
-    def error_for(self, authorization: str | None) -> Unauthorized | None:
-        """None when `authorization` carries a valid key, else the 401 to answer with."""
-        if not authorization:
-            return Unauthorized("missing API key: send the header `Authorization: Bearer <key>`")
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return Unauthorized("malformed Authorization header: expected `Authorization: Bearer <key>`")
-        if not self.accepts(token.strip()):
-            return Unauthorized("invalid API key")
+def trusted_ui_check(
+    trusted_ui_keys: str | None, trusted_ui_keys_file: Path | None, api_keys: list[str]
+) -> ApiKeyCheck | None:
+    """The check of the keys trusted to name their end user (None when there are none). Each must be an API key:
+    without key checks nobody is authenticated, so nobody can be trusted."""
+    trusted = load_api_keys(trusted_ui_keys, trusted_ui_keys_file)
+    if not trusted:
         return None
+    if not api_keys:
+        raise ValueError("trusted UI keys need API keys: set api_keys or api_keys_file (--api-keys) as well")
+    unknown = [i for i, key in enumerate(trusted, 1) if key not in api_keys]
+    if unknown:
+        raise ValueError(f"trusted UI key number {unknown[0]} is not one of the API keys; add it to them")
+    return ApiKeyCheck(trusted)
 
 
 class ApiKeyMiddleware:

@@ -51,6 +51,7 @@ def build_record(admitted: AdmittedJob, final: DoneEvent | ErrorEvent | None, te
         timings=Timings(enqueued_at=job.enqueued_at, finished_at=time.time()),
         api_key_name=admitted.client.key_name,
         client_address=admitted.client.address,
+        end_user=admitted.client.end_user,
     )
     if isinstance(final, DoneEvent):
         record.reply = final.text

@@ -2,8 +2,9 @@
 queued or running at once) and rate limits (requests and generated tokens per minute, as token buckets).
 
 A client is its API key's name (`key-` and the start of the key's sha256, never the key) when the controller
-checks keys, else its address. Each check is one Lua script, so that two replicas admitting at the same moment
-cannot both take the last slot; the scripts read Redis' own clock, so replicas' clocks do not matter.
+checks keys, else its address; for a trusted front end's key (`trusted_ui_keys`), the end user it names. Each check
+is one Lua script, so that two replicas admitting at the same moment cannot both take the last slot; the scripts read
+Redis' own clock, so replicas' clocks do not matter.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Any
 
 from starlette.requests import Request
 
+from broker.auth import ApiKeyCheck
 from contract import keys
 from contract.errors import RateLimited
+from contract.identity import END_USER_HEADER, parse_end_user
 from infra.settings import ControllerSettings
 
 FAIR_SHARE_RETRY_AFTER_S = 5
@@ -73,24 +76,35 @@ def key_name(key: str) -> str:
 
 @dataclass(frozen=True)
 class Client:
-    """Who sent a request: the API key's name (when keys are checked) and the address it came from."""
+    """Who sent a request: the API key's name (when keys are checked), the address it came from, and the end user
+    a trusted front end named (`contract.identity`)."""
 
     address: str
     key_name: str | None = None
+    end_user: str | None = None
 
     @property
     def name(self) -> str:
-        """What limits count by: the key's name, else the address."""
+        """What limits count by: the end user of a trusted front end's key, else the key's name, else the address."""
+        if self.end_user is not None:
+            return f"{self.key_name}:user:{self.end_user}"
         return self.key_name or self.address
 
     @classmethod
-    def of(cls, request: Request, *, keys_checked: bool) -> Client:
+    def of(cls, request: Request, *, keys_checked: bool, trusted: ApiKeyCheck | None = None) -> Client:
+        """The request's client. The end-user header counts only with a key `trusted` accepts (HeaderInvalid, 400,
+        when it is malformed); from any other client it is ignored, so no one can spend another's share."""
         address = request.client.host if request.client else "unknown"
         if not keys_checked:  # an unchecked header could name anyone: count by address
             return cls(address=address)
         scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
-        name = key_name(token.strip()) if scheme.lower() == "bearer" and token.strip() else None
-        return cls(address=address, key_name=name)
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        if not token:
+            return cls(address=address)
+        end_user = None
+        if trusted is not None and trusted.accepts(token):
+            end_user = parse_end_user(request.headers.get(END_USER_HEADER))
+        return cls(address=address, key_name=key_name(token), end_user=end_user)
 
 
 class ClientLimits:

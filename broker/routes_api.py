@@ -35,6 +35,7 @@ from contract.messages import (
     DoneEvent,
     ErrorEvent,
     GenerateRequest,
+    ImageMode,
     ImageUrlPart,
     JobImage,
     JobMessage,
@@ -46,8 +47,9 @@ from contract.messages import (
     StreamEvent,
     TextPart,
     TokenEvent,
+    WorkerInfo,
 )
-from contract.replies import CancelReply, ModelInfo, ModelList, WorkerList
+from contract.replies import CancelReply, ModelInfo, ModelList, ServiceInfo, WorkerList
 
 router = APIRouter()
 
@@ -214,6 +216,11 @@ async def generate(request: Request) -> EventSourceResponse:
     )
 
 
+def shared_image_modes(workers: list[WorkerInfo]) -> list[ImageMode]:
+    """The modes every one of `workers` supports, in `ImageMode` order (a worker that lists none supports all)."""
+    return [m for m in ImageMode if all(w.image_modes is None or m in w.image_modes for w in workers)]
+
+
 @router.get(
     "/api/v1/models",
     response_model=ModelList,
@@ -232,9 +239,22 @@ async def list_models(request: Request) -> ModelList:
                 workers=len(workers),
                 queue_depth=await ctx.queue_depth(name),
                 max_context=min(contexts) if contexts else None,
+                image_modes=shared_image_modes(workers),
             )
         )
     return ModelList(models=models)
+
+
+@router.get("/api/v1/info", response_model=ServiceInfo, summary="Whether conversations are recorded, and for how long")
+async def service_info(request: Request) -> ServiceInfo:
+    settings = context(request).settings
+    logging = settings.log_conversations
+    return ServiceInfo(
+        conversation_log=logging,
+        log_retention_days=settings.log_retention_days if logging else None,
+        log_retention_entries=settings.log_retention_entries if logging else None,
+        feedback_retention_days=settings.feedback_retention_days,
+    )
 
 
 @router.get(

@@ -60,7 +60,8 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-keys",
         type=Path,
         default=None,
-        help="require bearer keys (file, one per line; or LLAVA_API_KEYS); the UI uses the first",
+        help="require bearer keys (file, one per line; or LLAVA_API_KEYS); the UI uses the first, and the controller "
+        "trusts it to name each person on the page, so that per-client limits count per person",
     )
 
 
@@ -116,15 +117,16 @@ def _wait_ready(url: str, children: list[Child], timeout_s: float) -> bool:
     return False
 
 
-def _default_model(tiny: bool) -> tuple[str, str]:
-    """(path, name) of the model served when none is given: the trained shapes demo, or the tiny random one."""
+def _default_model(tiny: bool) -> tuple[str, str, tuple[str, ...] | None]:
+    """(path, name, image modes or None for all) of the model served when none is given: the trained shapes demo,
+    or the tiny random one."""
     if tiny:
         from workers.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
-        return str(ensure_tiny_model(default_cache_dir() / "models")), TINY_MODEL_NAME
-    from workers.demo.train import DEMO_MODEL_NAME, demo_model_path
+        return str(ensure_tiny_model(default_cache_dir() / "models")), TINY_MODEL_NAME, None
+    from workers.demo.train import DEMO_IMAGE_MODES, DEMO_MODEL_NAME, demo_model_path
 
-    return str(demo_model_path()), DEMO_MODEL_NAME
+    return str(demo_model_path()), DEMO_MODEL_NAME, DEMO_IMAGE_MODES
 
 
 def _cpu_threads_per_worker(device: str, workers: int) -> int | None:
@@ -159,6 +161,18 @@ def _web_env(env: dict[str, str], api_keys_file: Path | None) -> dict[str, str]:
     return env
 
 
+def _controller_env(env: dict[str, str], api_keys_file: Path | None) -> dict[str, str]:
+    """The controller's environment: it trusts the UI's key to name each person using the page (so limits count
+    per person, not for the page as a whole), unless trusted UI keys are set already."""
+    from broker.auth import load_api_keys
+
+    web_key = _web_env(env, api_keys_file).get("LLAVA_WEB_API_KEY")
+    keys = load_api_keys(env.get("LLAVA_API_KEYS"), api_keys_file)
+    if web_key and web_key in keys and not env.get("LLAVA_CONTROLLER_TRUSTED_UI_KEYS"):
+        return {**env, "LLAVA_CONTROLLER_TRUSTED_UI_KEYS": web_key}
+    return env
+
+
 def _print_banner(args: argparse.Namespace, controller_url: str, redis_url: str, model: str) -> None:
     print(f"\nllava-serve is up\n  controller  {controller_url}  (API: {controller_url}/docs)", flush=True)
     if not args.no_web:
@@ -186,14 +200,17 @@ def run_up(args: argparse.Namespace) -> int:
         redis_url = redis_server.url
         log.info("embedded redis-server on %s (data in %s)", redis_url, data_dir / "redis")
 
-    model_path, model_name = (args.model_path, args.model_name) if args.model_path else _default_model(args.tiny)
+    if args.model_path:
+        model_path, model_name, image_modes = args.model_path, args.model_name, None
+    else:
+        model_path, model_name, image_modes = _default_model(args.tiny)
     model_name = args.model_name or model_name
     env = {**os.environ, "LLAVA_REDIS_URL": redis_url}
     controller_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
     controller_argv = cli("controller", "--host", args.host, "--port", str(args.port))
     if args.api_keys:
         controller_argv += ["--api-keys", str(args.api_keys)]
-    children = [Child("controller", controller_argv, env)]
+    children = [Child("controller", controller_argv, _controller_env(env, args.api_keys) if not args.no_web else env)]
     cpu_threads = _cpu_threads_per_worker(args.device, args.workers)
     for i in range(args.workers):
         device = args.device
@@ -205,6 +222,8 @@ def run_up(args: argparse.Namespace) -> int:
             argv += ["--threads", str(cpu_threads)]
         if model_name:
             argv += ["--model-name", model_name]
+        if image_modes:
+            argv += ["--image-modes", ",".join(image_modes)]
         children.append(Child(f"worker-{i + 1}", argv, env))
     if not args.no_web:
         web_argv = cli("web", "--controller-url", controller_url, "--host", args.host, "--port", str(args.web_port))

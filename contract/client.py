@@ -14,11 +14,12 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from contract.errors import ControllerUnreachable, ErrorCode, LlavaError, QueueFull, error_from_code
+from contract.errors import ControllerUnreachable, ErrorCode, LlavaError, QueueFull, RateLimited, error_from_code
 from contract.feedback_messages import FeedbackAccepted, FeedbackRequest
+from contract.identity import END_USER_HEADER
 from contract.messages import GenerateRequest, JobView, StreamEvent
 from contract.messages import parse_event as parse_event_json
-from contract.replies import CancelReply, ErrorReply, ModelInfo, ModelList
+from contract.replies import CancelReply, ErrorReply, ModelInfo, ModelList, ServiceInfo
 
 # Connect fast; reads wait long because the controller sends queue updates and pings while a job waits.
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=5.0)
@@ -126,7 +127,7 @@ def error_from_response(response: httpx.Response) -> LlavaError:
     error = error_from_code(code, message)
     error.status_code = status
     after = retry_after_s(response)
-    if isinstance(error, QueueFull) and after is not None:
+    if isinstance(error, (QueueFull, RateLimited)) and after is not None:
         error.retry_after = after
         error.headers["Retry-After"] = str(after)
     return error
@@ -165,27 +166,40 @@ class ControllerClient:
         kind = type(exc).__name__
         return ControllerUnreachable(f"cannot reach the controller at {self.base_url} ({kind}: {exc})")
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    @staticmethod
+    def _headers(end_user: str | None, **headers: str) -> dict[str, str]:
+        """Per-request headers: `end_user` names the person a trusted front end asks for (`contract.identity`)."""
+        if end_user is not None:
+            headers[END_USER_HEADER] = end_user
+        return headers
+
+    def _request(self, method: str, path: str, *, end_user: str | None = None, **kwargs: Any) -> httpx.Response:
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = self._http.request(method, path, headers=self._headers(end_user), **kwargs)
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
         if response.status_code >= 400:
             raise error_from_response(response)
         return response
 
-    def list_models(self) -> list[ModelInfo]:
+    def list_models(self, *, end_user: str | None = None) -> list[ModelInfo]:
         """`GET /api/v1/models`: every model live workers serve, with its worker count."""
-        return ModelList.model_validate_json(self._request("GET", "/api/v1/models", timeout=10.0).content).models
+        response = self._request("GET", "/api/v1/models", end_user=end_user, timeout=10.0)
+        return ModelList.model_validate_json(response.content).models
 
-    def generate(self, request: GenerateRequest) -> Iterator[StreamEvent]:
+    def info(self, *, end_user: str | None = None) -> ServiceInfo:
+        """`GET /api/v1/info`: whether conversations are recorded, and for how long."""
+        response = self._request("GET", "/api/v1/info", end_user=end_user, timeout=10.0)
+        return ServiceInfo.model_validate_json(response.content)
+
+    def generate(self, request: GenerateRequest, *, end_user: str | None = None) -> Iterator[StreamEvent]:
         """Stream `POST /api/v1/generate`. Errors before the stream raise; after, they arrive as an `ErrorEvent`.
         The iterator ends after the stream does, with or without a final event; closing it closes the stream
         (the controller then cancels the job)."""
         body = request.model_dump(mode="json", exclude_none=True)
         try:
             with self._http.stream(
-                "POST", "/api/v1/generate", json=body, headers={"Accept": "text/event-stream"}
+                "POST", "/api/v1/generate", json=body, headers=self._headers(end_user, Accept="text/event-stream")
             ) as response:
                 if response.status_code >= 400:
                     response.read()
@@ -194,21 +208,23 @@ class ControllerClient:
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
 
-    def job(self, job_id: str) -> JobView:
+    def job(self, job_id: str, *, end_user: str | None = None) -> JobView:
         """`GET /api/v1/jobs/{id}`: the job's status and, once final, its outcome."""
-        return JobView.model_validate_json(self._request("GET", f"/api/v1/jobs/{job_id}", timeout=10.0).content)
+        response = self._request("GET", f"/api/v1/jobs/{job_id}", end_user=end_user, timeout=10.0)
+        return JobView.model_validate_json(response.content)
 
-    def cancel(self, job_id: str) -> CancelReply | None:
+    def cancel(self, job_id: str, *, end_user: str | None = None) -> CancelReply | None:
         """`POST /api/v1/jobs/{id}/cancel`; None for a job that already ended or is unknown (not an error)."""
         try:
-            response = self._request("POST", f"/api/v1/jobs/{job_id}/cancel", timeout=10.0)
+            response = self._request("POST", f"/api/v1/jobs/{job_id}/cancel", end_user=end_user, timeout=10.0)
         except LlavaError as exc:
             if exc.code == ErrorCode.job_not_found or exc.status_code == 409:
                 return None
             raise
         return CancelReply.model_validate_json(response.content)
 
-    def send_feedback(self, feedback: FeedbackRequest) -> FeedbackAccepted:
+    def send_feedback(self, feedback: FeedbackRequest, *, end_user: str | None = None) -> FeedbackAccepted:
         """`POST /api/v1/feedback`: the stream entry it was recorded as."""
-        response = self._request("POST", "/api/v1/feedback", json=feedback.model_dump(mode="json"), timeout=30.0)
+        body = feedback.model_dump(mode="json")
+        response = self._request("POST", "/api/v1/feedback", end_user=end_user, json=body, timeout=30.0)
         return FeedbackAccepted.model_validate_json(response.content)

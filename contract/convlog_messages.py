@@ -29,3 +29,4 @@ class ConversationRecord(BaseModel):
     timings: Timings = Field(default_factory=Timings, description="enqueued, started, first token, finished")
     api_key_name: str | None = Field(default=None, description="`key-` + the start of the key's sha256")
     client_address: str
+    end_user: str | None = Field(default=None, description="the end user a trusted front end named (the web page)")

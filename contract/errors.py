@@ -98,6 +98,13 @@ def _request_invalid(fields: list[dict[str, str]], total: int) -> RequestInvalid
     return RequestInvalid(fields, total=total)
 
 
+class HeaderInvalid(LlavaError):
+    """400: a request header the controller reads is malformed (the message names the header and the rule)."""
+
+    status_code = 400
+    code = ErrorCode.invalid_request
+
+
 class ImageInvalid(LlavaError):
     status_code = 400
     code = ErrorCode.invalid_image

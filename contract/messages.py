@@ -225,6 +225,34 @@ def parse_event(raw: str | bytes) -> StreamEvent:
 # ---- Records ------------------------------------------------------------------------------------------------
 
 
+class ImageMode(str, Enum):
+    """How a client may make a non-square image square before sending it; a worker lists those its model was
+    trained with (`--image-modes`), and `GET /api/v1/models` each model's."""
+
+    crop = "crop"  # center-crop to a square
+    resize = "resize"  # stretch to a square
+    pad = "pad"  # pad to a square with the model's mean colour
+    default = "default"  # as uploaded (the model's own processor resizes it)
+
+
+def parse_image_modes(text: str) -> list[ImageMode]:
+    """Comma-separated mode names as modes, in the order given; ValueError naming an unknown one and the choices."""
+    modes = []
+    for name in (part.strip().lower() for part in text.split(",")):
+        if not name:
+            continue
+        try:
+            mode = ImageMode(name)
+        except ValueError:
+            choices = ", ".join(m.value for m in ImageMode)
+            raise ValueError(f"image mode {name!r} is not one of {choices}") from None
+        if mode not in modes:
+            modes.append(mode)
+    if not modes:
+        raise ValueError(f"no image mode given: name at least one of {', '.join(m.value for m in ImageMode)}")
+    return modes
+
+
 class WorkerInfo(BaseModel):
     """Value of `keys.worker()`."""
 
@@ -241,6 +269,7 @@ class WorkerInfo(BaseModel):
     heartbeat_at: float
     context_length: int | None = None
     draining: bool = False
+    image_modes: list[ImageMode] | None = Field(default=None, description="None: every mode (an older worker)")
 
 
 class JobOutcome(BaseModel):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from contract.messages import JobView, WorkerInfo
+from contract.messages import ImageMode, JobView, WorkerInfo
 
 
 class ModelInfo(BaseModel):
@@ -18,6 +18,21 @@ class ModelInfo(BaseModel):
     workers: int = Field(description="live workers serving it")
     queue_depth: int
     max_context: int | None = Field(default=None, description="the smallest context length of its workers")
+    image_modes: list[ImageMode] = Field(
+        default_factory=lambda: list(ImageMode),
+        description="the image pre-processing modes every worker of the model supports (`--image-modes`)",
+    )
+
+
+class ServiceInfo(BaseModel):
+    """Body of `GET /api/v1/info`: what the service does with what it is sent, for the page's terms of use."""
+
+    conversation_log: bool = Field(description="every exchange is recorded (`--log-conversations`)")
+    log_retention_days: float | None = Field(default=None, description="days a recorded exchange is kept; None: ever")
+    log_retention_entries: int | None = Field(default=None, description="the log keeps about this many, the newest")
+    feedback_retention_days: float | None = Field(
+        default=None, description="days votes and flags (with their conversation) are kept; None: for ever"
+    )
 
 
 class ModelList(BaseModel):

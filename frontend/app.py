@@ -12,9 +12,10 @@ import gradio as gr
 
 from contract.client import ControllerClient
 from contract.feedback_messages import FeedbackType
-from frontend.conversation import Conversation, ImageMode, display_dir
+from frontend.conversation import Conversation, ImageMode, display_dir, mode_choices
 from frontend.feedback import FeedbackHandlers
 from frontend.handlers import ChatHandlers
+from frontend.users import page_login
 from infra.settings import WebSettings
 
 log = logging.getLogger("llava.web")
@@ -27,10 +28,7 @@ EXAMPLES = [(e["file"], e["question"]) for e in json.loads((EXAMPLES_DIR / "exam
 TITLE = """# 🌋 LLaVA: Large Language and Vision Assistant
 Served by **llava-serve**. Upload one or more images, ask about them, and keep chatting."""
 
-TERMS = """### Terms of use
-This is a research preview for non-commercial use only. The model may produce wrong, offensive or biased output.
-Votes and flags you send are stored with the whole conversation, images included, to improve the service: please
-**Flag** replies that are harmful or wrong, and do not upload personal data."""
+LOGIN_MESSAGE = "Log in with your name and your API key as the password."
 
 MODEL_LIST_REFRESH_S = 10.0
 EMPTY_TEXTBOX_JS = "() => ({text: '', files: []})"
@@ -86,7 +84,7 @@ def build_demo(
                     elem_id="model",
                 )
                 mode = gr.Radio(
-                    [m.value for m in ImageMode],
+                    mode_choices(list(ImageMode)),
                     value=ImageMode.default.value,
                     label="Pre-process non-square images",
                     info="Crop: center square · Resize: stretch to square · Pad: square with grey · Default: as is",
@@ -134,7 +132,8 @@ def build_demo(
                     label="Examples",
                 )
         if not settings.embed:
-            gr.Markdown(TERMS)
+            terms = gr.Markdown(handlers.terms(), elem_id="terms")
+            demo.load(handlers.terms, None, [terms], queue=False, api_visibility="private")
 
         buttons = [upvote, downvote, flag, regenerate, clear, stop]
         stream = dict(
@@ -187,12 +186,16 @@ def build_demo(
         )
         model.change(handlers.image_modes, [model, mode], [mode], queue=False, api_visibility="private")
         refresh = gr.Timer(model_list_refresh_s)
-        refresh.tick(handlers.refresh_models, [model, status], [model, status], queue=False, show_progress="hidden")
+        refresh.tick(
+            handlers.refresh_models, [model, status], [model, status], queue=False, show_progress="hidden"
+        ).then(handlers.image_modes, [model, mode], [mode], queue=False, show_progress="hidden")
     return demo
 
 
 def launch(demo: gr.Blocks, settings: WebSettings, *, block: bool = True) -> None:
-    """Queue and launch `demo` as `settings` say (theme and CSS are launch options in Gradio 6)."""
+    """Queue and launch `demo` as `settings` say (theme and CSS are launch options in Gradio 6), behind a login
+    when `--auth` or `--auth-keys-file` is set."""
+    login = page_login(settings.auth, settings.auth_keys_file)
     demo.queue(max_size=settings.max_queue, default_concurrency_limit=settings.concurrency_limit)
     demo.launch(
         server_name=settings.host,
@@ -205,6 +208,8 @@ def launch(demo: gr.Blocks, settings: WebSettings, *, block: bool = True) -> Non
         prevent_thread_lock=not block,
         show_error=True,
         quiet=not block,
+        auth=login,
+        auth_message=LOGIN_MESSAGE if login is not None and login.keys is not None else None,
     )
 
 
@@ -241,6 +246,21 @@ def add_web_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--image-max-side", type=int, default=None, help="cap on an image's long side (default 1344)")
     parser.add_argument("--api-key", default=None, help="bearer token for the controller, if it requires one")
+    parser.add_argument(
+        "--auth",
+        action="append",
+        default=None,
+        metavar="USER:PASSWORD",
+        help="require a login to use the page (repeatable); limits then count by login name",
+    )
+    parser.add_argument(
+        "--auth-keys-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="let holders of an API key in FILE (the controller's keys file) log in, with any name and the key as "
+        "the password",
+    )
 
 
 def web_settings_from_args(args: argparse.Namespace) -> WebSettings:
@@ -256,6 +276,8 @@ def web_settings_from_args(args: argparse.Namespace) -> WebSettings:
         "model_list_mode",
         "image_max_side",
         "api_key",
+        "auth",
+        "auth_keys_file",
     )
     given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     return WebSettings(**given)

@@ -8,13 +8,12 @@ import io
 import tempfile
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
 from contract.feedback_messages import FeedbackType
-from contract.messages import ChatMessage, ImageUrl, ImageUrlPart, SamplingParams, TextPart
+from contract.messages import ChatMessage, ImageMode, ImageUrl, ImageUrlPart, SamplingParams, TextPart
 
 # CLIP's mean pixel, the background LLaVA pads with.
 PAD_COLOUR = (122, 116, 104)
@@ -29,11 +28,13 @@ NO_IMAGE_HINT = (
 )
 
 
-class ImageMode(str, Enum):
-    crop = "Crop"  # center-crop to a square
-    resize = "Resize"  # stretch to a square
-    pad = "Pad"  # pad to a square with PAD_COLOUR
-    default = "Default"  # as uploaded
+# What the page's mode choice reads for each `ImageMode`.
+MODE_LABELS = {ImageMode.crop: "Crop", ImageMode.resize: "Resize", ImageMode.pad: "Pad", ImageMode.default: "Default"}
+
+
+def mode_choices(modes: list[ImageMode]) -> list[tuple[str, str]]:
+    """The page's (label, value) choices for `modes`, in `ImageMode` order."""
+    return [(MODE_LABELS[m], m.value) for m in ImageMode if m in modes]
 
 
 def preprocess_image(image: Image.Image, mode: ImageMode | str, max_side: int) -> Image.Image:

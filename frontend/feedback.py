@@ -17,6 +17,7 @@ from contract.errors import LlavaError
 from contract.feedback_messages import FeedbackRequest, FeedbackType
 from contract.messages import SamplingParams
 from frontend.conversation import Conversation, Turn
+from frontend.users import end_user
 
 # What the Chatbot's like event says in `LikeData.liked`: True for 👍, False for 👎, "" when the user clicks the
 # selected thumb again to clear it (Gradio 6 sends no None).
@@ -48,8 +49,11 @@ class FeedbackHandlers:
     def __init__(self, client: ControllerClient):
         self.client = client
 
-    def record(self, kind: FeedbackType, conversation: Conversation, index: int, reason: str = "") -> str | None:
-        """Send a vote or flag on the reply `turns[index]`; returns the problem to show, or None once recorded."""
+    def record(
+        self, kind: FeedbackType, conversation: Conversation, index: int, reason: str = "", user: str | None = None
+    ) -> str | None:
+        """Send a vote or flag on the reply `turns[index]` for `user`; returns the problem to show, or None once
+        recorded."""
         reply = conversation.turns[index]
         problem = why_not_votable(reply)
         if problem is not None or reply.model is None:
@@ -65,20 +69,22 @@ class FeedbackHandlers:
             client_sent_at=time.time(),
         )
         try:
-            self.client.send_feedback(feedback)
+            self.client.send_feedback(feedback, end_user=user)
         except LlavaError as exc:
             return f"⚠️ Feedback not recorded: {exc.message}"
         if kind is not FeedbackType.flag:
             reply.vote = kind
         return None
 
-    def feedback(self, kind: FeedbackType, conversation: Conversation, reason: str | None) -> tuple:
+    def feedback(
+        self, kind: FeedbackType, conversation: Conversation, reason: str | None, request: gr.Request | None = None
+    ) -> tuple:
         """A button's vote or flag on the last reply; returns (status, upvote, downvote, flag, reason box, chatbot),
         the chatbot's thumbs showing the vote."""
         unchanged = (gr.update(),) * 5
         if conversation.last_reply is None:
             return (_status(why_not_votable(None) or ""), *unchanged)
-        problem = self.record(kind, conversation, len(conversation.turns) - 1, reason or "")
+        problem = self.record(kind, conversation, len(conversation.turns) - 1, reason or "", end_user(request))
         if problem is not None:
             return (_status(problem), *unchanged)
         done = gr.update(interactive=False)
@@ -88,7 +94,7 @@ class FeedbackHandlers:
         thumbs = gr.update(feedback_value=conversation.feedback_values())
         return (_status(f"Thanks, your {kind.value} was recorded."), done, done, gr.update(), gr.update(), thumbs)
 
-    def vote_on_reply(self, conversation: Conversation, like: gr.LikeData) -> tuple:
+    def vote_on_reply(self, conversation: Conversation, like: gr.LikeData, request: gr.Request | None = None) -> tuple:
         """A 👍 or 👎 on any reply in the Chatbot. Returns (status, chatbot, upvote, downvote): the thumbs show the
         recorded votes, and the vote buttons are disabled once the last reply has one."""
         thumbs = gr.update(feedback_value=conversation.feedback_values())
@@ -100,7 +106,7 @@ class FeedbackHandlers:
         problem = self._vote_problem(conversation.turns[index], shown, like)
         kind = LIKED.get(like.liked) if isinstance(like.liked, bool) else None
         if problem is None and kind is not None:
-            problem = self.record(kind, conversation, index)
+            problem = self.record(kind, conversation, index, user=end_user(request))
         if problem is not None or kind is None:
             return (_status(problem or ""), thumbs, gr.update(), gr.update())
         note = f"Thanks, your {kind.value} on reply {conversation.reply_number(index)} was recorded."
@@ -108,10 +114,12 @@ class FeedbackHandlers:
         thumbs = gr.update(feedback_value=conversation.feedback_values())
         return (_status(note), thumbs, buttons, buttons)
 
-    def on_like(self, conversation: Conversation, like: gr.LikeData) -> Iterator[tuple]:
+    def on_like(
+        self, conversation: Conversation, like: gr.LikeData, request: gr.Request | None = None
+    ) -> Iterator[tuple]:
         """The Chatbot's like event: `vote_on_reply`'s outputs, preceded by the thumb as the browser already shows
         it when that is not what was recorded, since the browser redraws a thumb only when its value changes."""
-        result = self.vote_on_reply(conversation, like)
+        result = self.vote_on_reply(conversation, like, request)
         recorded = list(result[1]["feedback_value"])
         found = conversation.shown_turn(like.index) if isinstance(like.index, int) else None
         if found is not None and conversation.turns[found[0]].role == "assistant":

@@ -28,7 +28,7 @@ from contract.messages import (
     TokenEvent,
 )
 from contract.replies import ModelInfo
-from frontend.conversation import CURSOR, NO_IMAGE_HINT, ChatImage, Conversation, ImageMode, Turn
+from frontend.conversation import CURSOR, NO_IMAGE_HINT, ChatImage, Conversation, ImageMode, Turn, mode_choices
 from frontend.feedback import why_not_votable
 from frontend.reply_stream import ENDED, SILENT, STOPPED, ReplyStream
 from frontend.texts import (
@@ -39,8 +39,10 @@ from frontend.texts import (
     SERVICE_DOWN,
     STILL_WORKING,
     describe_error,
+    terms_of_use,
     waiting_text,
 )
+from frontend.users import end_user
 from infra.settings import WebSettings
 
 log = logging.getLogger("llava.web")
@@ -51,15 +53,6 @@ BUTTONS = ("upvote", "downvote", "flag", "regenerate", "clear", "stop")
 
 def _choices(models: list[ModelInfo]) -> list[tuple[str, str]]:
     return [(m.name, m.name) for m in models]
-
-
-# Models known to answer about a padded image's border rather than its content: the shapes demo model is trained on
-# whole drawings only, under any name that contains this.
-PADDING_MISREAD_BY = ("shapes-demo",)
-
-
-def _misreads_padding(model: str | None) -> bool:
-    return bool(model) and any(part in model for part in PADDING_MISREAD_BY)
 
 
 def _note_for_finish(reason: FinishReason) -> str:
@@ -80,15 +73,16 @@ class ChatHandlers:
         self._writing: set[str] = set()  # the browser sessions with a `generate` call answering their messages
         self._lock = threading.Lock()
         self._models: list[ModelInfo] | None = None  # `once` mode: the list, once fetched successfully
+        self._image_modes: dict[str, list[ImageMode]] = {}  # each model's modes, as the model list last said
 
     # ---- model list ------------------------------------------------------------------------------------------
 
-    def fetch_models(self) -> tuple[list[ModelInfo], str | None]:
-        """The model list, and a message for the page when it could not be fetched or is empty."""
+    def fetch_models(self, user: str | None = None) -> tuple[list[ModelInfo], str | None]:
+        """The model list (asked for `user`), and a message for the page when it could not be fetched or is empty."""
         if self.settings.model_list_mode == "once" and self._models:
             return self._models, None
         try:
-            models = self.client.list_models()
+            models = self.client.list_models(end_user=user)
         except LlavaError as exc:
             log.warning("model list: %s", exc)
             return [], SERVICE_DOWN
@@ -97,11 +91,12 @@ class ChatHandlers:
             return [], NO_MODEL_YET
         if self.settings.model_list_mode == "once":
             self._models = models  # only a list with models: an empty one is asked again
+        self._image_modes.update({m.name: list(m.image_modes) for m in models})
         return models, None
 
     def load(self, request: gr.Request | None = None) -> tuple:
         """Page load: fresh state, the model dropdown (`?model=NAME` selects one), and a status line."""
-        models, problem = self.fetch_models()
+        models, problem = self.fetch_models(end_user(request))
         wanted = request.query_params.get("model") if request is not None else None
         names = [m.name for m in models]
         value = wanted if wanted in names else (names[0] if names else None)
@@ -114,11 +109,11 @@ class ChatHandlers:
             gr.update(value=status, visible=bool(status)),
         )
 
-    def refresh_models(self, current: str | None, status: str | None) -> tuple:
+    def refresh_models(self, current: str | None, status: str | None, request: gr.Request | None = None) -> tuple:
         """The page's periodic refresh: (model dropdown, status line). A model chosen stays chosen; the first one
         served is chosen when none was. The status line shows a model list problem, and loses it once solved,
         but other notes there (a vote's) are left alone."""
-        models, problem = self.fetch_models()
+        models, problem = self.fetch_models(end_user(request))
         names = [m.name for m in models]
         value = current if current else (names[0] if names else None)
         ours = not status or status in (SERVICE_DOWN, NO_MODEL_YET)
@@ -128,11 +123,21 @@ class ChatHandlers:
             note = gr.update(value=problem or "", visible=bool(problem))
         return gr.update(choices=_choices(models), value=value), note
 
+    def terms(self, request: gr.Request | None = None) -> str:
+        """The terms of use, saying whether the service records conversations (it is asked at each page load)."""
+        try:
+            return terms_of_use(self.client.info(end_user=end_user(request)))
+        except LlavaError as exc:
+            log.warning("service info: %s", exc)
+            return terms_of_use(None)
+
     def image_modes(self, model: str | None, mode: str | None) -> dict:
-        """The pre-processing choices for `model`: all of them, except Pad for models that were not trained on padded
-        images (the shapes demo model answers about the grey border). A mode no longer offered becomes Default."""
-        modes = [m.value for m in ImageMode if m is not ImageMode.pad or not _misreads_padding(model)]
-        return gr.update(choices=modes, value=mode if mode in modes else ImageMode.default.value)
+        """The pre-processing choices for `model`: the modes its workers support, as the model list last said (all of
+        them for a model not listed). A mode no longer offered becomes Default, or the first one offered."""
+        modes = self._image_modes.get(model or "", list(ImageMode))
+        values = [value for _, value in mode_choices(modes)]
+        fallback = ImageMode.default.value if ImageMode.default.value in values else values[0]
+        return gr.update(choices=mode_choices(modes), value=mode if mode in values else fallback)
 
     # ---- chat -----------------------------------------------------------------------------------------------
 
@@ -210,6 +215,7 @@ class ChatHandlers:
         """Stream a reply to the last user turn; yields (state, chatbot, *buttons) as the reply grows. One reply is
         written at a time per browser session: a message sent meanwhile is answered by the running call, next."""
         session = request.session_hash if request is not None and request.session_hash else f"anon-{id(conversation)}"
+        user = end_user(request)
         with self._lock:
             running = session in self._writing
             self._writing.add(session)
@@ -224,14 +230,14 @@ class ChatHandlers:
                         self._writing.discard(session)
                         break
                 answered = True
-                yield from self._reply(conversation, model, temperature, top_p, max_new_tokens, session)
+                yield from self._reply(conversation, model, temperature, top_p, max_new_tokens, session, user)
         finally:
             with self._lock:
                 self._writing.discard(session)
         if not answered:  # nothing to answer (the message was refused, or the chat cleared)
             yield (conversation, conversation.chatbot_messages(), *self.button_updates(conversation))
 
-    def _reply(self, conversation: Conversation, model, temperature, top_p, max_new_tokens, session: str):
+    def _reply(self, conversation: Conversation, model, temperature, top_p, max_new_tokens, session: str, user=None):
         """Write one reply to the user turns at the end of `conversation`."""
         reply = conversation.start_reply()
         if not conversation.image_count():
@@ -249,7 +255,7 @@ class ChatHandlers:
             seed=random.randrange(2**31),  # recorded, so a voted or flagged reply can be replayed
         )
         body = GenerateRequest(model=model, messages=conversation.request_messages(), **reply.params.model_dump())
-        active = ReplyStream(self.client, body)
+        active = ReplyStream(self.client, body, end_user=user)
         final = False  # a done or error event ended the reply: the job needs no cancel
         with self._lock:
             self._active[session] = active
@@ -291,7 +297,7 @@ class ChatHandlers:
                     del self._active[session]
             active.stop()
             if not final:  # stopped, or the page went away: the worker stops too
-                self._cancel(reply.job_id)
+                self._cancel(reply.job_id, user)
         more = (
             bool(conversation.turns) and conversation.turns[-1].role == "user"
         )  # a message sent meanwhile: answered next, Stop stays on
@@ -318,12 +324,12 @@ class ChatHandlers:
             return False
         return True
 
-    def _cancel(self, job_id: str | None) -> None:
+    def _cancel(self, job_id: str | None, user: str | None = None) -> None:
         """Cancel a job through the API; without a job id yet, the stream's close cancels it."""
         if job_id is None:
             return
         try:
-            self.client.cancel(job_id)
+            self.client.cancel(job_id, end_user=user)
         except LlavaError as exc:
             log.warning("cancel %s: %s", job_id, exc)
 

@@ -19,10 +19,11 @@ class ReplyStream:
     """The events of one `POST /api/v1/generate`, read by a daemon thread. `stop()` ends `next` at once whatever
     the network does; the thread then closes the stream at its next event (the controller cancels on close)."""
 
-    def __init__(self, client: ControllerClient, request: GenerateRequest) -> None:
+    def __init__(self, client: ControllerClient, request: GenerateRequest, *, end_user: str | None = None) -> None:
         self._inbox: queue.Queue[StreamEvent | Exception | str] = queue.Queue()
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._read, args=(client.generate(request),), daemon=True)
+        events = client.generate(request, end_user=end_user)
+        self._thread = threading.Thread(target=self._read, args=(events,), daemon=True)
         self._thread.start()
 
     def _read(self, events: Iterator[StreamEvent]) -> None:

@@ -6,7 +6,8 @@ page's logs and in the API's error bodies.
 
 from __future__ import annotations
 
-from contract.errors import ErrorCode, LlavaError, QueueFull
+from contract.errors import ErrorCode, LlavaError, QueueFull, RateLimited
+from contract.replies import ServiceInfo
 
 REGENERATE = "Press 🔄 **Regenerate** to ask again"
 
@@ -24,6 +25,27 @@ NOT_AN_IMAGE = (
     "“{name}” is not a picture this page can read, so your message was not sent. "
     "Remove it and attach a PNG, JPEG, GIF or WebP image instead."
 )
+
+
+TERMS_HEAD = """### Terms of use
+This is a research preview for non-commercial use only. The model may produce wrong, offensive or biased output."""
+TERMS_VOTES = """Votes and flags you send are stored with the whole conversation, images included, to improve the
+service: please **Flag** replies that are harmful or wrong, and do not upload personal data."""
+
+
+def terms_of_use(info: ServiceInfo | None) -> str:
+    """The page's terms, saying whether conversations are recorded (`info` None: the service could not say)."""
+    if info is None:
+        recorded = "Conversations may be recorded, images included, to run and improve the service."
+    elif info.conversation_log:
+        kept = f" and kept for {info.log_retention_days:g} days" if info.log_retention_days else ""
+        recorded = (
+            f"**Conversations are recorded**: every message you send, its images and the replies are stored{kept}, "
+            "to run and improve the service."
+        )
+    else:
+        recorded = "Conversations are not recorded, except those you vote on or flag."
+    return f"{TERMS_HEAD}\n{recorded}\n{TERMS_VOTES}"
 
 
 def waiting_text(ahead: int) -> str:
@@ -51,6 +73,10 @@ def describe_error(exc: LlavaError, model: str | None) -> str:
         retry_after = exc.retry_after if isinstance(exc, QueueFull) else None
         wait = f"in {retry_after} s" if retry_after is not None else "in a moment"
         return f"⚠️ {name} has too many requests right now. Try again {wait}: {REGENERATE}."
+    if code == ErrorCode.rate_limited:
+        retry_after = exc.retry_after if isinstance(exc, RateLimited) else None
+        wait = f"in {retry_after} s" if retry_after is not None else "in a moment"
+        return f"⚠️ You have sent many requests at once or in a short time. Try again {wait}: {REGENERATE}."
     if code in (ErrorCode.invalid_image, ErrorCode.image_too_large):
         return f"⚠️ An image could not be used: {message}. Attach a different image and send your question again."
     if code == ErrorCode.context_length_exceeded:

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract.messages import ImageMode
+
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 CONTROLLER_PORT = 10000
 WEB_PORT = 7860
@@ -70,6 +72,12 @@ class ControllerSettings(BaseSettings):
         description="comma-separated bearer keys; when set, every endpoint but health and metrics needs one",
     )
     api_keys_file: Path | None = Field(default=None, description="file of bearer keys, one per line, # comments")
+    trusted_ui_keys: str | None = Field(
+        default=None,
+        description="comma-separated API keys of front ends (the web page) trusted to name their end user in the "
+        "X-LLaVA-End-User header; limits then count by that user. Each must be one of the API keys",
+    )
+    trusted_ui_keys_file: Path | None = Field(default=None, description="file of trusted UI keys, one per line")
     allow_remote_images: bool = Field(default=False, description="fetch http(s) image_url (public addresses only)")
     remote_image_timeout_s: float = Field(default=5.0, gt=0, description="seconds to fetch one remote image, in all")
     remote_image_max_redirects: int = Field(default=3, ge=0)
@@ -134,6 +142,10 @@ class WorkerSettings(BaseSettings):
     prefill_tokens: int = Field(default=4096, ge=1, description="prompt tokens prefilled per step, at most")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve /metrics here (default off)")
     metrics_host: str = Field(default="127.0.0.1", description="address the /metrics server binds")
+    image_modes: list[ImageMode] = Field(
+        default_factory=lambda: list(ImageMode),
+        description="the image pre-processing modes the model was trained with, offered by the web page",
+    )
 
     def resolved_model_name(self) -> str:
         """`--model-name`, else the last component of the model path."""
@@ -155,3 +167,7 @@ class WebSettings(BaseSettings):
     embed: bool = False
     image_max_side: int = Field(default=1344, ge=64)
     api_key: str | None = None
+    auth: list[str] = Field(default_factory=list, description="USER:PASSWORD logins for the page (JSON list in env)")
+    auth_keys_file: Path | None = Field(
+        default=None, description="API keys file whose keys log in to the page as passwords, with any user name"
+    )

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from contract.liveness import SWEEP_INTERVAL_S
+from contract.messages import ImageMode, parse_image_modes
 from infra.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "for checking the compiled path)",
     )
     parser.add_argument(
+        "--image-modes",
+        type=_image_modes,
+        help="comma-separated image pre-processing modes the model was trained with, the only ones the web page "
+        f"offers for it: {', '.join(m.value for m in ImageMode)} (default: all)",
+    )
+    parser.add_argument(
         "--engine",
         choices=ENGINE_KINDS,
         default="transformers",
@@ -71,11 +78,18 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
+def _image_modes(text: str) -> list[ImageMode]:
+    try:
+        return parse_image_modes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def worker_settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     """WorkerSettings from parsed flags; flags left unset keep the environment's or the default value."""
     fields = ("model_path", "model_name", "device", "dtype", "max_batch", "token_budget", "redis_url")
     extra = ("drain_timeout_s", "worker_id", "metrics_port", "metrics_host", "compile", "compile_backend", "threads",
-             "prefill_tokens")  # fmt: skip
+             "prefill_tokens", "image_modes")  # fmt: skip
     values: dict[str, Any] = {f: getattr(args, f, None) for f in (*fields, *extra)}
     return WorkerSettings(**{k: v for k, v in values.items() if v is not None})
 

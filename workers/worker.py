@@ -103,6 +103,7 @@ class Worker:
             heartbeat_at=time.time(),
             context_length=self.context_length,
             draining=self.draining,
+            image_modes=self.settings.image_modes,
         )
 
     def run(self) -> int:

@@ -29,7 +29,9 @@ class ScriptedWorker:
         self.model = model
         self.worker_id = worker_id
 
-    def register(self, *, context_length: int | None = 2048, draining: bool = False) -> ScriptedWorker:
+    def register(
+        self, *, context_length: int | None = 2048, draining: bool = False, image_modes: list[str] | None = None
+    ) -> ScriptedWorker:
         now = time.time()
         info = WorkerInfo(
             worker_id=self.worker_id,
@@ -43,6 +45,7 @@ class ScriptedWorker:
             heartbeat_at=now,
             context_length=context_length,
             draining=draining,
+            image_modes=image_modes,
         )
         with self.redis.pipeline() as pipe:
             pipe.set(keys.worker(self.worker_id), info.model_dump_json(), ex=60)  # no heartbeat: live for the test

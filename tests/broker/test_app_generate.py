@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from broker.app import create_app
 from contract import jobs, keys
 from contract.keys import rq_queue
-from tests.broker.scripted_worker import ScriptedWorker, chat_body, png_b64, read_sse
+from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, png_b64, read_sse, settings_for
 
 
 def stream(client: TestClient, body: dict) -> list[tuple[str, dict]]:
@@ -164,7 +165,10 @@ def test_cancel_endpoint_removes_a_queued_job(client: TestClient, worker: Script
 
 def test_models_workers_and_health(client: TestClient, worker: ScriptedWorker) -> None:
     models = client.get("/api/v1/models").json()["models"]
-    assert models == [{"name": "tiny-llava", "workers": 1, "queue_depth": 0, "max_context": 2048}]
+    every_mode = ["crop", "resize", "pad", "default"]
+    assert models == [
+        {"name": "tiny-llava", "workers": 1, "queue_depth": 0, "max_context": 2048, "image_modes": every_mode}
+    ]
     workers = client.get("/api/v1/workers").json()["workers"]
     assert [w["worker_id"] for w in workers] == ["scripted-1"]
     assert client.get("/healthz").status_code == 200
@@ -176,3 +180,24 @@ def test_unknown_job_is_404(client: TestClient) -> None:
         assert response.status_code == 404
         assert response.json()["error"]["code"] == "job_not_found"
         assert "nope" in response.json()["error"]["message"]
+
+
+def test_a_model_lists_the_image_modes_all_its_workers_support(client: TestClient, redis_client) -> None:
+    ScriptedWorker(redis_client, "shapes", "w1").register(image_modes=["resize", "default", "crop"])
+    ScriptedWorker(redis_client, "shapes", "w2").register(image_modes=["default", "resize"])
+    ScriptedWorker(redis_client, "other", "w3").register()  # lists none: every mode
+    models = {m["name"]: m["image_modes"] for m in client.get("/api/v1/models").json()["models"]}
+    assert models == {"shapes": ["resize", "default"], "other": ["crop", "resize", "pad", "default"]}
+
+
+def test_info_says_whether_conversations_are_recorded(client: TestClient, redis_url: str) -> None:
+    assert client.get("/api/v1/info").json() == {
+        "conversation_log": False,
+        "log_retention_days": None,
+        "log_retention_entries": None,
+        "feedback_retention_days": 365.0,
+    }
+    settings = settings_for(redis_url, log_conversations=True, log_retention_days=7)
+    with TestClient(create_app(settings, timings=FAST, run_sweeper=False)) as logging:
+        info = logging.get("/api/v1/info").json()
+    assert info["conversation_log"] is True and info["log_retention_days"] == 7

@@ -6,12 +6,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import pytest
 import redis
 from fastapi.testclient import TestClient
 
 from broker.app import create_app
 from broker.limits import key_name
 from contract import keys
+from contract.identity import END_USER_HEADER
 from contract.messages import FinishReason
 from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, read_sse, settings_for
 from tests.broker.test_stream_life import wait_for
@@ -152,3 +154,68 @@ def test_the_flags_set_the_limits_log_and_retention() -> None:
     assert settings.rate_limit_tokens_per_minute == 9000 and settings.log_conversations
     assert (settings.log_retention_days, settings.log_retention_entries) == (7, 500)
     assert (settings.feedback_retention_days, settings.feedback_retention_entries) == (90, 1000)
+
+
+UI_KEY = "key-of-the-page"
+UI = {"Authorization": f"Bearer {UI_KEY}"}
+
+
+def as_user(headers: dict[str, str], user: str) -> dict[str, str]:
+    return {**headers, END_USER_HEADER: user}
+
+
+def test_each_user_of_a_trusted_page_gets_their_own_share(
+    redis_url: str, redis_client: redis.Redis, worker: ScriptedWorker
+) -> None:
+    settings = settings_for(redis_url, api_keys=f"{KEY_A},{UI_KEY}", trusted_ui_keys=UI_KEY, max_jobs_per_client=1)
+    with TestClient(create_app(settings, timings=FAST, run_sweeper=False)) as controller:
+        with controller.stream("POST", "/api/v1/generate", json=chat_body(), headers=as_user(UI, "alice")) as alice:
+            alice_events = read_sse(alice.iter_lines())  # kept: a dropped reader closes the stream
+            assert next(alice_events)[0] == "queued"
+            # Bob uses the page's key too, but his share is his own.
+            with controller.stream("POST", "/api/v1/generate", json=chat_body(), headers=as_user(UI, "bob")) as bob:
+                bob_events = read_sse(bob.iter_lines())
+                assert next(bob_events)[0] == "queued"
+                again = controller.post("/api/v1/generate", json=chat_body(), headers=as_user(UI, "alice"))
+                assert again.status_code == 429
+                assert f"{key_name(UI_KEY)}:user:alice" in again.json()["error"]["message"]
+                assert redis_client.zcard(keys.client_jobs(f"{key_name(UI_KEY)}:user:bob")) == 1
+
+
+def test_an_untrusted_key_cannot_name_another_user(
+    redis_url: str, redis_client: redis.Redis, worker: ScriptedWorker
+) -> None:
+    settings = settings_for(redis_url, api_keys=f"{KEY_A},{UI_KEY}", trusted_ui_keys=UI_KEY, max_jobs_per_client=1)
+    with TestClient(create_app(settings, timings=FAST, run_sweeper=False)) as controller:
+        with controller.stream("POST", "/api/v1/generate", json=chat_body(), headers=as_user(A, "alice")) as one:
+            events = read_sse(one.iter_lines())  # kept: a dropped reader closes the stream
+            assert next(events)[0] == "queued"
+            assert held(redis_client, KEY_A) == 1  # counted against the key, not the user it named
+            spoofed = controller.post("/api/v1/generate", json=chat_body(), headers=as_user(A, "bob"))
+            assert spoofed.status_code == 429 and key_name(KEY_A) in spoofed.json()["error"]["message"]
+            # A malformed header from an untrusted key is ignored like any other.
+            odd = controller.post("/api/v1/generate", json=chat_body(), headers=as_user(A, "x" * 500))
+            assert odd.status_code == 429
+            assert not redis_client.keys(keys.client_jobs("*:user:*"))
+
+
+@pytest.mark.parametrize(
+    ("user", "problem"),
+    [("", "is empty"), ("x" * 129, "over the limit of 128"), ("bob smith", "may hold only"), ("a/b", "may hold only")],
+)
+def test_a_trusted_page_naming_a_bad_user_gets_a_clear_400(
+    redis_url: str, worker: ScriptedWorker, user: str, problem: str
+) -> None:
+    settings = settings_for(redis_url, api_keys=UI_KEY, trusted_ui_keys=UI_KEY)
+    with TestClient(create_app(settings, timings=FAST, run_sweeper=False)) as controller:
+        refused = controller.post("/api/v1/generate", json=chat_body(), headers=as_user(UI, user))
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["code"] == "invalid_request" and END_USER_HEADER in error["message"] and problem in error["message"]
+
+
+def test_trusted_ui_keys_must_be_api_keys(redis_url: str) -> None:
+    with pytest.raises(ValueError, match="need API keys"):
+        create_app(settings_for(redis_url, trusted_ui_keys=UI_KEY), run_sweeper=False)
+    with pytest.raises(ValueError, match="not one of the API keys"):
+        create_app(settings_for(redis_url, api_keys=KEY_A, trusted_ui_keys=UI_KEY), run_sweeper=False)

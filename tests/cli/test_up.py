@@ -48,6 +48,8 @@ def test_up_serves_the_demo_model_and_ctrl_c_stops_everything(tmp_path: Path) ->
             time.sleep(0.2)
         assert "llava-serve is up" in output(), output()
         assert serving(), "up said it was up before a worker of the model registered"
+        (demo,) = httpx.get(f"{url}/api/v1/models", timeout=2).json()["models"]
+        assert demo["image_modes"] == ["resize", "default"]  # the page offers only what the model was trained with
         wait_until(lambda: httpx.get(f"http://127.0.0.1:{web_port}/", timeout=2).status_code == 200, 60, "the UI")
 
         # the default model is the shipped demo, which sees: ask about the UI's first example image
@@ -102,3 +104,23 @@ def test_restart_back_off_grows_with_quick_exits_and_resets_after_a_healthy_run(
     # killed again minutes later, after running healthily: the back-off starts over
     assert child.restart_delay_s(exited_at=child.started_at + HEALTHY_RUN_S + 1) == RESTART_BACKOFF_S[0]
     assert child.restart_delay_s(exited_at=child.started_at + 1) == RESTART_BACKOFF_S[1]
+
+
+def test_the_controller_trusts_the_ui_key_to_name_each_person(tmp_path: Path) -> None:
+    from cli.up import _controller_env
+
+    keys = tmp_path / "keys"
+    keys.write_text("first-key\nsecond-key\n")
+    assert _controller_env({}, keys)["LLAVA_CONTROLLER_TRUSTED_UI_KEYS"] == "first-key"
+    own = {"LLAVA_API_KEYS": "a,b", "LLAVA_WEB_API_KEY": "b"}
+    assert _controller_env(own, None)["LLAVA_CONTROLLER_TRUSTED_UI_KEYS"] == "b"
+    assert "LLAVA_CONTROLLER_TRUSTED_UI_KEYS" not in _controller_env({"LLAVA_WEB_API_KEY": "not-a-key"}, keys)
+    assert "LLAVA_CONTROLLER_TRUSTED_UI_KEYS" not in _controller_env({}, None)
+
+
+def test_the_demo_worker_started_by_up_offers_only_the_modes_it_was_trained_with():
+    from cli.up import _default_model
+    from workers.demo.train import DEMO_IMAGE_MODES, DEMO_MODEL_NAME
+
+    _, name, modes = _default_model(tiny=False)
+    assert name == DEMO_MODEL_NAME and modes == DEMO_IMAGE_MODES and "pad" not in modes

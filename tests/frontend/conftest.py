@@ -22,7 +22,7 @@ from broker.app import create_app
 from broker.context import StreamTimings
 from contract import keys
 from contract.client import ControllerClient
-from contract.messages import ChatMessage, GenerateRequest, TextPart, WorkerInfo
+from contract.messages import ChatMessage, GenerateRequest, ImageMode, TextPart, WorkerInfo
 from infra.embedded_redis import free_port
 from infra.settings import ControllerSettings, WorkerSettings
 from workers.scripted import ScriptedEngine
@@ -34,13 +34,15 @@ MODEL = "scripted-model"
 class RecordingClient(ControllerClient):
     """The real client, keeping every generate request it sent."""
 
-    def __init__(self, url: str):
-        super().__init__(url)
+    def __init__(self, url: str, api_key: str | None = None):
+        super().__init__(url, api_key=api_key)
         self.sent: list[GenerateRequest] = []
+        self.end_users: list[str | None] = []
 
-    def generate(self, request):
+    def generate(self, request, end_user=None):
         self.sent.append(request)
-        return super().generate(request)
+        self.end_users.append(end_user)
+        return super().generate(request, end_user=end_user)
 
 
 def session(name: str = "s1"):
@@ -50,7 +52,7 @@ def session(name: str = "s1"):
 
 def chat(handlers, conv, text: str, files=(), model=MODEL, max_tokens=6, name="s1") -> list[tuple]:
     """Send a message as the page does; returns every (state, chatbot, *buttons) the reply yielded."""
-    out = handlers.add_message(conv, {"text": text, "files": list(files)}, "Pad")
+    out = handlers.add_message(conv, {"text": text, "files": list(files)}, "pad")
     return list(handlers.generate(out[0], model, 0.2, 0.7, max_tokens, session(name)))
 
 
@@ -96,16 +98,23 @@ class ServerThread:
         self.thread.join(15)
 
 
-@pytest.fixture
-def controller_url(redis_client: redis.Redis, redis_url: str) -> Iterator[str]:
-    """The controller on a free port over the emptied test database (max_queue 2, so 429 is reachable)."""
-    settings = ControllerSettings(redis_url=redis_url, max_queue=2, queued_update_interval_s=0.1)
-    app = create_app(settings, timings=StreamTimings(stall_check_s=0.5, no_worker_timeout_s=30.0), run_sweeper=False)
+@contextmanager
+def running_controller(redis_url: str, **settings: object) -> Iterator[str]:
+    """The controller app under uvicorn on a free port with `settings`; yields its URL."""
+    full = ControllerSettings(redis_url=redis_url, queued_update_interval_s=0.1, **settings)
+    app = create_app(full, timings=StreamTimings(stall_check_s=0.5, no_worker_timeout_s=30.0), run_sweeper=False)
     server = ServerThread(app, free_port()).start()
     try:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture
+def controller_url(redis_client: redis.Redis, redis_url: str) -> Iterator[str]:
+    """The controller on a free port over the emptied test database (max_queue 2, so 429 is reachable)."""
+    with running_controller(redis_url, max_queue=2) as url:
+        yield url
 
 
 class WorkerThread:
@@ -118,11 +127,14 @@ class WorkerThread:
         self.thread.join(15)
 
 
-def start_worker(redis_url: str, **engine_kwargs) -> WorkerThread:
+def start_worker(redis_url: str, image_modes: list[str] | None = None, **engine_kwargs) -> WorkerThread:
+    """A scripted worker of MODEL in a thread (supporting `image_modes`, default all), once it has registered."""
     from infra.redis import connect
 
     engine_kwargs.setdefault("step_delay_s", 0.01)
     settings = WorkerSettings(model_path=MODEL, worker_id=f"ui-test-{time.monotonic_ns()}", drain_timeout_s=2.0)
+    if image_modes is not None:
+        settings = settings.model_copy(update={"image_modes": [ImageMode(m) for m in image_modes]})
     worker = Worker(settings, ScriptedEngine(**engine_kwargs), connect(redis_url), model_name=MODEL)
     running = WorkerThread(worker)
     running.thread.start()

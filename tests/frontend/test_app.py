@@ -34,6 +34,9 @@ def test_flags_and_their_defaults(monkeypatch):
     assert (settings.concurrency_limit, settings.max_queue, settings.share, settings.embed) == (3, 9, True, True)
     assert (settings.model_list_mode, settings.image_max_side) == ("once", 672)
     assert parse("--port", "7000").port == 7000
+    login = parse("--auth", "alice:pw", "--auth", "bob:pw2", "--auth-keys-file", "/etc/keys")
+    assert login.auth == ["alice:pw", "bob:pw2"] and str(login.auth_keys_file) == "/etc/keys"
+    assert defaults.auth == [] and defaults.auth_keys_file is None
 
 
 def test_examples_ship_with_the_package():
@@ -56,7 +59,7 @@ def test_chat_vote_and_flag_through_gradio_client(web_url, redis_url):
     client = Client(web_url, verbose=False)
     chatbot, _ = client.predict(
         {"text": "what colour are the shapes", "files": [handle_file(str(EXAMPLES_DIR / "demo_5_3_shapes.png"))]},
-        "Pad",
+        "pad",
         api_name="/add_message",
     )
     assert (

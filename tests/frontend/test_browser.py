@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from PIL import Image
 
 from broker.feedback import read_feedback
 from frontend.app import EXAMPLES_DIR
@@ -201,8 +202,9 @@ def test_two_sends_in_quick_succession_keep_both_messages(slow_web_url):
             browser.close()
 
 
-# Set LLAVA_SCREENSHOT_PHONE=docs/screenshot-phone.png to refresh the README's phone picture from this test.
-SCREENSHOT_PHONE = os.environ.get("LLAVA_SCREENSHOT_PHONE")
+# Set LLAVA_SCREENSHOT_PHONE=docs/screenshot-phone.png and LLAVA_SCREENSHOT_LAPTOP=docs/screenshot-laptop.png to
+# refresh the README's phone and laptop pictures from this test.
+SCREENSHOTS = {"phone": os.environ.get("LLAVA_SCREENSHOT_PHONE"), "laptop": os.environ.get("LLAVA_SCREENSHOT_LAPTOP")}
 
 
 @pytest.mark.parametrize("width, height", [(390, 844), (1366, 768)], ids=["phone", "laptop"])
@@ -221,8 +223,9 @@ def test_typing_sending_stopping_and_voting_need_no_scrolling(slow_web_url, tmp_
             page.screenshot(path=str(shot))
         finally:
             browser.close()
-    if SCREENSHOT_PHONE and width < 500:
-        shutil.copyfile(shot, SCREENSHOT_PHONE)
+    target = SCREENSHOTS["phone" if width < 500 else "laptop"]
+    if target:
+        shutil.copyfile(shot, target)
 
 
 def test_no_thumbs_on_a_reply_being_written_or_failed(slow_web_url):
@@ -243,3 +246,26 @@ def test_no_thumbs_on_a_reply_being_written_or_failed(slow_web_url):
             assert thumbs.count() == 1  # still only the first reply's
         finally:
             browser.close()
+
+
+def test_only_the_image_modes_the_model_supports_are_offered(controller_url, redis_url, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (96, 48), (200, 30, 30)).save(wide)
+    worker = start_worker(redis_url, image_modes=["default", "resize"])
+    try:
+        with launched_ui(controller_url) as url, playwright.sync_playwright() as p:
+            browser, page = open_page(p, url)
+            try:
+                modes = page.locator("#image-mode label")
+                wait_for(lambda: modes.count() == 2, 10, "the model's image modes")
+                assert [modes.nth(i).inner_text().strip() for i in range(2)] == ["Resize", "Default"]
+                page.click("#image-mode label:has-text('Resize')")
+                ask(page, "[[tokens=2]] which shape", wide)
+                shown = page.locator("#chatbot img").first
+                wait_for(lambda: shown.evaluate("img => img.naturalWidth") > 0, 10, "the image to load")
+                assert shown.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [96, 96]  # stretched square
+            finally:
+                browser.close()
+    finally:
+        worker.stop()

@@ -30,7 +30,7 @@ def test_resize_stretches_to_a_square_on_the_long_side():
 
 
 def test_pad_fills_with_the_clip_mean_colour():
-    out = preprocess_image(wide(), "Pad", 1344)
+    out = preprocess_image(wide(), "pad", 1344)
     assert out.size == (300, 300)
     assert out.getpixel((150, 0)) == PAD_COLOUR
     assert out.getpixel((150, 150)) == (200, 10, 10)

@@ -68,7 +68,7 @@ def test_queue_position_is_shown_and_stop_cancels_the_job(controller_url, idle_w
     jobs.enqueue(redis_client, JobRequest(job_id="ahead", model=idle_worker), max_queue=10, result_ttl=60)
     handlers = ChatHandlers(WebSettings(controller_url=controller_url), ControllerClient(controller_url))
     conv = Conversation()
-    state = handlers.add_message(conv, {"text": "hello", "files": []}, "Default")[0]
+    state = handlers.add_message(conv, {"text": "hello", "files": []}, "default")[0]
     stream = handlers.generate(state, idle_worker, 0.2, 0.7, 16, session("waiting"))
     shown = [text_of(next(stream)[1][-1]) for _ in range(2)]
     assert shown[-1] == f"{waiting_text(1)}\n\n{NO_IMAGE_HINT}" and "1 request ahead of yours" in shown[-1]
@@ -134,7 +134,7 @@ def test_the_page_loads_without_a_controller():
     state, dropdown, status = handlers.load(session())
     assert dropdown["choices"] == [] and dropdown["value"] is None
     assert status["visible"] and status["value"] == texts.SERVICE_DOWN
-    conv = handlers.add_message(state, {"text": "hi", "files": []}, "Default")[0]
+    conv = handlers.add_message(state, {"text": "hi", "files": []}, "default")[0]
     reply = text_of(list(handlers.generate(conv, "m", 0.2, 0.7, 16, session()))[-1][1][-1])
     assert reply.startswith("⚠️ The chat service is not reachable right now.")
 
@@ -186,10 +186,10 @@ def test_a_failed_exchange_stays_on_screen_but_is_not_sent_again(controller_url,
 def test_a_message_sent_while_a_reply_is_written_is_answered_next(controller_url, scripted_worker):
     client = RecordingClient(controller_url)
     handlers = ChatHandlers(WebSettings(controller_url=controller_url), client)
-    conv = handlers.add_message(Conversation(), {"text": "one", "files": []}, "Default")[0]
+    conv = handlers.add_message(Conversation(), {"text": "one", "files": []}, "default")[0]
     stream = handlers.generate(conv, MODEL, 0.2, 0.7, 4, session("busy"))
     next(stream)  # the reply has started
-    taken = handlers.add_message(conv, {"text": "two", "files": []}, "Default")
+    taken = handlers.add_message(conv, {"text": "two", "files": []}, "default")
     assert [t.role for t in conv.turns] == ["user", "assistant", "user"] and taken[-1]["interactive"]  # Stop on
     # The Send chain runs generate again: the running call answers the message, this one only keeps Stop on.
     (follow,) = handlers.generate(conv, MODEL, 0.2, 0.7, 4, session("busy"))
@@ -205,7 +205,7 @@ def test_a_message_sent_while_a_reply_is_written_is_answered_next(controller_url
 class GarbledClient(ControllerClient):
     """A client whose stream carries a malformed event (a controller bug), without any controller."""
 
-    def generate(self, request):
+    def generate(self, request, end_user=None):
         yield parse_event("queued", '{"type": "queued", "job_id": "j1", "position": "soon"}')
 
 
@@ -220,7 +220,7 @@ def test_an_unexpected_failure_ends_the_reply_with_its_cause():
 
 def test_clear_while_a_reply_waits_stops_it_and_it_cannot_come_back(controller_url, idle_worker, redis_client):
     handlers = ChatHandlers(WebSettings(controller_url=controller_url), ControllerClient(controller_url))
-    conv = handlers.add_message(Conversation(), {"text": "hello", "files": []}, "Default")[0]
+    conv = handlers.add_message(Conversation(), {"text": "hello", "files": []}, "default")[0]
     stream = handlers.generate(conv, idle_worker, 0.2, 0.7, 16, session("clearing"))
     while conv.last_reply is None or not conv.last_reply.job_id:
         next(stream)
@@ -240,7 +240,7 @@ def test_a_file_that_is_not_an_image_is_refused_and_nothing_is_sent(controller_u
     fake.write_text("not a picture")
     sent = {"text": "what is this", "files": [picture(tmp_path), str(fake)]}
     with pytest.warns(UserWarning) as warned:
-        refused = handlers.add_message(conv, sent, "Pad")
+        refused = handlers.add_message(conv, sent, "pad")
     (message,) = [str(w.message) for w in warned]
     assert "holiday.png" in message and "not sent" in message
     assert str(tmp_path) not in message and "/" not in message  # no server path
@@ -267,11 +267,11 @@ class SilentClient(ControllerClient):
         self.cancelled: list[str] = []
         self.released = threading.Event()
 
-    def generate(self, request):
+    def generate(self, request, end_user=None):
         yield QueuedEvent(job_id="j-silent", position=0)
         self.released.wait(30)
 
-    def cancel(self, job_id: str):
+    def cancel(self, job_id: str, end_user=None):
         self.cancelled.append(job_id)
         return None
 
@@ -280,7 +280,7 @@ def test_stop_ends_a_silent_reply_at_once_and_cancels_its_job():
     url = f"http://127.0.0.1:{free_port()}"
     client = SilentClient(url)
     handlers = ChatHandlers(WebSettings(controller_url=url), client, still_working_after_s=0.05)
-    conv = handlers.add_message(Conversation(), {"text": "hello", "files": []}, "Default")[0]
+    conv = handlers.add_message(Conversation(), {"text": "hello", "files": []}, "default")[0]
     stream = handlers.generate(conv, "m", 0.2, 0.7, 16, session("silent"))
     # The reply waits visibly: more than a bare cursor.
     shown = ""
@@ -317,7 +317,7 @@ def test_the_model_list_recovers_when_a_worker_registers_after_the_page_opened(c
 class SpacedClient(ControllerClient):
     """A client whose reply starts with a space, as SentencePiece tokens do, without any controller."""
 
-    def generate(self, request):
+    def generate(self, request, end_user=None):
         yield QueuedEvent(job_id="j-spaced", position=0)
         yield TokenEvent(job_id="j-spaced", text=" A", seq=1)
         yield TokenEvent(job_id="j-spaced", text=" red", seq=2)
@@ -334,11 +334,18 @@ def test_replies_are_shown_and_stored_without_a_leading_space(tmp_path):
     assert conv.last_reply.text == "A red square"
 
 
-def test_pad_is_not_offered_for_the_demo_model():
-    url = f"http://127.0.0.1:{free_port()}"
+def test_only_the_image_modes_a_model_supports_are_offered(controller_url, redis_url):
+    url = controller_url
     handlers = ChatHandlers(WebSettings(controller_url=url), ControllerClient(url))
-    demo = handlers.image_modes("llava-v1-shapes-demo", "Pad")
-    assert demo["choices"] == ["Crop", "Resize", "Default"] and demo["value"] == "Default"
-    assert handlers.image_modes("llava-v1-shapes-demo", "Crop")["value"] == "Crop"
-    other = handlers.image_modes("llava-v1.5-7b", "Pad")
-    assert other["choices"] == ["Crop", "Resize", "Pad", "Default"] and other["value"] == "Pad"
+    every = [("Crop", "crop"), ("Resize", "resize"), ("Pad", "pad"), ("Default", "default")]
+    assert handlers.image_modes(MODEL, "pad")["choices"] == every  # not listed yet: every mode
+    worker = start_worker(redis_url, image_modes=["default", "resize"])
+    try:
+        handlers.refresh_models(None, "")  # the page's periodic refresh, then its image modes
+        shapes = handlers.image_modes(MODEL, "pad")
+        assert shapes["choices"] == [("Resize", "resize"), ("Default", "default")] and shapes["value"] == "default"
+        assert handlers.image_modes(MODEL, "resize")["value"] == "resize"
+    finally:
+        worker.stop()
+    other = handlers.image_modes("llava-v1.5-7b", "pad")
+    assert other["choices"] == every and other["value"] == "pad"

@@ -90,3 +90,14 @@ def test_scripted_step_delay_reaches_the_scripted_engine(monkeypatch):
     assert args.run(args) == 0 and seen["delay"] == 0.01
     default = build_parser().parse_args(["worker", "--engine", "scripted", "--model-path", "m"])
     assert default.scripted_step_delay_s == workers.cli.SCRIPTED_STEP_DELAY_S
+
+
+def test_image_modes_flag_names_the_modes_the_model_was_trained_with(capsys: pytest.CaptureFixture[str]):
+    from contract.messages import ImageMode
+
+    assert worker_settings_from_args(_parse("--model-path", "m")).image_modes == list(ImageMode)
+    settings = worker_settings_from_args(_parse("--model-path", "m", "--image-modes", "Resize, default"))
+    assert settings.image_modes == [ImageMode.resize, ImageMode.default]
+    with pytest.raises(SystemExit):
+        _parse("--model-path", "m", "--image-modes", "default,letterbox")
+    assert "image mode 'letterbox' is not one of crop, resize, pad, default" in capsys.readouterr().err

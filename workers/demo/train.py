@@ -22,6 +22,9 @@ from workers.tiny_model import IMAGE_TOKEN, build_bpe_tokenizer, copy_special_to
 log = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "llava-v1-shapes-demo"
+# Trained on whole drawings of any aspect ratio, each stretched to a square by its processor: "default" and "resize"
+# show it what it saw; a crop cuts shapes off and grey padding is a border it never saw.
+DEMO_IMAGE_MODES = ("default", "resize")
 # 64 px (8 x 8 patches): at 56 px a small circle in a 3:2 image (radius 0.1 of the shorter side) is ~4 px across
 # its squashed axis, and was often answered "square".
 IMAGE_SIZE, PATCH_SIZE = 64, 8
