@@ -27,7 +27,7 @@ class Family:
     images_stack: bool = False
     # True when the compiled decode step (fixed slots, 1-D positions) is exact for the family.
     compiled: bool = True
-    # Keyword arguments for the processor call (e.g. no video processor).
+    # Keyword arguments for the processor call.
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     # The chat template when the checkpoint has none.
     chat_template: str | None = None

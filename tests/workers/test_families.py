@@ -11,7 +11,7 @@ from PIL import Image
 
 from contract.errors import InvalidRequest
 from contract.messages import JobImage, JobMessage, JobText, SamplingParams
-from tests.workers.tiny_families import BUILDERS, family_loaded
+from tests.workers.tiny_families import BUILDERS, family_loaded, model_type
 from workers.engine import EngineImage, EngineJob, TransformersEngine, run_to_completion
 from workers.families import FAMILIES, REFUSED, UnsupportedFamily, family_of
 
@@ -45,7 +45,7 @@ def conversations(family: str = "") -> dict[str, tuple[list[JobMessage], list[En
         ],
         [images[1]],
     )
-    if not (family and FAMILIES[family].needs_images):
+    if not (family and FAMILIES[model_type(family)].needs_images):
         chats["text"] = ([user("The quick brown fox jumps over the lazy dog. Why?")], [])
     return chats
 
@@ -113,7 +113,7 @@ def test_family_matches_generate_batched_and_joining(family):
         assert tokens[name] == expected(family, name), f"{family}: {name}"
 
 
-@pytest.mark.parametrize("family", sorted(f for f in BUILDERS if FAMILIES[f].compiled))
+@pytest.mark.parametrize("family", sorted(f for f in BUILDERS if FAMILIES[model_type(f)].compiled))
 def test_compiled_decode_matches_generate(family):
     loaded = family_loaded(family)
     chats = conversations(family)

@@ -18,6 +18,7 @@ SAVED = {
     "smolvlm": "SmolVLMProcessor",
     "internvl": "InternVLProcessor",
     "mistral3": "PixtralProcessor",
+    "llava-pixtral": "PixtralProcessor",
 }
 
 

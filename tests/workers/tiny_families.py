@@ -366,18 +366,33 @@ def build_internvl() -> LoadedModel:
     return reloaded(model, processor, tok, "internvl")
 
 
-def build_mistral3() -> LoadedModel:
-    """Saved and reloaded: its processor (PixtralProcessor) is imported without torchvision."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
+def pixtral_parts(spatial_merge_size: int) -> tuple[Any, Any, Any]:
+    """A tokenizer with Pixtral's image tokens, a tiny Pixtral vision config and a PixtralProcessor (PIL images)."""
+    from transformers import PixtralVisionConfig
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
     from workers.processors import processor_class
 
-    markers = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
-    tok = tokenizer(extra=markers, image_token="[IMG]", placeholder="[IMG]")
+    tok = tokenizer(extra=("[IMG]", "[IMG_BREAK]", "[IMG_END]"), image_token="[IMG]", placeholder="[IMG]")
     vision = PixtralVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8
     )
+    images = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
+    processor = processor_class("PixtralProcessor")(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=8,
+        spatial_merge_size=spatial_merge_size,
+        chat_template=tok.chat_template,
+    )
+    return tok, vision, processor
+
+
+def build_mistral3() -> LoadedModel:
+    """Saved and reloaded: its processor (PixtralProcessor) is imported without torchvision."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tok, vision, processor = pixtral_parts(spatial_merge_size=2)
     config = Mistral3Config(
         vision_config=vision,
         text_config=llama(tok, "MistralConfig", head_dim=16, sliding_window=None),
@@ -387,11 +402,25 @@ def build_mistral3() -> LoadedModel:
     )
     torch.manual_seed(0)
     model = Mistral3ForConditionalGeneration(config).eval()
-    images = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
-    processor = processor_class("PixtralProcessor")(
-        image_processor=images, tokenizer=tok, patch_size=8, spatial_merge_size=2, chat_template=tok.chat_template
-    )
     return reloaded(model, processor, tok, "mistral3")
+
+
+def build_llava_pixtral() -> LoadedModel:
+    """LLaVA with a Pixtral vision tower (as Pixtral 12B), saved and reloaded: a `llava` with PixtralProcessor."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tok, vision, processor = pixtral_parts(spatial_merge_size=1)
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=llama(tok, "MistralConfig", head_dim=16, sliding_window=None),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    return reloaded(model, processor, tok, "llava-pixtral")
 
 
 BUILDERS: dict[str, Callable[[], LoadedModel]] = {
@@ -405,7 +434,13 @@ BUILDERS: dict[str, Callable[[], LoadedModel]] = {
     "smolvlm": build_smolvlm,
     "internvl": build_internvl,
     "mistral3": build_mistral3,
+    "llava-pixtral": build_llava_pixtral,
 }
+
+
+def model_type(name: str) -> str:
+    """The family (config `model_type`) of builder `name`: `llava-pixtral` is a `llava`."""
+    return name.split("-")[0]
 
 
 @functools.cache
