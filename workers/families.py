@@ -27,7 +27,7 @@ class Family:
     images_stack: bool = False
     # True when the compiled decode step (fixed slots, 1-D positions) is exact for the family.
     compiled: bool = True
-    # Keyword arguments for the processor call (e.g. no video processor).
+    # Keyword arguments for the processor call.
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
     # The chat template when the checkpoint has none.
     chat_template: str | None = None
@@ -61,20 +61,21 @@ FAMILIES: dict[str, Family] = {
         Family("gemma3", compiled=False),
         # The processor returns `labels` (dropped) and token_type_ids (the prefix attends both ways).
         Family("paligemma", images_stack=True, compiled=False, chat_template=PALIGEMMA_TEMPLATE, needs_images=True),
+        # A prompt's images reach the processor as one list: a lone image is tiled (anyres), several are one padded
+        # square each, and `batch_num_images` tells the model which.
+        Family("llava_onevision"),
+        Family("smolvlm"),
+        Family("internvl"),
+        # Pixtral keeps each image's aspect ratio: ragged pixel tensors prefill in groups of one shape.
+        Family("mistral3"),
     )
 }
 
 # Known families the engine does not serve yet, with the reason given at start.
-_VIDEO = "its processor needs a video processor, which needs torchvision (not installed beside the pinned torch)"
+_MROPE = "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry"
 REFUSED: dict[str, str] = {
-    "qwen2_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry; "
-    + _VIDEO,
-    "qwen2_5_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry; "
-    + _VIDEO,
-    "llava_onevision": _VIDEO,
-    "smolvlm": _VIDEO,
-    "internvl": _VIDEO,
-    "mistral3": "its processor (PixtralProcessor) needs torchvision (not installed beside the pinned torch)",
+    "qwen2_vl": _MROPE,
+    "qwen2_5_vl": _MROPE,
 }
 
 

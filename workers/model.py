@@ -1,4 +1,5 @@
-"""Load an image-text-to-text checkpoint (LLaVA-1.5, LLaVA-NeXT, ...) through the Auto classes."""
+"""Load an image-text-to-text checkpoint (LLaVA-1.5, LLaVA-NeXT, ...): its own processor class (`load_processor`,
+no torchvision) and the model through AutoModelForImageTextToText."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from contract.errors import InvalidRequest
 from workers.families import FAMILIES, Family, UnsupportedFamily, family_of
+from workers.processors import load_processor
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 def load_model(model_path: str, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load processor and model from a local directory; raise InvalidRequest naming the path when unusable."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     path = Path(model_path)
     if not path.is_dir() or not (path / "config.json").exists():
@@ -103,7 +105,7 @@ def load_model(model_path: str, *, device: str = "auto", dtype: str = "auto") ->
         raise InvalidRequest(f"model path {model_path!r}: {exc}") from exc
 
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = load_processor(str(path))
     except Exception as exc:  # noqa: BLE001 - any loader failure becomes one clear message
         raise InvalidRequest(f"model path {model_path!r}: cannot load a processor ({exc})") from exc
     tokenizer = getattr(processor, "tokenizer", None)

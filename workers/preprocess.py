@@ -162,7 +162,9 @@ class _CachedImageProcessor:
 
     def __call__(self, images: Any, **kwargs: Any) -> Any:
         from transformers import BatchFeature
+        from transformers.image_utils import make_flat_list_of_images
 
+        images = make_flat_list_of_images(images)
         if len(images) != len(self._digests):
             raise InvalidRequest(f"{len(images)} images reached the image processor for {len(self._digests)} digests")
         kwargs["return_tensors"] = "pt"
@@ -202,7 +204,7 @@ def build_inputs(
         **family.processor_kwargs,
     }
     if rgb:
-        kwargs["images"] = rgb
+        kwargs["images"] = [rgb]  # one list per prompt, as apply_chat_template passes them (OneVision counts them)
     if rgb and cache is not None and family.images_stack:
         processor = copy.copy(processor)
         processor.image_processor = _CachedImageProcessor(processor.image_processor, cache, [d for d, _ in images])

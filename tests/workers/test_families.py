@@ -11,7 +11,7 @@ from PIL import Image
 
 from contract.errors import InvalidRequest
 from contract.messages import JobImage, JobMessage, JobText, SamplingParams
-from tests.workers.tiny_families import BUILDERS, family_loaded
+from tests.workers.tiny_families import BUILDERS, family_loaded, model_type
 from workers.engine import EngineImage, EngineJob, TransformersEngine, run_to_completion
 from workers.families import FAMILIES, REFUSED, UnsupportedFamily, family_of
 
@@ -45,7 +45,7 @@ def conversations(family: str = "") -> dict[str, tuple[list[JobMessage], list[En
         ],
         [images[1]],
     )
-    if not (family and FAMILIES[family].needs_images):
+    if not (family and FAMILIES[model_type(family)].needs_images):
         chats["text"] = ([user("The quick brown fox jumps over the lazy dog. Why?")], [])
     return chats
 
@@ -113,7 +113,7 @@ def test_family_matches_generate_batched_and_joining(family):
         assert tokens[name] == expected(family, name), f"{family}: {name}"
 
 
-@pytest.mark.parametrize("family", sorted(f for f in BUILDERS if FAMILIES[f].compiled))
+@pytest.mark.parametrize("family", sorted(f for f in BUILDERS if FAMILIES[model_type(f)].compiled))
 def test_compiled_decode_matches_generate(family):
     loaded = family_loaded(family)
     chats = conversations(family)
@@ -139,16 +139,22 @@ def test_families_the_compiled_step_cannot_take_run_eager(caplog):
     assert "gemma3" in caplog.text and "running eager" in caplog.text
 
 
-def greedy_with_positions(model, ids, positions, extras, steps: int = 6) -> list[int]:
-    """Greedy tokens with no cache, the prompt at `positions` and each new token one position further."""
+def greedy_with_positions(loaded, ids, positions, extras, steps: int = NEW_TOKENS) -> list[int]:
+    """Greedy tokens, the prompt (with its images) at `positions` and each new token one position further, through
+    the model's KV cache: a generated token is never read as an image placeholder again."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    inputs = {"input_ids": ids, "position_ids": positions, **extras}
     out = []
     for _ in range(steps):
         with torch.no_grad():
-            token = int(model(input_ids=ids, position_ids=positions, **extras).logits[0, -1].argmax())
+            logits = loaded.model(**inputs, **{loaded.cache_kwarg: cache}, use_cache=True).logits
+        token = int(logits[0, -1].argmax())
         out.append(token)
-        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
-        extras = {k: torch.cat([v, v[:, -1:]], dim=1) if k == "token_type_ids" else v for k, v in extras.items()}
+        positions = positions[:, -1:] + 1
+        per_token = {k: v[:, -1:] for k, v in extras.items() if k in loaded.family.per_token}
+        inputs = {"input_ids": torch.tensor([[token]]), "position_ids": positions, **per_token}
     return out
 
 
@@ -167,9 +173,9 @@ def test_a_position_bug_changes_the_greedy_text(family):
         right = torch.arange(ids.shape[1])[None]
         wrong = right.clone()
         wrong[:, -6:] -= 3
-        served = greedy_with_positions(loaded.model, ids, right, extras)
+        served = greedy_with_positions(loaded, ids, right, extras)
         assert served == expected(family, name)[: len(served)]
-        changed += served != greedy_with_positions(loaded.model, ids, wrong, extras)
+        changed += served != greedy_with_positions(loaded, ids, wrong, extras)
     assert changed > len(chats) // 2
 
 

@@ -8,14 +8,19 @@ token changes the greedy text.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from workers.model import LoadedModel, wrap_model
+from workers.model import LoadedModel, load_model, wrap_model
+from workers.processors import without_videos
 from workers.tiny_model import _CORPUS, CHAT_TEMPLATE, IMAGE_TOKEN, build_bpe_tokenizer, copy_special_token_ids
 
 SHARPEN = 10.0  # query and key weights are multiplied by this: attention logits by its square
@@ -63,18 +68,43 @@ def llama(tok: Any, cls_name: str = "LlamaConfig", **kw: Any) -> Any:
     )
 
 
-def finish(model: Any, processor: Any, tok: Any, name: str, seed: int = 0) -> LoadedModel:
-    """Sharpen the language model's attention, spread its output logits and wrap it as the engine loads it."""
+def sharpen(model: Any, tok: Any, seed: int = 0) -> None:
+    """Sharpen the language model's attention, spread its output logits and give it the tokenizer's special ids."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for module_name, module in model.named_modules():
-            if "vision" in module_name or not module_name.endswith(("q_proj", "k_proj")):
+            if "vision" in module_name:
                 continue
-            module.weight.mul_(SHARPEN)
+            if module_name.endswith(("q_proj", "k_proj")):
+                module.weight.mul_(SHARPEN)
+            elif module_name.endswith(("q_norm", "k_norm")):  # Gemma 3 normalises queries and keys after projecting
+                module.weight.fill_(SHARPEN - 1.0)  # its norms scale by (1 + weight)
         head = model.get_output_embeddings()
         head.weight.copy_(torch.randn(head.weight.shape, generator=gen))
     copy_special_token_ids(model, tok)
+
+
+def finish(model: Any, processor: Any, tok: Any, name: str, seed: int = 0) -> LoadedModel:
+    """`sharpen` the model and wrap it as the engine loads it."""
+    sharpen(model, tok, seed)
     return wrap_model(model, processor, device="cpu", dtype=torch.float32, name=f"tiny-{name}")
+
+
+@functools.cache
+def _checkpoints() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="llava-families-"))
+    atexit.register(shutil.rmtree, root, True)
+    return root
+
+
+def reloaded(model: Any, processor: Any, tok: Any, name: str, seed: int = 0) -> LoadedModel:
+    """`sharpen` the model, save it and its processor as a checkpoint and load that back through the worker's own
+    load path (`load_model`: the processor without torchvision, the model through the Auto class)."""
+    sharpen(model, tok, seed)
+    path = _checkpoints() / f"tiny-{name}"
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return load_model(str(path), device="cpu", dtype="float32")
 
 
 def build_llava() -> LoadedModel:
@@ -241,6 +271,158 @@ def build_aya_vision() -> LoadedModel:
     return finish(model, processor, tok, "aya_vision")
 
 
+def build_llava_onevision() -> LoadedModel:
+    """Saved and reloaded: its processor class takes a video processor, loaded without one."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    tok = tokenizer(extra=("<video>",))
+    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
+    config = LlavaOnevisionConfig(
+        vision_config=siglip(),
+        text_config=llama(tok, "Qwen2Config"),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    images = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+    processor = without_videos(LlavaOnevisionProcessor)(
+        image_processor=images,
+        tokenizer=tok,
+        video_processor=None,
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        chat_template=tok.chat_template,
+    )
+    return reloaded(model, processor, tok, "llava_onevision")
+
+
+def build_smolvlm() -> LoadedModel:
+    """Saved and reloaded: its processor class takes a video processor, loaded without one."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor, SmolVLMVisionConfig
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    grid = tuple(f"<row_{r}_col_{c}>" for r in range(1, 3) for c in range(1, 3))
+    tok = tokenizer(extra=("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "<video>", *grid))
+    vision = SmolVLMVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    config = SmolVLMConfig(
+        vision_config=vision,
+        text_config=llama(tok),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        scale_factor=2,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = SmolVLMForConditionalGeneration(config).eval()
+    images = SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    processor = without_videos(SmolVLMProcessor)(
+        image_processor=images, tokenizer=tok, video_processor=None, image_seq_len=4, chat_template=tok.chat_template
+    )
+    return reloaded(model, processor, tok, "smolvlm")
+
+
+def build_internvl() -> LoadedModel:
+    """Saved and reloaded: its processor class takes a video processor, loaded without one."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor, InternVLVisionConfig
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    named = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    tok = tokenizer(extra=tuple(named.values()), image_token="<IMG_CONTEXT>", placeholder="<IMG_CONTEXT>", named=named)
+    vision = InternVLVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=[32, 32],
+        patch_size=[8, 8],
+    )
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=llama(tok, "Qwen2Config"),
+        image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(config).eval()
+    images = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True, max_patches=4)
+    processor = without_videos(InternVLProcessor)(
+        image_processor=images, tokenizer=tok, video_processor=None, image_seq_length=4, chat_template=tok.chat_template
+    )
+    return reloaded(model, processor, tok, "internvl")
+
+
+def pixtral_parts(spatial_merge_size: int) -> tuple[Any, Any, Any]:
+    """A tokenizer with Pixtral's image tokens, a tiny Pixtral vision config and a PixtralProcessor (PIL images)."""
+    from transformers import PixtralVisionConfig
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    from workers.processors import processor_class
+
+    tok = tokenizer(extra=("[IMG]", "[IMG_BREAK]", "[IMG_END]"), image_token="[IMG]", placeholder="[IMG]")
+    vision = PixtralVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=8
+    )
+    images = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8})
+    processor = processor_class("PixtralProcessor")(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=8,
+        spatial_merge_size=spatial_merge_size,
+        chat_template=tok.chat_template,
+    )
+    return tok, vision, processor
+
+
+def build_mistral3() -> LoadedModel:
+    """Saved and reloaded: its processor (PixtralProcessor) is imported without torchvision."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tok, vision, processor = pixtral_parts(spatial_merge_size=2)
+    config = Mistral3Config(
+        vision_config=vision,
+        text_config=llama(tok, "MistralConfig", head_dim=16, sliding_window=None),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = Mistral3ForConditionalGeneration(config).eval()
+    return reloaded(model, processor, tok, "mistral3")
+
+
+def build_llava_pixtral() -> LoadedModel:
+    """LLaVA with a Pixtral vision tower (as Pixtral 12B), saved and reloaded: a `llava` with PixtralProcessor."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    tok, vision, processor = pixtral_parts(spatial_merge_size=1)
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=llama(tok, "MistralConfig", head_dim=16, sliding_window=None),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    return reloaded(model, processor, tok, "llava-pixtral")
+
+
 BUILDERS: dict[str, Callable[[], LoadedModel]] = {
     "llava": build_llava,
     "llava_next": build_llava_next,
@@ -248,9 +430,28 @@ BUILDERS: dict[str, Callable[[], LoadedModel]] = {
     "gemma3": build_gemma3,
     "paligemma": build_paligemma,
     "aya_vision": build_aya_vision,
+    "llava_onevision": build_llava_onevision,
+    "smolvlm": build_smolvlm,
+    "internvl": build_internvl,
+    "mistral3": build_mistral3,
+    "llava-pixtral": build_llava_pixtral,
 }
+
+
+def model_type(name: str) -> str:
+    """The family (config `model_type`) of builder `name`: `llava-pixtral` is a `llava`."""
+    return name.split("-")[0]
 
 
 @functools.cache
 def family_loaded(name: str) -> LoadedModel:
     return BUILDERS[name]()
+
+
+def checkpoint_path(name: str) -> Path:
+    """The directory of a family's saved tiny checkpoint (the families built by `reloaded`)."""
+    family_loaded(name)
+    path = _checkpoints() / f"tiny-{name}"
+    if not path.is_dir():
+        raise ValueError(f"family {name!r} is built in memory, not saved")
+    return path
