@@ -20,6 +20,7 @@ from workers.batch import PaddedBatch, Prefilled, output_cache, prefill_groups, 
 from workers.engine_types import Engine, EngineImage, EngineJob, JobUpdate, PreparedJob
 from workers.faults import device_error, is_device_fault, is_fatal_device_fault, job_error, sample_rows
 from workers.model import LoadedModel
+from workers.positions import AXES, prompt_positions
 from workers.preprocess import (
     ImageCache,
     build_inputs,
@@ -85,11 +86,12 @@ class TransformersEngine:
             )
             compile = False
         self.compiled = compile
+        self.position_axes = AXES[loaded.family.positions]
         self._running: PaddedBatch | SlotBatch
         if compile:
             self._running = self._slot_batch(compile_backend)
         else:
-            self._running = PaddedBatch(self.device, loaded.cache_kwarg)
+            self._running = PaddedBatch(self.device, loaded.cache_kwarg, self.position_axes)
 
     def _slot_batch(self, backend: str) -> SlotBatch:
         columns = min(self.context_length, self.token_budget // self.max_batch)
@@ -102,7 +104,7 @@ class TransformersEngine:
         mode = "reduce-overhead" if backend == "inductor" and self.device.startswith("cuda") else None
         step = torch.compile(decode_forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
         cache = SlotCache(self._kv_layout(), self.max_batch, columns, self.device, self.loaded.dtype)
-        batch = SlotBatch(cache, self.loaded.pad_token_id, step, self.loaded.cache_kwarg)
+        batch = SlotBatch(cache, self.loaded.pad_token_id, step, self.loaded.cache_kwarg, self.position_axes)
         shapes = len(batch.row_buckets) * len(batch.column_buckets)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
         log.info(
@@ -390,11 +392,13 @@ class TransformersEngine:
         prepared = [r.prepared for r in rows]
         family = self.loaded.family
         inputs = prefill_inputs(prepared, self.loaded.pad_token_id, self.device, self.loaded.dtype, family.per_token)
+        inputs["position_ids"], deltas = prompt_positions(self.model, family.positions, inputs)
         inputs[self.loaded.cache_kwarg] = DynamicCache()
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         tokens, faults = sample_rows(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
         first = [self.loaded.pad_token_id if t is None else t for t in tokens]
-        return Prefilled(output_cache(out), inputs["attention_mask"], first, rows, keep=[]), faults
+        part = Prefilled(output_cache(out), inputs["attention_mask"], first, rows, keep=[], rope_deltas=deltas)
+        return part, faults
 
     def _fail_device(self, rows: list[RunningJob], exc: BaseException, where: str) -> list[JobUpdate]:
         """Fail `rows` with DeviceError, free their memory and decide whether the engine can go on."""

@@ -2,15 +2,19 @@
 their prompts' extra inputs batch, and which are refused (with why).
 
 The family's own processor builds the whole prompt (placeholders, special tokens, every extra tensor) and the
-model's own forward gives positions; a `Family` only says what the engine cannot find out by itself. A family
-listed here was checked token for token against `generate` (tests/workers/test_families.py); any other model type
-is refused at start, so no model is served wrong.
+model's own machinery gives positions (`workers.positions`); a `Family` only says what the engine cannot find out by
+itself. A family listed here was checked token for token against `generate` (tests/workers/test_families.py); any
+other model type is refused at start, so no model is served wrong.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+# Position schemes (`Family.positions`; workers.positions computes them).
+ROPE = "rope"  # one position per token: a prompt's are 0..n-1, each new token one further
+MROPE = "mrope"  # three axes (temporal, height, width) from the model's get_rope_index; a rope delta per prompt
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class Family:
     # True when the image processor's output for several images is each image's output concatenated (zero-padded
     # where ragged) along dim 0: then one image's tensors are cached by digest and reused across jobs.
     images_stack: bool = False
-    # True when the compiled decode step (fixed slots, 1-D positions) is exact for the family.
+    # True when the compiled decode step (fixed slots, a 4-D mask) is exact for the family.
     compiled: bool = True
     # Keyword arguments for the processor call (e.g. no video processor).
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -33,6 +37,8 @@ class Family:
     chat_template: str | None = None
     # True when the processor cannot take a prompt without an image.
     needs_images: bool = False
+    # How the model places tokens: ROPE or MROPE.
+    positions: str = ROPE
 
 
 # PaliGemma checkpoints have no chat template: every image placeholder first, then the turns' text, one line each
@@ -61,16 +67,16 @@ FAMILIES: dict[str, Family] = {
         Family("gemma3", compiled=False),
         # The processor returns `labels` (dropped) and token_type_ids (the prefix attends both ways).
         Family("paligemma", images_stack=True, compiled=False, chat_template=PALIGEMMA_TEMPLATE, needs_images=True),
+        # M-RoPE: the model's get_rope_index places an image's tokens on its grid; each prompt's next position is
+        # its token count plus a rope delta, which every decode step adds.
+        Family("qwen2_vl", positions=MROPE),
+        Family("qwen2_5_vl", positions=MROPE),
     )
 }
 
 # Known families the engine does not serve yet, with the reason given at start.
 _VIDEO = "its processor needs a video processor, which needs torchvision (not installed beside the pinned torch)"
 REFUSED: dict[str, str] = {
-    "qwen2_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry; "
-    + _VIDEO,
-    "qwen2_5_vl": "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry; "
-    + _VIDEO,
     "llava_onevision": _VIDEO,
     "smolvlm": _VIDEO,
     "internvl": _VIDEO,

@@ -54,3 +54,19 @@ def test_slab_cache_writes_in_place_and_grows():
     for _ in range(layer.capacity):  # past the capacity it grows and keeps what it held
         keys, _ = batch.cache.update(new, new, 0)
     assert layer.capacity > buffer.shape[2] and bool((keys[:, :, :3] == 1).all()) and bool((keys[:, :, 3:] == 9).all())
+
+
+def test_rope_deltas_follow_their_rows_through_merges_and_filters():
+    """M-RoPE rows decode at their token count plus their own rope delta, on all three axes, whoever joins or leaves."""
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    keys = torch.ones((2, 2, 3, 4))
+    cache = cache_from_tensors([(keys, keys)])
+    part = DecodeBatch.from_prefill_batch(cache, mask, [5, 6], ["a", "b"], "cpu", torch.tensor([-4, 0]), 3)
+    joining = DecodeBatch.from_prefill_batch(cache, mask, [7, 8], ["c", "d"], "cpu", torch.tensor([-12, 2]), 3)
+    batch = DecodeBatch.concatenate([part, joining.filter([0])])
+    assert batch.positions.tolist() == [-2, 3, -10]
+    assert batch.decode_inputs()["position_ids"].tolist() == [[[-2], [3], [-10]]] * 3
+    batch.advance(batch.cache, torch.tensor([1, 2, 3]))
+    kept = batch.filter([2, 0])
+    assert kept.rows == ["c", "a"] and kept.position_axes == 3
+    assert kept.decode_inputs()["position_ids"].tolist() == [[[-9], [-1]]] * 3

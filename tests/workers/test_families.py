@@ -13,7 +13,8 @@ from contract.errors import InvalidRequest
 from contract.messages import JobImage, JobMessage, JobText, SamplingParams
 from tests.workers.tiny_families import BUILDERS, family_loaded
 from workers.engine import EngineImage, EngineJob, TransformersEngine, run_to_completion
-from workers.families import FAMILIES, REFUSED, UnsupportedFamily, family_of
+from workers.families import FAMILIES, MROPE, REFUSED, UnsupportedFamily, family_of
+from workers.positions import prompt_positions
 
 NEW_TOKENS = 12
 SIZES = [(20, 20), (60, 40), (30, 70), (90, 90)]
@@ -87,8 +88,11 @@ def reference(loaded, messages: list[JobMessage], images: list[EngineImage]) -> 
 
 @functools.cache
 def expected(family: str, name: str) -> list[int]:
-    """`reference` of conversation `name`, computed once per session."""
-    return reference(family_loaded(family), *conversations(family)[name])
+    """`reference` of conversation `name` up to its first EOS (where the engine stops), computed once per session."""
+    loaded = family_loaded(family)
+    tokens = reference(loaded, *conversations(family)[name])
+    ends = [i for i, t in enumerate(tokens) if t in loaded.eos_token_ids]
+    return tokens[: ends[0] + 1] if ends else tokens
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
@@ -140,14 +144,15 @@ def test_families_the_compiled_step_cannot_take_run_eager(caplog):
 
 
 def greedy_with_positions(model, ids, positions, extras, steps: int = 6) -> list[int]:
-    """Greedy tokens with no cache, the prompt at `positions` and each new token one position further."""
+    """Greedy tokens with no cache, the prompt at `positions` ([1, prompt], or [3, 1, prompt] for M-RoPE) and each
+    new token one position further."""
     out = []
     for _ in range(steps):
         with torch.no_grad():
             token = int(model(input_ids=ids, position_ids=positions, **extras).logits[0, -1].argmax())
         out.append(token)
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        positions = torch.cat([positions, positions[..., -1:] + 1], dim=-1)
         extras = {k: torch.cat([v, v[:, -1:]], dim=1) if k == "token_type_ids" else v for k, v in extras.items()}
     return out
 
@@ -164,20 +169,51 @@ def test_a_position_bug_changes_the_greedy_text(family):
         prepared = engine.prepare(job("x", messages, images))
         extras = {k: v[None] if k in loaded.family.per_token else v for k, v in prepared.image_inputs.items()}
         ids = prepared.input_ids[None]
-        right = torch.arange(ids.shape[1])[None]
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **extras}
+        right, _ = prompt_positions(loaded.model, loaded.family.positions, inputs)
         wrong = right.clone()
-        wrong[:, -6:] -= 3
+        wrong[..., -6:] -= 3
         served = greedy_with_positions(loaded.model, ids, right, extras)
         assert served == expected(family, name)[: len(served)]
         changed += served != greedy_with_positions(loaded.model, ids, wrong, extras)
     assert changed > len(chats) // 2
 
 
+@pytest.mark.parametrize("family", sorted(f for f in BUILDERS if FAMILIES[f].positions == MROPE))
+def test_a_decode_step_without_the_rope_delta_changes_the_greedy_text(family, monkeypatch):
+    """M-RoPE: decoding at the cache position without the row's rope delta (prefill still right) changes the text of
+    every conversation whose delta is not 0, so the batched test above would catch a delta that is lost or sits on
+    the wrong row."""
+    import workers.engine
+
+    loaded = family_loaded(family)
+    chats = conversations(family)
+    engine = TransformersEngine(loaded, max_batch=8)
+    deltas = {}
+    for name, (messages, images) in chats.items():
+        prepared = engine.prepare(job(name, messages, images))
+        extras = {k: v[None] if k in loaded.family.per_token else v for k, v in prepared.image_inputs.items()}
+        inputs = {"input_ids": prepared.input_ids[None], "attention_mask": torch.ones_like(prepared.input_ids[None])}
+        deltas[name] = int(prompt_positions(loaded.model, MROPE, {**inputs, **extras})[1][0])
+
+    def without_deltas(model, scheme, inputs):
+        positions, rope_deltas = prompt_positions(model, scheme, inputs)
+        return positions, torch.zeros_like(rope_deltas)
+
+    monkeypatch.setattr(workers.engine, "prompt_positions", without_deltas)
+    out = run_to_completion(engine, [job(name, *chat) for name, chat in chats.items()])
+    shifted = [name for name in chats if deltas[name] != 0]
+    assert len(shifted) > len(chats) // 2
+    for name in chats:
+        assert out[name].token_ids[0] == expected(family, name)[0], f"{family}: {name} prefill"
+        assert (out[name].token_ids != expected(family, name)) == (name in shifted), f"{family}: {name}"
+
+
 def test_unsupported_families_are_refused_with_the_reason():
     class Config:
-        model_type = "qwen2_vl"
+        model_type = "llava_onevision"
 
-    with pytest.raises(UnsupportedFamily, match="qwen2_vl.*M-RoPE"):
+    with pytest.raises(UnsupportedFamily, match="llava_onevision.*video processor"):
         family_of(Config())
     Config.model_type = "some_new_vlm"
     with pytest.raises(UnsupportedFamily, match="'some_new_vlm' is not served"):
@@ -186,12 +222,12 @@ def test_unsupported_families_are_refused_with_the_reason():
 
 
 def test_the_worker_refuses_an_unsupported_checkpoint_before_loading_it(tmp_path):
-    from transformers import Qwen2VLConfig
+    from transformers import LlavaOnevisionConfig
 
     from workers.model import load_model
 
-    Qwen2VLConfig().save_pretrained(tmp_path)
-    with pytest.raises(InvalidRequest, match="'qwen2_vl' is not served: M-RoPE"):
+    LlavaOnevisionConfig().save_pretrained(tmp_path)
+    with pytest.raises(InvalidRequest, match="'llava_onevision' is not served: its processor needs a video"):
         load_model(str(tmp_path), device="cpu")
 
 
