@@ -195,7 +195,7 @@ class TransformersEngine:
                 chat_template=loaded.chat_template,
             )
         else:
-            prompt = wire_prompt(str(job.prompt), loaded.image_token)
+            prompt = wire_prompt(str(job.prompt), loaded.family.image_text.format(loaded.image_token))
             check_prompt(prompt, loaded.image_token, len(images))
         built = build_inputs(
             loaded.processor, loaded.family, prompt, [(img.digest, img.image) for img in images], self.images

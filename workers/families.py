@@ -39,6 +39,9 @@ class Family:
     needs_images: bool = False
     # How the model places tokens: ROPE or MROPE.
     positions: str = ROPE
+    # The text an image takes in a prompt, when the processor expands its image token but the chat template writes
+    # more around it (what `<image>` of a prompt templated over LLaVA's wire format becomes; `{}`: the image token).
+    image_text: str = "{}"
 
 
 # PaliGemma checkpoints have no chat template: every image placeholder first, then the turns' text, one line each
@@ -55,6 +58,10 @@ PALIGEMMA_TEMPLATE = (
 )
 
 
+# Qwen's chat template writes the vision markers around the image token, which the processor expands alone.
+QWEN_IMAGE_TEXT = "<|vision_start|>{}<|vision_end|>"
+
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -69,8 +76,8 @@ FAMILIES: dict[str, Family] = {
         Family("paligemma", images_stack=True, compiled=False, chat_template=PALIGEMMA_TEMPLATE, needs_images=True),
         # M-RoPE: the model's get_rope_index places an image's tokens on its grid; each prompt's next position is
         # its token count plus a rope delta, which every decode step adds.
-        Family("qwen2_vl", positions=MROPE),
-        Family("qwen2_5_vl", positions=MROPE),
+        Family("qwen2_vl", positions=MROPE, image_text=QWEN_IMAGE_TEXT),
+        Family("qwen2_5_vl", positions=MROPE, image_text=QWEN_IMAGE_TEXT),
     )
 }
 

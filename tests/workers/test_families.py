@@ -242,3 +242,17 @@ def test_a_wire_prompt_gets_the_familys_image_placeholder():
     direct = loaded.processor(text=["USER: <start_of_image>\nhi ASSISTANT:"], images=[img.image], return_tensors="pt")
     assert prepared.input_ids.tolist() == direct["input_ids"][0].tolist()
     assert int((prepared.input_ids == loaded.model.config.image_token_index).sum()) == 4
+
+
+@pytest.mark.parametrize("family", sorted(f for f in BUILDERS if FAMILIES[f].positions == MROPE))
+def test_a_wire_prompt_gets_qwens_vision_markers_around_the_image(family):
+    """Qwen's processor expands `<|image_pad|>` only; its chat template writes the markers around it."""
+    loaded = family_loaded(family)
+    img = image(0, (40, 40))
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    prepared = TransformersEngine(loaded).prepare(
+        EngineJob("w", params, prompt="USER: <image>\nhi ASSISTANT:", images=[img])
+    )
+    text = "USER: <|vision_start|><|image_pad|><|vision_end|>\nhi ASSISTANT:"
+    direct = loaded.processor(text=[text], images=[img.image], return_tensors="pt")
+    assert prepared.input_ids.tolist() == direct["input_ids"][0].tolist()
