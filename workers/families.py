@@ -75,9 +75,10 @@ FAMILIES: dict[str, Family] = {
         # The processor returns `labels` (dropped) and token_type_ids (the prefix attends both ways).
         Family("paligemma", images_stack=True, compiled=False, chat_template=PALIGEMMA_TEMPLATE, needs_images=True),
         # M-RoPE: the model's get_rope_index places an image's tokens on its grid; each prompt's next position is
-        # its token count plus a rope delta, which every decode step adds.
-        Family("qwen2_vl", positions=MROPE, image_text=QWEN_IMAGE_TEXT),
-        Family("qwen2_5_vl", positions=MROPE, image_text=QWEN_IMAGE_TEXT),
+        # its token count plus a rope delta, which every decode step adds. Images stack: each image's patches
+        # (pixel_values) and its grid (image_grid_thw, one row per image).
+        Family("qwen2_vl", images_stack=True, positions=MROPE, image_text=QWEN_IMAGE_TEXT),
+        Family("qwen2_5_vl", images_stack=True, positions=MROPE, image_text=QWEN_IMAGE_TEXT),
     )
 }
 

@@ -56,8 +56,8 @@ def job(name: str, messages: list[JobMessage], images: list[EngineImage]) -> Eng
     return EngineJob(name, params, messages=messages, images=images)
 
 
-def reference(loaded, messages: list[JobMessage], images: list[EngineImage]) -> list[int]:
-    """`generate`'s greedy tokens for the conversation, its inputs built by the processor's own chat template."""
+def processor_inputs(loaded, messages: list[JobMessage], images: list[EngineImage]) -> dict[str, torch.Tensor]:
+    """The conversation's model inputs as the processor's own chat template builds them."""
     by_digest = {img.digest: img.image for img in images}
     chat = [
         {
@@ -80,6 +80,12 @@ def reference(loaded, messages: list[JobMessage], images: list[EngineImage]) -> 
         chat_template=loaded.chat_template,
     )
     inputs.pop("labels", None)
+    return inputs
+
+
+def reference(loaded, messages: list[JobMessage], images: list[EngineImage]) -> list[int]:
+    """`generate`'s greedy tokens for the conversation, its inputs built by the processor's own chat template."""
+    inputs = processor_inputs(loaded, messages, images)
     out = loaded.model.generate(
         **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=loaded.pad_token_id
     )
@@ -256,3 +262,21 @@ def test_a_wire_prompt_gets_qwens_vision_markers_around_the_image(family):
     text = "USER: <|vision_start|><|image_pad|><|vision_end|>\nhi ASSISTANT:"
     direct = loaded.processor(text=[text], images=[img.image], return_tensors="pt")
     assert prepared.input_ids.tolist() == direct["input_ids"][0].tolist()
+
+
+@pytest.mark.parametrize("family", sorted(f for f in BUILDERS if FAMILIES[f].images_stack))
+def test_cached_images_give_the_processors_own_inputs(family):
+    """Families whose image outputs stack per image reuse one image's tensors by digest: a job whose images all come
+    from the cache gets what the processor gives for the whole prompt."""
+    loaded = family_loaded(family)
+    engine = TransformersEngine(loaded)
+    messages, images = conversations(family)["two"]
+    engine.prepare(job("first", messages, images))
+    again = engine.prepare(job("again", messages, images))
+    assert engine.images.hits == len(images)
+    direct = processor_inputs(loaded, messages, images)
+    assert again.input_ids.tolist() == direct["input_ids"][0].tolist()
+    assert set(again.image_inputs) == set(direct) - {"input_ids", "attention_mask"}
+    for key, value in again.image_inputs.items():
+        value = value[None] if key in loaded.family.per_token else value
+        assert torch.equal(value, direct[key]), f"{family}: {key}"
