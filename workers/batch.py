@@ -2,6 +2,7 @@
 
 Row i of every tensor belongs to `rows[i]`. The cache holds every token of a row except its last sampled one,
 which `last_tokens` feeds to the next decode step. `attention_mask` marks real (1) and left-padding (0) slots.
+`positions` is each row's next position: its token count plus its rope delta (M-RoPE families; 0 for others).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from workers.positions import step_position_ids
 
 # Cache columns are allocated in chunks of this many, so a decode step writes one column instead of copying the cache.
 CHUNK = 64
@@ -110,9 +113,10 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 class DecodeBatch:
     cache: Any
     attention_mask: torch.Tensor  # [batch, cache_len] long
-    positions: torch.Tensor  # [batch] position id of last_tokens
+    positions: torch.Tensor  # [batch] position id of last_tokens (rope delta included)
     last_tokens: torch.Tensor  # [batch] long, not yet in the cache
     rows: list[Any] = field(default_factory=list)
+    position_axes: int = 1  # axes of the model's position ids (3 for M-RoPE), each at `positions`
 
     @property
     def size(self) -> int:
@@ -135,17 +139,29 @@ class DecodeBatch:
 
     @classmethod
     def from_prefill_batch(
-        cls, cache: Any, attention_mask: torch.Tensor, first_tokens: Sequence[int], rows: Sequence[Any], device: str
+        cls,
+        cache: Any,
+        attention_mask: torch.Tensor,
+        first_tokens: Sequence[int],
+        rows: Sequence[Any],
+        device: str,
+        rope_deltas: torch.Tensor | None = None,
+        position_axes: int = 1,
     ) -> DecodeBatch:
-        """A batch from one left-padded prefill forward: `attention_mask` [rows, prompt_len] marks real tokens."""
+        """A batch from one left-padded prefill forward: `attention_mask` [rows, prompt_len] marks real tokens;
+        `rope_deltas` [rows] (None: 0) are added to every position of each row."""
         rows = list(rows)
         mask = attention_mask.to(device=device, dtype=torch.long)
+        positions = mask.sum(dim=1)
+        if rope_deltas is not None:
+            positions = positions + rope_deltas.to(device=device, dtype=torch.long)
         return cls(
             cache=cache_from_tensors(cache_tensors(cache)),
             attention_mask=mask,
-            positions=mask.sum(dim=1),
+            positions=positions,
             last_tokens=torch.tensor(list(first_tokens), dtype=torch.long, device=device),
             rows=rows,
+            position_axes=position_axes,
         )
 
     def rows_in(self, start: int, stop: int) -> DecodeBatch:
@@ -157,6 +173,7 @@ class DecodeBatch:
             positions=self.positions[start:stop],
             last_tokens=self.last_tokens[start:stop],
             rows=self.rows[start:stop],
+            position_axes=self.position_axes,
         )
 
     def decode_inputs(self, cache_kwarg: str = "cache") -> dict[str, Any]:
@@ -165,7 +182,7 @@ class DecodeBatch:
         return {
             "input_ids": self.last_tokens[:, None],
             "attention_mask": torch.cat([self.attention_mask, ones], dim=1),
-            "position_ids": self.positions[:, None],
+            "position_ids": step_position_ids(self.positions, self.position_axes),
             cache_kwarg: self.cache,
         }
 
@@ -197,6 +214,7 @@ class DecodeBatch:
             positions=self.positions.index_select(0, index),
             last_tokens=self.last_tokens.index_select(0, index),
             rows=[self.rows[i] for i in keep],
+            position_axes=self.position_axes,
         )
 
     @staticmethod
@@ -217,6 +235,7 @@ class DecodeBatch:
             positions=torch.cat([b.positions for b in batches]),
             last_tokens=torch.cat([b.last_tokens for b in batches]),
             rows=[row for b in batches for row in b.rows],
+            position_axes=batches[0].position_axes,
         )
 
 
@@ -227,9 +246,10 @@ def prefill_inputs(
     dtype: torch.dtype,
     per_token: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Model kwargs (no cache) of one prefill forward over the left-padded prompts of `prepared` (PreparedJobs of
-    one `prefill_groups` group), every extra input of the processor included: the `per_token` ones ([prompt] each)
-    are left-padded with 0 like the ids, the others are concatenated along dim 0."""
+    """Model kwargs (no cache, no positions: `workers.positions.prompt_positions`) of one prefill forward over the
+    left-padded prompts of `prepared` (PreparedJobs of one `prefill_groups` group), every extra input of the processor
+    included: the `per_token` ones ([prompt] each) are left-padded with 0 like the ids, the others (pixels, image
+    grids) are concatenated along dim 0, in the order of the rows."""
     lengths = [p.prompt_tokens for p in prepared]
     longest = max(lengths)
     input_ids = torch.full((len(prepared), longest), pad_token_id, dtype=torch.long)
@@ -237,13 +257,7 @@ def prefill_inputs(
     for i, (p, n) in enumerate(zip(prepared, lengths, strict=True)):
         input_ids[i, longest - n :] = p.input_ids
         attention_mask[i, longest - n :] = 1
-    # Positions count real tokens only, so a left-padded row sees the positions it would see alone.
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    inputs: dict[str, Any] = {
-        "input_ids": input_ids.to(device),
-        "attention_mask": attention_mask.to(device),
-        "position_ids": position_ids.to(device),
-    }
+    inputs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     for key in prepared[0].image_inputs:
         parts = [p.image_inputs[key] for p in prepared]
         if key in per_token:
@@ -285,21 +299,24 @@ def try_decode(model: Any, batch: DecodeBatch, cache_kwarg: str = "cache") -> Ex
 @dataclass
 class Prefilled:
     """One left-padded prefill forward: its cache, which columns are real (`attention_mask` [rows, prompt]),
-    each row's first sampled token, and the rows (`keep`) that go on decoding."""
+    each row's first sampled token, the rows (`keep`) that go on decoding, and each row's rope delta ([rows]: its
+    next position minus its token count; None when positions count tokens)."""
 
     cache: Any
     attention_mask: torch.Tensor
     first_tokens: list[int]
     rows: list[Any]
     keep: list[int]
+    rope_deltas: torch.Tensor | None = None
 
 
 class PaddedBatch:
     """The running jobs of an eager engine: one DecodeBatch, rebuilt as jobs join and leave."""
 
-    def __init__(self, device: str, cache_kwarg: str = "cache") -> None:
+    def __init__(self, device: str, cache_kwarg: str = "cache", position_axes: int = 1) -> None:
         self.device = device
         self.cache_kwarg = cache_kwarg
+        self.position_axes = position_axes
         self.batch: DecodeBatch | None = None
         self._stepped_cache: Any = None
         self._lengths_before: list[int] = []  # each layer's cached columns before the last forward
@@ -313,7 +330,9 @@ class PaddedBatch:
         """Add the kept rows of `parts` in one merge."""
         joined = []
         for p in parts:
-            batch = DecodeBatch.from_prefill_batch(p.cache, p.attention_mask, p.first_tokens, p.rows, self.device)
+            batch = DecodeBatch.from_prefill_batch(
+                p.cache, p.attention_mask, p.first_tokens, p.rows, self.device, p.rope_deltas, self.position_axes
+            )
             kept = batch.filter(p.keep)
             if kept is not None:
                 joined.append(kept)

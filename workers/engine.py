@@ -29,6 +29,7 @@ from workers.faults import (
     sample_rows,
 )
 from workers.model import LoadedModel
+from workers.positions import AXES, prompt_positions
 from workers.preprocess import (
     ImageCache,
     build_inputs,
@@ -94,11 +95,12 @@ class TransformersEngine:
             )
             compile = False
         self.compiled = compile
+        self.position_axes = AXES[loaded.family.positions]
         self._running: PaddedBatch | SlotBatch
         if compile:
             self._running = self._slot_batch(compile_backend)
         else:
-            self._running = PaddedBatch(self.device, loaded.cache_kwarg)
+            self._running = PaddedBatch(self.device, loaded.cache_kwarg, self.position_axes)
 
     def _slot_batch(self, backend: str) -> SlotBatch:
         columns = min(self.context_length, self.token_budget // self.max_batch)
@@ -111,7 +113,7 @@ class TransformersEngine:
         mode = "reduce-overhead" if backend == "inductor" and self.device.startswith("cuda") else None
         step = torch.compile(decode_forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
         cache = SlotCache(self._kv_layout(), self.max_batch, columns, self.device, self.loaded.dtype)
-        batch = SlotBatch(cache, self.loaded.pad_token_id, step, self.loaded.cache_kwarg)
+        batch = SlotBatch(cache, self.loaded.pad_token_id, step, self.loaded.cache_kwarg, self.position_axes)
         shapes = len(batch.row_buckets) * len(batch.column_buckets)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
         log.info(
@@ -202,7 +204,7 @@ class TransformersEngine:
                 chat_template=loaded.chat_template,
             )
         else:
-            prompt = wire_prompt(str(job.prompt), loaded.image_token)
+            prompt = wire_prompt(str(job.prompt), loaded.family.image_text.format(loaded.image_token))
             check_prompt(prompt, loaded.image_token, len(images))
         built = build_inputs(
             loaded.processor, loaded.family, prompt, [(img.digest, img.image) for img in images], self.images
@@ -411,11 +413,13 @@ class TransformersEngine:
         prepared = [r.prepared for r in rows]
         family = self.loaded.family
         inputs = prefill_inputs(prepared, self.loaded.pad_token_id, self.device, self.loaded.dtype, family.per_token)
+        inputs["position_ids"], deltas = prompt_positions(self.model, family.positions, inputs)
         inputs[self.loaded.cache_kwarg] = DynamicCache()
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         tokens, faults = sample_rows(out.logits[:, -1, :], [r.params for r in rows], [r.generator for r in rows])
         first = [self.loaded.pad_token_id if t is None else t for t in tokens]
-        return Prefilled(output_cache(out), inputs["attention_mask"], first, rows, keep=[]), faults
+        part = Prefilled(output_cache(out), inputs["attention_mask"], first, rows, keep=[], rope_deltas=deltas)
+        return part, faults
 
     def _fail_device(self, rows: list[RunningJob], exc: BaseException, where: str) -> list[JobUpdate]:
         """Fail `rows` with DeviceError, free their memory and decide whether the engine can go on."""

@@ -1,16 +1,20 @@
-"""What the engine needs to know of each model family, in one place: which families are served exactly, how
-their prompts' extra inputs batch, and which are refused (with why).
+"""What the engine needs to know of each model family, in one place: which families are served exactly and how
+their prompts' extra inputs batch.
 
 The family's own processor builds the whole prompt (placeholders, special tokens, every extra tensor) and the
-model's own forward gives positions; a `Family` only says what the engine cannot find out by itself. A family
-listed here was checked token for token against `generate` (tests/workers/test_families.py); any other model type
-is refused at start, so no model is served wrong.
+model's own machinery gives positions (`workers.positions`); a `Family` only says what the engine cannot find out by
+itself. A family listed here was checked token for token against `generate` (tests/workers/test_families.py); any
+other model type is refused at start, so no model is served wrong.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+# Position schemes (`Family.positions`; workers.positions computes them).
+ROPE = "rope"  # one position per token: a prompt's are 0..n-1, each new token one further
+MROPE = "mrope"  # three axes (temporal, height, width) from the model's get_rope_index; a rope delta per prompt
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class Family:
     # True when the image processor's output for several images is each image's output concatenated (zero-padded
     # where ragged) along dim 0: then one image's tensors are cached by digest and reused across jobs.
     images_stack: bool = False
-    # True when the compiled decode step (fixed slots, 1-D positions) is exact for the family.
+    # True when the compiled decode step (fixed slots, a 4-D mask) is exact for the family.
     compiled: bool = True
     # Keyword arguments for the processor call.
     processor_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -33,6 +37,11 @@ class Family:
     chat_template: str | None = None
     # True when the processor cannot take a prompt without an image.
     needs_images: bool = False
+    # How the model places tokens: ROPE or MROPE.
+    positions: str = ROPE
+    # The text an image takes in a prompt, when the processor expands its image token but the chat template writes
+    # more around it (what `<image>` of a prompt templated over LLaVA's wire format becomes; `{}`: the image token).
+    image_text: str = "{}"
 
 
 # PaliGemma checkpoints have no chat template: every image placeholder first, then the turns' text, one line each
@@ -47,6 +56,10 @@ PALIGEMMA_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{% endif %}{% if not loop.last %}{{ '\n' }}{% endif %}{% endfor %}"
 )
+
+
+# Qwen's chat template writes the vision markers around the image token, which the processor expands alone.
+QWEN_IMAGE_TEXT = "<|vision_start|>{}<|vision_end|>"
 
 
 FAMILIES: dict[str, Family] = {
@@ -68,14 +81,12 @@ FAMILIES: dict[str, Family] = {
         Family("internvl"),
         # Pixtral keeps each image's aspect ratio: ragged pixel tensors prefill in groups of one shape.
         Family("mistral3"),
+        # M-RoPE: the model's get_rope_index places an image's tokens on its grid; each prompt's next position is
+        # its token count plus a rope delta, which every decode step adds. Images stack: each image's patches
+        # (pixel_values) and its grid (image_grid_thw, one row per image).
+        Family("qwen2_vl", images_stack=True, positions=MROPE, image_text=QWEN_IMAGE_TEXT),
+        Family("qwen2_5_vl", images_stack=True, positions=MROPE, image_text=QWEN_IMAGE_TEXT),
     )
-}
-
-# Known families the engine does not serve yet, with the reason given at start.
-_MROPE = "M-RoPE needs 3-D positions and per-row rope deltas while decoding, which the engine does not carry"
-REFUSED: dict[str, str] = {
-    "qwen2_vl": _MROPE,
-    "qwen2_5_vl": _MROPE,
 }
 
 
@@ -90,5 +101,5 @@ def family_of(config: Any) -> Family:
     if family is not None:
         return family
     served = ", ".join(sorted(FAMILIES))
-    why = REFUSED.get(model_type, "not a family this worker knows")
+    why = "not a family this worker knows"
     raise UnsupportedFamily(f"model family {model_type!r} is not served: {why} (served: {served})")

@@ -105,9 +105,10 @@ def render_messages(
 WIRE_IMAGE_TOKEN = "<image>"
 
 
-def wire_prompt(prompt: str, image_token: str) -> str:
-    """A prompt templated by a LLaVA client with the model's own image placeholder in place of `<image>`."""
-    return prompt if image_token == WIRE_IMAGE_TOKEN else prompt.replace(WIRE_IMAGE_TOKEN, image_token)
+def wire_prompt(prompt: str, image_text: str) -> str:
+    """A prompt templated by a LLaVA client with the model's own text for an image (its image placeholder, and the
+    markers its chat template writes around it) in place of `<image>`."""
+    return prompt if image_text == WIRE_IMAGE_TOKEN else prompt.replace(WIRE_IMAGE_TOKEN, image_text)
 
 
 def check_prompt(prompt: str, image_token: str, n_images: int) -> None:

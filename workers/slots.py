@@ -2,8 +2,9 @@
 
 Every layer keeps keys and values in one buffer [max_rows, kv_heads, max_columns + 1, head_dim] for the engine's
 life, so a compiled step (CUDA graphs included) always reads and writes the same memory. A job's tokens sit at columns
-0..length-1 of its slot; a decode step writes each row's new token at its own column, `lengths[row]`, which is also
-its position id. Running jobs always fill slots 0..n-1: a leaving job's slot takes the last job's row.
+0..length-1 of its slot; a decode step writes each row's new token at its own column, `lengths[row]`; its position id
+is that column plus the row's rope delta, `deltas[row]` (M-RoPE families; 0 for others). Running jobs always fill
+slots 0..n-1: a leaving job's slot takes the last job's row.
 
 A step runs over a bucket of rows and columns (powers of two), never the exact counts, so the compiled step sees
 a handful of shapes however jobs come and go; the rows past the running jobs are free slots that write into
@@ -19,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from workers.batch import DecodeBatch, Prefilled, cache_from_tensors, cache_tensors, try_decode
+from workers.positions import step_position_ids
 
 # Smallest column bucket: short conversations share one shape.
 MIN_COLUMNS = 256
@@ -71,7 +73,8 @@ class SlotLayer(DynamicLayer):
 
 
 class SlotCache(Cache):
-    """The slots of every layer plus the per-row step inputs (`tokens`, `lengths`), all at fixed addresses."""
+    """The slots of every layer plus the per-row step inputs (`tokens`, `lengths`, `deltas`), all at fixed
+    addresses."""
 
     def __init__(
         self,
@@ -94,12 +97,13 @@ class SlotCache(Cache):
         # does not specialise on (a view as long as its base, or as the cache, gets a graph of its own).
         self.tokens = torch.zeros(max_rows + 1, dtype=torch.long, device=device)  # fed at the next step
         self.lengths = torch.zeros(max_rows + 1, dtype=torch.long, device=device)  # cached tokens = next column
+        self.deltas = torch.zeros(max_rows + 1, dtype=torch.long, device=device)  # position = column + delta
         self.row_index = torch.arange(max_rows + 1, device=device)
         self.column_index = torch.arange(max_columns + 1, device=device)
         # The step's column bucket as a view of column_index: its size, not a Python int, so one compiled graph
         # serves every bucket (dynamic shapes) instead of one graph per bucket.
         self.step_columns = self.column_index
-        for t in (self.tokens, self.lengths, self.row_index, self.column_index):
+        for t in (self.tokens, self.lengths, self.deltas, self.row_index, self.column_index):
             torch._dynamo.mark_static_address(t)
         for layer in layers:
             torch._dynamo.mark_static_address(layer.kbuf)
@@ -120,6 +124,7 @@ class SlotRows(Cache):
     def __init__(self, slots: SlotCache, start: int, stop: int, columns: int) -> None:
         self.max_columns = slots.max_columns
         self.tokens, self.lengths = slots.tokens[start:stop], slots.lengths[start:stop]
+        self.deltas = slots.deltas[start:stop]
         self.row_index = slots.row_index  # a layer indexes its rows from 0: its buffers start at slot `start`
         self.step_columns = slots.column_index[:columns]
         super().__init__(
@@ -132,17 +137,19 @@ def decode_forward(
     cache: SlotCache,
     tokens: torch.Tensor,
     lengths: torch.Tensor,
+    deltas: torch.Tensor,
     columns: torch.Tensor,
     cache_kwarg: str = "cache",
+    position_axes: int = 1,
 ) -> torch.Tensor:
     """One decode step of the first len(tokens) slots over `columns` (the cache's `step_columns`): next-token
     logits [rows, vocab]. The tensors are views of the cache's fixed buffers; `cache_kwarg` names the forward's
-    cache argument."""
+    cache argument, `position_axes` the axes of its position ids."""
     # A row sees its cached columns and the one its token is written to; a 4D mask is used by the model as is.
     mask = (columns[None, :] <= lengths[:, None])[:, None, None, :]
     out = model(
         input_ids=tokens[:, None],
-        position_ids=lengths[:, None],
+        position_ids=step_position_ids(lengths + deltas, position_axes),
         attention_mask=mask,
         use_cache=True,
         logits_to_keep=1,
@@ -160,10 +167,12 @@ class SlotBatch:
         pad_token_id: int,
         step: Callable[..., torch.Tensor] = decode_forward,
         cache_kwarg: str = "cache",
+        position_axes: int = 1,
     ) -> None:
         self.cache = cache
         self.step = step
         self.cache_kwarg = cache_kwarg
+        self.position_axes = position_axes
         self.pad_token_id = pad_token_id
         self.row_buckets = buckets(cache.max_rows)
         self.column_buckets = buckets(cache.max_columns, min(MIN_COLUMNS, cache.max_columns))
@@ -190,6 +199,7 @@ class SlotBatch:
             raise ValueError(f"the prefill has {len(tensors)} cache layers, the slots {len(self.cache.layers)}")
         prompt = attention_mask.shape[1]
         real = attention_mask.sum(dim=1).tolist()
+        deltas = [0] * len(real) if part.rope_deltas is None else part.rope_deltas.tolist()
         for i in part.keep:
             slot, length = len(self.rows), int(real[i])
             if length >= self.max_columns:
@@ -198,6 +208,7 @@ class SlotBatch:
                 layer.kbuf[slot, :, :length] = keys[i, :, prompt - length :]
                 layer.vbuf[slot, :, :length] = values[i, :, prompt - length :]
             self.cache.lengths[slot] = length
+            self.cache.deltas[slot] = int(deltas[i])
             self.cache.tokens[slot] = int(part.first_tokens[i])
             self.rows.append(part.rows[i])
             self._lengths.append(length)
@@ -219,6 +230,7 @@ class SlotBatch:
             layer.kbuf[target, :, :length] = layer.kbuf[source, :, :length]
             layer.vbuf[target, :, :length] = layer.vbuf[source, :, :length]
         self.cache.lengths[target] = self.cache.lengths[source]
+        self.cache.deltas[target] = self.cache.deltas[source]
         self.cache.tokens[target] = self.cache.tokens[source]
 
     def step_shape(self) -> tuple[int, int]:
@@ -248,18 +260,30 @@ class SlotBatch:
         cache = self.cache
         if rows > running:  # free slots in the bucket: a pad token at column 0 of their own slot
             cache.lengths[running:rows] = 0
+            cache.deltas[running:rows] = 0
             cache.tokens[running:rows] = self.pad_token_id
         cache.step_columns = cache.column_index[:columns]
         if cache.column_index.is_cuda:  # a new step for CUDA graph trees: the last step's outputs are consumed
             torch.compiler.cudagraph_mark_step_begin()
-        return self.step(model, cache, cache.tokens[:rows], cache.lengths[:rows], cache.step_columns, self.cache_kwarg)
+        return self.step(
+            model,
+            cache,
+            cache.tokens[:rows],
+            cache.lengths[:rows],
+            cache.deltas[:rows],
+            cache.step_columns,
+            self.cache_kwarg,
+            self.position_axes,
+        )
 
     def forward_rows(self, model: Any, start: int, stop: int) -> torch.Tensor:
         """One decode step of slots start..stop-1 alone: their next-token logits. How a step that ran out of memory
         runs again in parts; `advance` once every row ran (or was given up). It runs `decode_forward` eagerly: the
         compiled step's graphs are captured for buckets of slots from 0 at fixed addresses, and a part is neither."""
         part = self.cache.rows(start, stop, self.step_shape()[1])
-        return decode_forward(model, part, part.tokens, part.lengths, part.step_columns, self.cache_kwarg)
+        return decode_forward(
+            model, part, part.tokens, part.lengths, part.deltas, part.step_columns, self.cache_kwarg, self.position_axes
+        )
 
     def rollback(self) -> None:
         """After a failed step: nothing to undo (a step writes each row's new column past its length, and only
@@ -274,9 +298,10 @@ class SlotBatch:
         alone = DecodeBatch(
             cache=cache_from_tensors(tensors),
             attention_mask=torch.ones((1, length), dtype=torch.long, device=device),
-            positions=torch.tensor([length], dtype=torch.long, device=device),
+            positions=self.cache.deltas[index : index + 1] + length,
             last_tokens=self.cache.tokens[index : index + 1].clone(),
             rows=[self.rows[index]],
+            position_axes=self.position_axes,
         )
         return try_decode(model, alone, self.cache_kwarg)
 

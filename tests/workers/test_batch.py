@@ -70,3 +70,19 @@ def test_rows_in_steps_some_rows_on_the_batch_own_cache_even_when_full():
     assert keys.shape == (2, 2, 65, 4) and layer.length == 64  # the batch's own length moves at `advance`
     assert bool((layer.kbuf[1:, :, 64] == 9).all()) and bool((layer.kbuf[0, :, 64] == 0).all())
     assert bool((layer.kbuf[2, :, 62] == 3).all()) and bool((layer.kbuf[:, :, 63] == 5).all())  # what it held
+
+
+def test_rope_deltas_follow_their_rows_through_merges_and_filters():
+    """M-RoPE rows decode at their token count plus their own rope delta, on all three axes, whoever joins or leaves."""
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    keys = torch.ones((2, 2, 3, 4))
+    cache = cache_from_tensors([(keys, keys)])
+    part = DecodeBatch.from_prefill_batch(cache, mask, [5, 6], ["a", "b"], "cpu", torch.tensor([-4, 0]), 3)
+    joining = DecodeBatch.from_prefill_batch(cache, mask, [7, 8], ["c", "d"], "cpu", torch.tensor([-12, 2]), 3)
+    batch = DecodeBatch.concatenate([part, joining.filter([0])])
+    assert batch.positions.tolist() == [-2, 3, -10]
+    assert batch.decode_inputs()["position_ids"].tolist() == [[[-2], [3], [-10]]] * 3
+    batch.advance(batch.cache, torch.tensor([1, 2, 3]))
+    kept = batch.filter([2, 0])
+    assert kept.rows == ["c", "a"] and kept.position_axes == 3
+    assert kept.decode_inputs()["position_ids"].tolist() == [[[-9], [-1]]] * 3

@@ -13,7 +13,8 @@ from contract.errors import InvalidRequest
 from contract.messages import JobImage, JobMessage, JobText, SamplingParams
 from tests.workers.tiny_families import BUILDERS, family_loaded, model_type
 from workers.engine import EngineImage, EngineJob, TransformersEngine, run_to_completion
-from workers.families import FAMILIES, REFUSED, UnsupportedFamily, family_of
+from workers.families import FAMILIES, MROPE, UnsupportedFamily, family_of
+from workers.positions import prompt_positions
 
 NEW_TOKENS = 12
 SIZES = [(20, 20), (60, 40), (30, 70), (90, 90)]
@@ -55,8 +56,8 @@ def job(name: str, messages: list[JobMessage], images: list[EngineImage]) -> Eng
     return EngineJob(name, params, messages=messages, images=images)
 
 
-def reference(loaded, messages: list[JobMessage], images: list[EngineImage]) -> list[int]:
-    """`generate`'s greedy tokens for the conversation, its inputs built by the processor's own chat template."""
+def processor_inputs(loaded, messages: list[JobMessage], images: list[EngineImage]) -> dict[str, torch.Tensor]:
+    """The conversation's model inputs as the processor's own chat template builds them."""
     by_digest = {img.digest: img.image for img in images}
     chat = [
         {
@@ -79,6 +80,12 @@ def reference(loaded, messages: list[JobMessage], images: list[EngineImage]) -> 
         chat_template=loaded.chat_template,
     )
     inputs.pop("labels", None)
+    return inputs
+
+
+def reference(loaded, messages: list[JobMessage], images: list[EngineImage]) -> list[int]:
+    """`generate`'s greedy tokens for the conversation, its inputs built by the processor's own chat template."""
+    inputs = processor_inputs(loaded, messages, images)
     out = loaded.model.generate(
         **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=loaded.pad_token_id
     )
@@ -87,8 +94,11 @@ def reference(loaded, messages: list[JobMessage], images: list[EngineImage]) -> 
 
 @functools.cache
 def expected(family: str, name: str) -> list[int]:
-    """`reference` of conversation `name`, computed once per session."""
-    return reference(family_loaded(family), *conversations(family)[name])
+    """`reference` of conversation `name` up to its first EOS (where the engine stops), computed once per session."""
+    loaded = family_loaded(family)
+    tokens = reference(loaded, *conversations(family)[name])
+    ends = [i for i, t in enumerate(tokens) if t in loaded.eos_token_ids]
+    return tokens[: ends[0] + 1] if ends else tokens
 
 
 @pytest.mark.parametrize("family", sorted(BUILDERS))
@@ -140,7 +150,8 @@ def test_families_the_compiled_step_cannot_take_run_eager(caplog):
 
 
 def greedy_with_positions(loaded, ids, positions, extras, steps: int = NEW_TOKENS) -> list[int]:
-    """Greedy tokens, the prompt (with its images) at `positions` and each new token one position further, through
+    """Greedy tokens, the prompt (with its images) at `positions` ([1, prompt], or [3, 1, prompt] for M-RoPE) and
+    each new token one position further, through
     the model's KV cache: a generated token is never read as an image placeholder again."""
     from transformers import DynamicCache
 
@@ -152,7 +163,7 @@ def greedy_with_positions(loaded, ids, positions, extras, steps: int = NEW_TOKEN
             logits = loaded.model(**inputs, **{loaded.cache_kwarg: cache}, use_cache=True).logits
         token = int(logits[0, -1].argmax())
         out.append(token)
-        positions = positions[:, -1:] + 1
+        positions = positions[..., -1:] + 1
         per_token = {k: v[:, -1:] for k, v in extras.items() if k in loaded.family.per_token}
         inputs = {"input_ids": torch.tensor([[token]]), "position_ids": positions, **per_token}
     return out
@@ -170,34 +181,61 @@ def test_a_position_bug_changes_the_greedy_text(family):
         prepared = engine.prepare(job("x", messages, images))
         extras = {k: v[None] if k in loaded.family.per_token else v for k, v in prepared.image_inputs.items()}
         ids = prepared.input_ids[None]
-        right = torch.arange(ids.shape[1])[None]
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **extras}
+        right, _ = prompt_positions(loaded.model, loaded.family.positions, inputs)
         wrong = right.clone()
-        wrong[:, -6:] -= 3
+        wrong[..., -6:] -= 3
         served = greedy_with_positions(loaded, ids, right, extras)
         assert served == expected(family, name)[: len(served)]
         changed += served != greedy_with_positions(loaded, ids, wrong, extras)
     assert changed > len(chats) // 2
 
 
+@pytest.mark.parametrize("family", sorted(f for f in BUILDERS if FAMILIES[f].positions == MROPE))
+def test_a_decode_step_without_the_rope_delta_changes_the_greedy_text(family, monkeypatch):
+    """M-RoPE: decoding at the cache position without the row's rope delta (prefill still right) changes the text of
+    every conversation whose delta is not 0, so the batched test above would catch a delta that is lost or sits on
+    the wrong row."""
+    import workers.engine
+
+    loaded = family_loaded(family)
+    chats = conversations(family)
+    engine = TransformersEngine(loaded, max_batch=8)
+    deltas = {}
+    for name, (messages, images) in chats.items():
+        prepared = engine.prepare(job(name, messages, images))
+        extras = {k: v[None] if k in loaded.family.per_token else v for k, v in prepared.image_inputs.items()}
+        inputs = {"input_ids": prepared.input_ids[None], "attention_mask": torch.ones_like(prepared.input_ids[None])}
+        deltas[name] = int(prompt_positions(loaded.model, MROPE, {**inputs, **extras})[1][0])
+
+    def without_deltas(model, scheme, inputs):
+        positions, rope_deltas = prompt_positions(model, scheme, inputs)
+        return positions, torch.zeros_like(rope_deltas)
+
+    monkeypatch.setattr(workers.engine, "prompt_positions", without_deltas)
+    out = run_to_completion(engine, [job(name, *chat) for name, chat in chats.items()])
+    shifted = [name for name in chats if deltas[name] != 0]
+    assert len(shifted) > len(chats) // 2
+    for name in chats:
+        assert out[name].token_ids[0] == expected(family, name)[0], f"{family}: {name} prefill"
+        assert (out[name].token_ids != expected(family, name)) == (name in shifted), f"{family}: {name}"
+
+
 def test_unsupported_families_are_refused_with_the_reason():
     class Config:
-        model_type = "qwen2_vl"
+        model_type = "some_new_vlm"
 
-    with pytest.raises(UnsupportedFamily, match="qwen2_vl.*M-RoPE"):
+    with pytest.raises(UnsupportedFamily, match="'some_new_vlm' is not served: not a family this worker knows"):
         family_of(Config())
-    Config.model_type = "some_new_vlm"
-    with pytest.raises(UnsupportedFamily, match="'some_new_vlm' is not served"):
-        family_of(Config())
-    assert not set(FAMILIES) & set(REFUSED)
 
 
 def test_the_worker_refuses_an_unsupported_checkpoint_before_loading_it(tmp_path):
-    from transformers import Qwen2VLConfig
+    from transformers import Blip2Config
 
     from workers.model import load_model
 
-    Qwen2VLConfig().save_pretrained(tmp_path)
-    with pytest.raises(InvalidRequest, match="'qwen2_vl' is not served: M-RoPE"):
+    Blip2Config().save_pretrained(tmp_path)
+    with pytest.raises(InvalidRequest, match="'blip-2' is not served: not a family this worker knows"):
         load_model(str(tmp_path), device="cpu")
 
 
@@ -212,3 +250,35 @@ def test_a_wire_prompt_gets_the_familys_image_placeholder():
     direct = loaded.processor(text=["USER: <start_of_image>\nhi ASSISTANT:"], images=[img.image], return_tensors="pt")
     assert prepared.input_ids.tolist() == direct["input_ids"][0].tolist()
     assert int((prepared.input_ids == loaded.model.config.image_token_index).sum()) == 4
+
+
+@pytest.mark.parametrize("family", sorted(f for f in BUILDERS if FAMILIES[f].positions == MROPE))
+def test_a_wire_prompt_gets_qwens_vision_markers_around_the_image(family):
+    """Qwen's processor expands `<|image_pad|>` only; its chat template writes the markers around it."""
+    loaded = family_loaded(family)
+    img = image(0, (40, 40))
+    params = SamplingParams(temperature=0, max_new_tokens=4)
+    prepared = TransformersEngine(loaded).prepare(
+        EngineJob("w", params, prompt="USER: <image>\nhi ASSISTANT:", images=[img])
+    )
+    text = "USER: <|vision_start|><|image_pad|><|vision_end|>\nhi ASSISTANT:"
+    direct = loaded.processor(text=[text], images=[img.image], return_tensors="pt")
+    assert prepared.input_ids.tolist() == direct["input_ids"][0].tolist()
+
+
+@pytest.mark.parametrize("family", sorted(f for f in BUILDERS if FAMILIES[f].images_stack))
+def test_cached_images_give_the_processors_own_inputs(family):
+    """Families whose image outputs stack per image reuse one image's tensors by digest: a job whose images all come
+    from the cache gets what the processor gives for the whole prompt."""
+    loaded = family_loaded(family)
+    engine = TransformersEngine(loaded)
+    messages, images = conversations(family)["two"]
+    engine.prepare(job("first", messages, images))
+    again = engine.prepare(job("again", messages, images))
+    assert engine.images.hits == len(images)
+    direct = processor_inputs(loaded, messages, images)
+    assert again.input_ids.tolist() == direct["input_ids"][0].tolist()
+    assert set(again.image_inputs) == set(direct) - {"input_ids", "attention_mask"}
+    for key, value in again.image_inputs.items():
+        value = value[None] if key in loaded.family.per_token else value
+        assert torch.equal(value, direct[key]), f"{family}: {key}"

@@ -9,6 +9,7 @@ from tests.workers.test_engine import BLUE, RED, chat_job, greedy
 from tests.workers.tiny_llava import tiny_loaded
 from workers.batch import Prefilled, cache_from_tensors
 from workers.engine import TransformersEngine, run_to_completion
+from workers.positions import step_position_ids
 from workers.slots import SlotBatch, SlotCache, bucket_for, buckets
 
 
@@ -188,3 +189,24 @@ def test_a_compiled_step_out_of_memory_runs_in_parts_and_the_compiled_step_goes_
     assert {j: c.token_ids for j, c in out.items()} == {j: c.token_ids for j, c in expected.items()}
     assert all(c.finish_reason == FinishReason.length for c in out.values())
     assert len(calls) >= 8 and engine.healthy
+
+
+def test_rope_deltas_stay_with_their_rows_when_slots_move():
+    """Each slot decodes at its length plus its own rope delta, on all three axes; a moved row takes its delta."""
+    batch = SlotBatch(SlotCache([(2, 4), (2, 4)], 4, 16, "cpu", torch.float32), pad_token_id=0, position_axes=3)
+    part = prefill([2, 4, 6], [1.0, 2.0, 3.0])
+    part.rope_deltas = torch.tensor([-1, 0, -3])
+    batch.join([part])
+    seen = []
+
+    def step(model, cache, tokens, lengths, deltas, columns, cache_kwarg, axes):
+        seen.append(step_position_ids(lengths + deltas, axes).tolist())
+        return torch.zeros((len(tokens), 3))
+
+    batch.step = step
+    batch.keep([1, 2])  # row 0 leaves: the last row moves into its slot, with its delta
+    assert batch.rows == ["r3", "r2"] and batch.cache.deltas[:2].tolist() == [-3, 0]
+    batch.forward(None)
+    batch.advance(torch.tensor([7, 8]))
+    batch.forward(None)
+    assert seen == [[[[3], [4]]] * 3, [[[4], [5]]] * 3]

@@ -423,6 +423,61 @@ def build_llava_pixtral() -> LoadedModel:
     return reloaded(model, processor, tok, "llava-pixtral")
 
 
+QWEN_MARKERS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def qwen(config_class: type, model_class: type, processor_class: type, vision: dict[str, Any], name: str):
+    """A tiny Qwen-VL: 8-pixel patches merged 2 x 2 (an image of 16 to 64 tokens), M-RoPE over head_dim 16."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = tokenizer(
+        extra=QWEN_MARKERS,
+        image_token="<|image_pad|>",
+        placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+        named={"video_token": "<|video_pad|>"},
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_MARKERS}
+    text = llama(tok, config_class.__name__.replace("Config", "TextConfig"))
+    text.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    config = config_class(
+        text_config=text.to_dict(),
+        vision_config={"depth": 2, "num_heads": 2, "patch_size": 8, "spatial_merge_size": 2, **vision},
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    images = Qwen2VLImageProcessorPil(
+        patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=64 * 64
+    )
+    processor = without_videos(processor_class)(image_processor=images, tokenizer=tok, chat_template=tok.chat_template)
+    return reloaded(model, processor, tok, name)
+
+
+def build_qwen2_vl() -> LoadedModel:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    vision = {"embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2}
+    return qwen(Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, vision, "qwen2_vl")
+
+
+def build_qwen2_5_vl() -> LoadedModel:
+    """Window attention over 2 x 2 merged patches in the first vision layer, full attention in the second."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "window_size": 32,
+        "fullatt_block_indexes": [1],
+    }
+    return qwen(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, vision, "qwen2_5_vl")
+
+
 BUILDERS: dict[str, Callable[[], LoadedModel]] = {
     "llava": build_llava,
     "llava_next": build_llava_next,
@@ -435,6 +490,8 @@ BUILDERS: dict[str, Callable[[], LoadedModel]] = {
     "internvl": build_internvl,
     "mistral3": build_mistral3,
     "llava-pixtral": build_llava_pixtral,
+    "qwen2_vl": build_qwen2_vl,
+    "qwen2_5_vl": build_qwen2_5_vl,
 }
 
 
