@@ -47,6 +47,8 @@ def test_finished_jobs_come_back_in_claim_order_and_a_slow_one_holds_none_back()
             preparer.submit(name, name)
         gates.gate("b").set()
         gates.gate("a").set()
+        with preparer._finished:  # both finished (b most likely first): then they are taken in claim order
+            assert preparer._finished.wait_for(lambda: sum(p.done for p in preparer.in_flight()) == 2, 30)
         assert ready_ids(preparer, 2) == ["a", "b"]
         assert [p.job_id for p in preparer.in_flight()] == ["slow"] and len(preparer) == 1
         gates.gate("slow").set()
