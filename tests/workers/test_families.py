@@ -11,10 +11,10 @@ from PIL import Image
 
 from contract.errors import InvalidRequest
 from contract.messages import JobImage, JobMessage, JobText, SamplingParams
-from tests.workers.tiny_families import BUILDERS, family_loaded, model_type
 from workers.engine import EngineImage, EngineJob, TransformersEngine, run_to_completion
 from workers.families import FAMILIES, MROPE, UnsupportedFamily, family_of
 from workers.positions import prompt_positions
+from workers.tiny_families import BUILDERS, family_loaded, model_type
 
 NEW_TOKENS = 12
 SIZES = [(20, 20), (60, 40), (30, 70), (90, 90)]

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.workers.tiny_families import checkpoint_path, family_loaded, tokenizer
 from workers.processors import NoVideoProcessor, load_processor, processor_class, without_videos
+from workers.tiny_families import checkpoint_path, family_loaded, tokenizer
 
 SAVED = {
     "llava_onevision": "LlavaOnevisionProcessor",

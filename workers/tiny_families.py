@@ -1,4 +1,4 @@
-"""Tiny random-weight checkpoints of each served family, built in-process (no hub) once per test session.
+"""Tiny random-weight checkpoints of each served family, built in-process (no hub), for the tests and benches.
 
 Each uses the family's own config, model and processor classes (the slow PIL image processors, no torchvision),
 a byte-level BPE tokenizer with the family's special tokens, and the LLaVA-1.5 style chat template with the family's
@@ -21,7 +21,14 @@ import torch
 
 from workers.model import LoadedModel, load_model, wrap_model
 from workers.processors import without_videos
-from workers.tiny_model import _CORPUS, CHAT_TEMPLATE, IMAGE_TOKEN, build_bpe_tokenizer, copy_special_token_ids
+from workers.tiny_model import (
+    _CORPUS,
+    CHAT_TEMPLATE,
+    IMAGE_TOKEN,
+    build_bpe_tokenizer,
+    copy_special_token_ids,
+    ensure_tiny_model,
+)
 
 SHARPEN = 10.0  # query and key weights are multiplied by this: attention logits by its square
 
@@ -108,9 +115,7 @@ def reloaded(model: Any, processor: Any, tok: Any, name: str, seed: int = 0) -> 
 
 
 def build_llava() -> LoadedModel:
-    from tests.workers.tiny_llava import tiny_loaded
-
-    loaded = tiny_loaded()
+    loaded = load_model(str(ensure_tiny_model(_checkpoints())), device="cpu", dtype="float32")
     return finish(copy.deepcopy(loaded.model), loaded.processor, loaded.tokenizer, "llava")
 
 
