@@ -157,16 +157,14 @@ def build_llava_next() -> LoadedModel:
     return finish(model, processor, tok, "llava_next")
 
 
-def build_idefics3() -> LoadedModel:
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, Idefics3VisionConfig
-    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
-
+def idefics(config_class: type, model_class: type, vision_class: type, images_class: type, extra: tuple[str, ...]):
+    """A tiny Idefics3 or SmolVLM (its descendant): 32 px tiles of 8 px patches, merged 2 x 2 (4 tokens a tile)."""
     grid = tuple(f"<row_{r}_col_{c}>" for r in range(1, 3) for c in range(1, 3))
-    tok = tokenizer(extra=("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", *grid))
-    vision = Idefics3VisionConfig(
+    tok = tokenizer(extra=("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", *extra, *grid))
+    vision = vision_class(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
     )
-    config = Idefics3Config(
+    config = config_class(
         vision_config=vision,
         text_config=llama(tok),
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
@@ -174,8 +172,18 @@ def build_idefics3() -> LoadedModel:
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
-    model = Idefics3ForConditionalGeneration(config).eval()
-    images = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    model = model_class(config).eval()
+    images = images_class(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    return model, images, tok
+
+
+def build_idefics3() -> LoadedModel:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, Idefics3VisionConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    model, images, tok = idefics(
+        Idefics3Config, Idefics3ForConditionalGeneration, Idefics3VisionConfig, Idefics3ImageProcessorPil, ()
+    )
     processor = Idefics3Processor(
         image_processor=images, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template
     )
@@ -313,21 +321,9 @@ def build_smolvlm() -> LoadedModel:
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor, SmolVLMVisionConfig
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-    grid = tuple(f"<row_{r}_col_{c}>" for r in range(1, 3) for c in range(1, 3))
-    tok = tokenizer(extra=("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "<video>", *grid))
-    vision = SmolVLMVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    model, images, tok = idefics(
+        SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMVisionConfig, SmolVLMImageProcessorPil, ("<video>",)
     )
-    config = SmolVLMConfig(
-        vision_config=vision,
-        text_config=llama(tok),
-        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-        scale_factor=2,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = SmolVLMForConditionalGeneration(config).eval()
-    images = SmolVLMImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
     processor = without_videos(SmolVLMProcessor)(
         image_processor=images, tokenizer=tok, video_processor=None, image_seq_len=4, chat_template=tok.chat_template
     )
