@@ -337,6 +337,13 @@ def controller_settings_from_args(args: argparse.Namespace) -> ControllerSetting
     return ControllerSettings(**given)
 
 
+# How long an idle keep-alive connection stays open. It must outlast the idle expiry of clients' connection pools
+# (httpx 5 s, aiohttp 15 s; requests and urllib3 keep them forever) and of load balancers in front (60 s is common):
+# when the server closes first, a request sent on the connection in that instant is reset before any response, and
+# its client cannot tell whether the job started. uvicorn's own default is 5 s, the same as httpx's.
+KEEP_ALIVE_S = 75
+
+
 def run_controller(settings: ControllerSettings) -> int:
     """Serve the controller with uvicorn until SIGINT/SIGTERM; returns the exit status."""
     import uvicorn
@@ -346,6 +353,7 @@ def run_controller(settings: ControllerSettings) -> int:
         host=settings.host,
         port=settings.port,
         log_level="info",
+        timeout_keep_alive=KEEP_ALIVE_S,
         timeout_graceful_shutdown=10,
     )
     return 0
