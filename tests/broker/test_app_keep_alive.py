@@ -15,14 +15,24 @@ IDLE_S = 6.0
 
 
 def get_healthz(sock: socket.socket) -> bytes:
+    """One GET /healthz on `sock`: the whole response (head and body, by its Content-Length), b"" if it closed."""
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: controller\r\nConnection: keep-alive\r\n\r\n")
     reply = b""
     while b"\r\n\r\n" not in reply:
         chunk = sock.recv(4096)
         if not chunk:
-            break
+            return reply
         reply += chunk
-    return reply
+    head, _, body = reply.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def test_an_idle_connection_still_serves_after_a_client_pool_would_have_dropped_it(redis_url, tmp_path):
