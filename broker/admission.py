@@ -77,7 +77,7 @@ class Admission:
         client = Client.of(request, keys_checked=self.keys_checked, trusted=self.trusted)
         admitted = AdmittedJob(job=job, client=client, endpoint=request.url.path)
         try:
-            await ride_out_outage(lambda: self.limits.check_rate(client.name), outage_s)
+            await ride_out_outage(lambda: self.limits.check_rate(client.name, job.job_id), outage_s)
             for moderator in self.moderators:
                 await moderator.check(user_texts(job))
             await ride_out_outage(lambda: self.limits.take_slot(client.name, job.job_id), outage_s)
@@ -119,7 +119,7 @@ class Admission:
         if final is None or (done is not None and done.finish_reason == FinishReason.cancelled):
             steps.append(lambda: self.release_images(admitted.job))
         if done is not None:
-            steps.append(lambda: self.limits.debit_tokens(client, done.usage.completion_tokens))
+            steps.append(lambda: self.limits.debit_tokens(client, job_id, done.usage.completion_tokens))
         steps.append(lambda: self.limits.release_slot(client, job_id))
         with anyio.CancelScope(shield=True), anyio.move_on_after(JOB_END_TIMEOUT_S):
             for step in steps:

@@ -24,47 +24,53 @@ from infra.settings import ControllerSettings
 
 FAIR_SHARE_RETRY_AFTER_S = 5
 
-# KEYS[1] the client's jobs ZSET; ARGV job id, cap, hold ms. Returns -1 when admitted, else the jobs held.
+# KEYS[1] the client's jobs ZSET; ARGV job id, cap, hold ms. Returns -1 when admitted, else the jobs held. A job
+# already held (the same command sent again after its reply was lost) is admitted again, not counted twice.
 _TAKE_SLOT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local held = redis.call('ZCARD', KEYS[1])
-if held >= tonumber(ARGV[2]) then return held end
+if held >= tonumber(ARGV[2]) and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return held end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return -1
 """
 
-# KEYS the buckets (HASH level, at); ARGV[1] 'admit' or 'debit', then per key: capacity per minute, need, cost.
+# KEYS[1] the job's charge mark (`keys.charged`), then the buckets (HASH level, at); ARGV[1] 'admit' or 'debit',
+# ARGV[2] the mark's TTL in seconds, then per bucket: capacity per minute, need, cost.
 # Admit: every bucket must hold `need`, else nothing is taken and {index of the bucket, ms to wait} comes back.
 # Debit: `cost` is taken whatever the level (tokens are counted once generated; the level may go below zero).
+# A charge whose mark is set was applied already (the same command sent again after its reply was lost): nothing
+# is taken twice, and it answers as admitted, which it was.
 _TAKE_TOKENS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, 0} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local levels = {}
 local blocked, wait_ms = 0, 0
-for i, key in ipairs(KEYS) do
-  local base = 1 + (i - 1) * 3
-  local cap, need = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-  local state = redis.call('HMGET', key, 'level', 'at')
+for i = 2, #KEYS do
+  local base = 3 + (i - 2) * 3
+  local cap, need = tonumber(ARGV[base]), tonumber(ARGV[base + 1])
+  local state = redis.call('HMGET', KEYS[i], 'level', 'at')
   local level = tonumber(state[1]) or cap
   local at = tonumber(state[2]) or now
   level = math.min(cap, level + math.max(0, now - at) * cap / 60000)
   levels[i] = level
   if ARGV[1] == 'admit' and level < need then
     local wait = math.ceil((need - level) * 60000 / cap)
-    if wait > wait_ms then blocked, wait_ms = i, wait end
+    if wait > wait_ms then blocked, wait_ms = i - 1, wait end
   end
 end
 if blocked > 0 then return {blocked, wait_ms} end
-for i, key in ipairs(KEYS) do
-  local base = 1 + (i - 1) * 3
-  local cap = tonumber(ARGV[base + 1])
-  local level = levels[i] - tonumber(ARGV[base + 3])
-  redis.call('HSET', key, 'level', tostring(level), 'at', now)
-  redis.call('PEXPIRE', key, math.ceil((cap - level) * 60000 / cap) + 1000)
+for i = 2, #KEYS do
+  local base = 3 + (i - 2) * 3
+  local cap = tonumber(ARGV[base])
+  local level = levels[i] - tonumber(ARGV[base + 2])
+  redis.call('HSET', KEYS[i], 'level', tostring(level), 'at', now)
+  redis.call('PEXPIRE', KEYS[i], math.ceil((cap - level) * 60000 / cap) + 1000)
 end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
 return {0, 0}
 """
 
@@ -119,9 +125,9 @@ class ClientLimits:
         self._take_slot = redis.register_script(_TAKE_SLOT)
         self._take_tokens = redis.register_script(_TAKE_TOKENS)
 
-    async def check_rate(self, client: str) -> None:
-        """Take one request from the client's buckets; RateLimited (429, Retry-After) names the limit reached.
-        The tokens bucket admits while any token is left (the reply's tokens are debited as it ends)."""
+    async def check_rate(self, client: str, job_id: str) -> None:
+        """Take one request from the client's buckets for `job_id`; RateLimited (429, Retry-After) names the limit
+        reached. The tokens bucket admits while any token is left (the reply's tokens are debited as it ends)."""
         buckets: list[tuple[str, str, int, int]] = []  # key, what it counts, per minute, cost now
         if self.requests_per_minute is not None:
             buckets.append((keys.rate_bucket(client, "requests"), "requests", self.requests_per_minute, 1))
@@ -129,10 +135,10 @@ class ClientLimits:
             buckets.append((keys.rate_bucket(client, "tokens"), "generated tokens", self.tokens_per_minute, 0))
         if not buckets:
             return
-        args: list[object] = ["admit"]
+        args: list[object] = []
         for _, _, per_minute, cost in buckets:
             args += [per_minute, 1, cost]  # need one unit left in each
-        blocked, wait_ms = await self._take_tokens(keys=[key for key, *_ in buckets], args=args)
+        blocked, wait_ms = await self._charge(job_id, "admit", [key for key, *_ in buckets], args)
         if int(blocked):
             _, what, per_minute, _ = buckets[int(blocked) - 1]
             wait_s = max(1, math.ceil(int(wait_ms) / 1000))
@@ -141,13 +147,15 @@ class ClientLimits:
                 retry_after=wait_s,
             )
 
-    async def debit_tokens(self, client: str, tokens: int) -> None:
-        """Count `tokens` generated for the client against its tokens per minute."""
+    async def debit_tokens(self, client: str, job_id: str, tokens: int) -> None:
+        """Count the `tokens` generated for `job_id` against its client's tokens per minute."""
         if self.tokens_per_minute is None or tokens <= 0:
             return
-        await self._take_tokens(
-            keys=[keys.rate_bucket(client, "tokens")], args=["debit", self.tokens_per_minute, 0, tokens]
-        )
+        await self._charge(job_id, "debit", [keys.rate_bucket(client, "tokens")], [self.tokens_per_minute, 0, tokens])
+
+    async def _charge(self, job_id: str, kind: str, buckets: list[str], args: list[object]) -> list[int]:
+        mark = keys.charged(job_id, kind)
+        return await self._take_tokens(keys=[mark, *buckets], args=[kind, keys.CHARGED_TTL_S, *args])
 
     async def take_slot(self, client: str, job_id: str) -> None:
         """Count `job_id` against the client's jobs held at once; RateLimited (429) names the cap when it is full."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from redis import Redis, RedisError
 from redis.client import Pipeline
 from rq import Queue
+from rq.exceptions import DuplicateJobError
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
@@ -117,7 +118,11 @@ def queue_position(redis: Redis, model: str, job_id: str) -> int | None:
 
 
 def enqueue(redis: Redis, request: JobRequest, *, max_queue: int, result_ttl: int) -> Job:
-    """Put a job at the back of its model's queue; QueueFull (429) when `max_queue` jobs already wait."""
+    """Put a job at the back of its model's queue; QueueFull (429) when `max_queue` jobs already wait.
+
+    Idempotent: saving the job and pushing its id is one script that does nothing when the job exists, so the same
+    enqueue sent again after its reply was lost (redis-py resends on a dropped connection; the controller retries
+    through an outage) never queues the job twice, which would run it twice into one stream."""
     with redis.pipeline(transaction=False) as pipe:
         pipe.llen(keys.rq_queue(request.model))
         if request.controller_id:  # so that no worker finds the lease missing right after a controller reconnects
@@ -128,15 +133,20 @@ def enqueue(redis: Redis, request: JobRequest, *, max_queue: int, result_ttl: in
             f"the queue of model {request.model!r} is full ({depth} jobs waiting, limit {max_queue})",
             retry_after=max(1, min(60, depth // 8)),
         )
-    return queue_for(redis, request.model).enqueue_call(
-        run_outside_llava_worker,
-        kwargs={"request": request.model_dump(mode="json")},
-        job_id=request.job_id,
-        result_ttl=result_ttl,
-        failure_ttl=result_ttl,
-        description=f"generate {request.model} ({request.params.max_new_tokens} tokens max)",
-        meta={"model": request.model},
-    )
+    queue = queue_for(redis, request.model)
+    try:
+        return queue.enqueue_call(
+            run_outside_llava_worker,
+            kwargs={"request": request.model_dump(mode="json")},
+            job_id=request.job_id,
+            result_ttl=result_ttl,
+            failure_ttl=result_ttl,
+            description=f"generate {request.model} ({request.params.max_new_tokens} tokens max)",
+            meta={"model": request.model},
+            unique=True,
+        )
+    except DuplicateJobError:  # an earlier send of this enqueue ran; ids are never reused
+        return Job.fetch(request.job_id, connection=redis, serializer=queue.serializer)
 
 
 def job_request(job: Job) -> JobRequest:

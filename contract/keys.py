@@ -16,6 +16,8 @@ HEARTBEAT_INTERVAL_S = 0.5
 # The per-worker job table outlives the worker key long enough for a sweeper to act on it.
 WORKER_JOBS_TTL_S = 24 * 3600
 CANCEL_TTL_S = 600
+# Long enough to outlast any retry of the command that set it (redis-py's own resends, an outage ridden out).
+CHARGED_TTL_S = 600
 IMAGE_TTL_S = 3600
 SWEEP_LOCK_TTL_MS = 1500
 # A controller process refreshes its lease every CONTROLLER_LEASE_INTERVAL_S; once the lease is gone (TTL
@@ -109,6 +111,12 @@ def chunks_pattern() -> str:
 def cancel(job_id: str) -> str:
     """STRING "1" set when a job's client went away or asked to stop; TTL CANCEL_TTL_S."""
     return f"{PREFIX}job:{job_id}:cancel"
+
+
+def charged(job_id: str, kind: str) -> str:
+    """STRING "1": the job's rate charge `kind` (`admit` or `debit`) was applied, so that the same command sent
+    again after its reply was lost is not applied twice; TTL CHARGED_TTL_S, set in the script that charges."""
+    return f"{PREFIX}job:{job_id}:charged:{kind}"
 
 
 def image(digest: str) -> str:

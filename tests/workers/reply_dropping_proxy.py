@@ -9,10 +9,11 @@ import threading
 
 class ReplyDroppingProxy:
     """Forwards every connection to Redis at `port`. Once a command holding `command_marker` (a script's text) has
-    gone to Redis, the first reply bytes that come back holding `reply_marker` are not forwarded: the connection is
-    closed instead, so Redis has run the command and the client never hears of it. That happens `times` times."""
+    gone to Redis, the first reply bytes that come back holding `reply_marker` (None: any reply but an error, which
+    says the command did not run) are not forwarded: the connection is closed instead, so Redis has run the command
+    and the client never hears of it. That happens `times` times."""
 
-    def __init__(self, port: int, command_marker: bytes, reply_marker: bytes, *, times: int = 1) -> None:
+    def __init__(self, port: int, command_marker: bytes, reply_marker: bytes | None, *, times: int = 1) -> None:
         self.target = ("127.0.0.1", port)
         self.command_marker, self.reply_marker = command_marker, reply_marker
         self.left = times
@@ -63,13 +64,16 @@ class ReplyDroppingProxy:
 
     def _replies(self, server: socket.socket, client: socket.socket, armed: threading.Event) -> None:
         while data := _recv(server):
-            if armed.is_set() and self.reply_marker in data and self._take_drop():
+            if armed.is_set() and self._is_marked(data) and self._take_drop():
                 break
             try:
                 client.sendall(data)
             except OSError:
                 break
         _close(client), _close(server)
+
+    def _is_marked(self, reply: bytes) -> bool:
+        return not reply.startswith(b"-") if self.reply_marker is None else self.reply_marker in reply
 
     def _take_drop(self) -> bool:
         with self._lock:
