@@ -230,6 +230,12 @@ def add_controller_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job-result-ttl-s", type=int, default=None, help="seconds a finished job record is kept")
     parser.add_argument("--sweep-interval-s", type=float, default=None)
     parser.add_argument("--ping-interval-s", type=int, default=None, help="SSE keep-alive ping, seconds")
+    parser.add_argument(
+        "--redis-outage-s",
+        type=float,
+        default=None,
+        help="seconds a request or stream waits out a Redis outage before it fails with redis_unavailable (30)",
+    )
     for old_flag, kind in (("--job-result-ttl", int), ("--sweep-interval", float), ("--ping-interval", int)):
         parser.add_argument(old_flag, dest=f"{old_flag[2:].replace('-', '_')}_s", type=kind, help=argparse.SUPPRESS)
     parser.add_argument(
@@ -311,6 +317,7 @@ _CONTROLLER_FLAGS = (
     "job_result_ttl_s",
     "sweep_interval_s",
     "ping_interval_s",
+    "redis_outage_s",
     "api_keys_file",
     "trusted_ui_keys_file",
     "allow_remote_images",

@@ -33,6 +33,13 @@ def test_flags_override_settings_and_unset_flags_keep_defaults() -> None:
     assert settings.host == "127.0.0.1" and settings.max_images == 8
 
 
+def test_the_redis_outage_allowance_has_a_flag() -> None:
+    parser = argparse.ArgumentParser()
+    add_controller_arguments(parser)
+    assert controller_settings_from_args(parser.parse_args(["--redis-outage-s", "4.5"])).redis_outage_s == 4.5
+    assert controller_settings_from_args(parser.parse_args([])).redis_outage_s == 30.0
+
+
 def test_openapi_documents_the_generate_body(redis_url: str) -> None:
     schema = create_app(settings_for(redis_url)).openapi()
     for path, model in (
