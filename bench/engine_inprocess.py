@@ -24,7 +24,8 @@ from typing import Any
 from PIL import Image
 
 from contract.messages import JobImage, JobMessage, JobText, SamplingParams
-from workers.engine import EngineImage, EngineJob, TransformersEngine, run_to_completion
+from workers.completion import run_to_completion
+from workers.engine import EngineImage, EngineJob, TransformersEngine
 from workers.model import LoadedModel, load_model
 from workers.tiny_model import ensure_tiny_model
 

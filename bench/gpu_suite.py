@@ -26,7 +26,7 @@ import torch
 
 
 def run_once(engine, jobs, new_tokens: int) -> dict:
-    from workers.engine import run_to_completion
+    from workers.completion import run_to_completion
 
     sync = torch.cuda.synchronize if engine.device.startswith("cuda") else (lambda: None)
     sync()

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from bench.chaos import ChaosConfig, run_chaos
+from bench.chaos import run_chaos
 from bench.chaos_partition import PartitionConfig, after_give_away, run_partition
 from bench.chaos_requests import RequestRecord, count_outcomes
+from bench.chaos_system import ChaosConfig
 from cli.netns import unavailable_reason
 from contract.messages import DoneEvent, ErrorEvent, FinishReason, TokenEvent
 

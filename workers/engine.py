@@ -10,13 +10,12 @@ alone, or a CUDA error, fails the jobs of the forward it hit.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 
-from contract.errors import ContextTooLong, InvalidRequest, LlavaError
+from contract.errors import ContextTooLong, InvalidRequest
 from contract.limits import check_prompt_chars, job_text_chars
-from contract.messages import FinishReason, Usage
+from contract.messages import FinishReason
 from workers.batch import PaddedBatch, Prefilled, output_cache, prefill_groups, prefill_inputs
 from workers.decode_parts import decode_logits
 from workers.engine_types import Engine, EngineImage, EngineJob, JobUpdate, PreparedJob
@@ -28,6 +27,7 @@ from workers.faults import (
     release_cached_memory,
     sample_rows,
 )
+from workers.kv_budget import compiled_slot_batch, default_token_budget
 from workers.model import LoadedModel
 from workers.positions import AXES, prompt_positions
 from workers.preprocess import (
@@ -39,12 +39,9 @@ from workers.preprocess import (
     wire_prompt,
 )
 from workers.running import RunningJob
-from workers.slots import SlotBatch, SlotCache, decode_forward
+from workers.slots import SlotBatch
 
-__all__ = [
-    "Completion", "Engine", "EngineImage", "EngineJob", "JobUpdate", "PreparedJob", "TransformersEngine",
-    "run_to_completion",
-]  # fmt: skip
+__all__ = ["Engine", "EngineImage", "EngineJob", "JobUpdate", "PreparedJob", "TransformersEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +73,7 @@ class TransformersEngine:
         self.device = loaded.device
         self.max_batch = max_batch
         self.context_length = loaded.context_length
-        self.token_budget = token_budget if token_budget is not None else self._default_token_budget()
+        self.token_budget = token_budget if token_budget is not None else default_token_budget(loaded, max_batch)
         if self.token_budget < 2:
             raise ValueError(f"token_budget must be >= 2, not {self.token_budget}")
         self.images = ImageCache(image_cache_size)
@@ -98,29 +95,11 @@ class TransformersEngine:
         self.position_axes = AXES[loaded.family.positions]
         self._running: PaddedBatch | SlotBatch
         if compile:
-            self._running = self._slot_batch(compile_backend)
+            self._running = compiled_slot_batch(
+                loaded, max_batch, self.token_budget, compile_backend, self.position_axes
+            )
         else:
             self._running = PaddedBatch(self.device, loaded.cache_kwarg, self.position_axes)
-
-    def _slot_batch(self, backend: str) -> SlotBatch:
-        columns = min(self.context_length, self.token_budget // self.max_batch)
-        if columns < 2:
-            raise ValueError(
-                f"token_budget {self.token_budget} leaves {columns} cache columns per slot for {self.max_batch} slots"
-            )
-        if backend == "cudagraphs" and not self.device.startswith("cuda"):
-            raise ValueError(f"compile backend 'cudagraphs' needs a CUDA device, not {self.device}")
-        mode = "reduce-overhead" if backend == "inductor" and self.device.startswith("cuda") else None
-        step = torch.compile(decode_forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
-        cache = SlotCache(self._kv_layout(), self.max_batch, columns, self.device, self.loaded.dtype)
-        batch = SlotBatch(cache, self.loaded.pad_token_id, step, self.loaded.cache_kwarg, self.position_axes)
-        shapes = len(batch.row_buckets) * len(batch.column_buckets)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
-        log.info(
-            "compiled decode: %d slots of %d columns (%.2f GiB), %d step shapes at most",
-            self.max_batch, columns, batch.cache.nbytes() / 2**30, shapes,
-        )  # fmt: skip
-        return batch
 
     @torch.inference_mode()
     def warmup(self) -> list[tuple[int, int]]:
@@ -131,26 +110,6 @@ class TransformersEngine:
         return self._running.warm_up(self.model)
 
     # ---- capacity -------------------------------------------------------------------------------------------
-
-    def _kv_layout(self) -> list[tuple[int, int]]:
-        """(kv_heads, head_dim) of each layer's cache."""
-        cfg = self.model.config.get_text_config()
-        heads = getattr(cfg, "num_attention_heads", 1)
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        return [(kv_heads, head_dim)] * cfg.num_hidden_layers
-
-    def _kv_bytes_per_token(self) -> int:
-        values = sum(heads * dim for heads, dim in self._kv_layout())
-        return 2 * values * torch.finfo(self.loaded.dtype).bits // 8
-
-    def _default_token_budget(self) -> int:
-        budget = self.max_batch * self.context_length
-        if self.device.startswith("cuda"):
-            free, _total = torch.cuda.mem_get_info(torch.device(self.device))
-            # Leave room for activations (prefill of images) and the padding of a merged batch.
-            budget = min(budget, int(free * 0.6) // self._kv_bytes_per_token())
-        return max(budget, 2)
 
     @property
     def _rows(self) -> list[RunningJob]:
@@ -429,36 +388,3 @@ class TransformersEngine:
         log.error("%s; failing %d job(s)", error.message, len(rows))
         release_cached_memory(self.device)
         return [r.finish(FinishReason.error, error=error) for r in rows]
-
-
-# ---- in-process use (benchmarks, tests) -------------------------------------------------------------------
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: FinishReason | None
-    usage: Usage
-    error: LlavaError | None = None
-    token_ids: list[int] = field(default_factory=list)
-
-
-def run_to_completion(engine: Engine, jobs: list[EngineJob]) -> dict[str, Completion]:
-    """Run `jobs` through `engine` (admitting each as capacity allows) until it is idle; collect each job's
-    whole text, including jobs admitted before the call."""
-    waiting = [engine.prepare(job) for job in jobs]
-    results = {job.job_id: Completion("", None, Usage()) for job in jobs}
-    while waiting or engine.has_work():
-        while waiting and engine.fits(waiting[0]):
-            engine.add(waiting.pop(0))
-        if waiting and not engine.has_work():
-            raise RuntimeError(f"job {waiting[0].job_id} never fits the engine's token budget")
-        for update in engine.step():
-            result = results.setdefault(update.job_id, Completion("", None, Usage()))
-            result.text += update.text
-            result.usage = update.usage
-            result.token_ids += update.token_ids
-            if update.finish_reason is not None:
-                result.finish_reason = update.finish_reason
-                result.error = update.error
-    return results

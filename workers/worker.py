@@ -2,6 +2,7 @@
 
 One Redis round trip per decode step carries every job's new text, the first-token notes and the cancel checks.
 Redis outages are survived: generation goes on, unsent text and final results wait, and are sent when Redis is back.
+Starting, stopping, draining and settling the worker are in `workers.worker_lifecycle`.
 """
 
 from __future__ import annotations
@@ -14,35 +15,27 @@ import time
 import uuid
 from typing import Any
 
-import redis as redis_lib
 from redis import Redis
 
-from contract import jobs, keys, liveness, ownership
+from contract import jobs, keys, ownership
 from contract.errors import DeviceError, GenerationFailed, LlavaError
 from contract.limits import check_prompt_chars, job_text_chars
-from contract.messages import ClaimState, FinishReason, JobRequest, TokenEvent, WorkerInfo, error_from_event
+from contract.messages import FinishReason, JobRequest, TokenEvent, WorkerInfo
 from infra.settings import WorkerSettings
 from workers.engine_types import Engine, JobUpdate, PreparedJob
 from workers.heartbeat import Heartbeat
 from workers.jobstate import ActiveJob, Backoff, failure_update, load_images
 from workers.preparing import DEFAULT_PREPARE_THREADS, Preparation, Preparer
+from workers.worker_lifecycle import EXIT_DEVICE_ERROR, EXIT_OK, REDIS_ERRORS, WorkerLifecycle, as_text
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_CRASHED = 1
-EXIT_DEVICE_ERROR = 3
 CLAIM_BLOCK_S = 1
 PREPARE_POLL_S = 0.02  # while jobs are being prepared and none runs: how long the loop waits on them or a claim
 SOFTWARE_VERSION = "0.1.0"
-_REDIS_ERRORS = (redis_lib.ConnectionError, redis_lib.TimeoutError)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-class Worker:
+class Worker(WorkerLifecycle):
     """Serves one model's rq queue with a batching engine. `run()` returns the process exit code."""
 
     def __init__(
@@ -81,13 +74,7 @@ class Worker:
         # Claimed jobs being prepared off the step loop (images loaded, templated, tokenized); see `_admit`.
         self.preparing: Preparer[JobRequest, PreparedJob] = Preparer(self._prepare, prepare_threads)
 
-    # ---- control ----------------------------------------------------------------------------------------------
-
-    def stop(self, *, now: bool = False) -> None:
-        """Stop claiming and drain in-flight jobs (within `drain_timeout_s`; at once with `now`). Thread-safe."""
-        if now or self._stop.is_set():
-            self._drain_deadline = time.monotonic()
-        self._stop.set()
+    # ---- loop -------------------------------------------------------------------------------------------------
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -105,26 +92,6 @@ class Worker:
             draining=self.draining,
             image_modes=self.settings.image_modes,
         )
-
-    def run(self) -> int:
-        """Serve until stopped (exit 0) or the engine becomes unusable (non-zero)."""
-        log.info("worker %s serving model %r (max_batch %d)", self.worker_id, self.model_name, self.engine.max_batch)
-        if not self._register():
-            log.info("exit: stopped before Redis could be reached")
-            self.heartbeat.stop()
-            return EXIT_OK
-        self.heartbeat.start()
-        try:
-            code = self._loop()
-        except Exception:
-            log.exception("worker %s crashed; failing its jobs", self.worker_id)
-            self._abandon(GenerationFailed(f"worker {self.worker_id} crashed while generating"), requeue=False)
-            code = EXIT_CRASHED
-        finally:
-            self.preparing.close()
-            self.heartbeat.stop()
-            self._deregister()
-        return code
 
     def _loop(self) -> int:
         while True:
@@ -162,7 +129,7 @@ class Worker:
 
     def _claim(self) -> list[JobRequest]:
         """Jobs claimed with the last step's publish (busy), or a blocking claim (idle)."""
-        claimed_ids, self._claimed_ids = [_text(i) for i in self._claimed_ids], []
+        claimed_ids, self._claimed_ids = [as_text(i) for i in self._claimed_ids], []
         # A job taken away and claimed again waits until the engine has let go of its old run.
         self._claimed_ids = [i for i in claimed_ids if i in self._dropping]
         claimed_ids = [i for i in claimed_ids if i not in self._dropping]
@@ -179,7 +146,7 @@ class Worker:
             free = self._free_slots()
             block_s = PREPARE_POLL_S if self.preparing else CLAIM_BLOCK_S
             claimed = jobs.claim_blocking(self.redis, self.worker_id, self.model_name, free, block_s)
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._backoff.failed("claim", exc)
             self.returning += claimed_ids
             return []
@@ -218,7 +185,7 @@ class Worker:
             try:
                 if not self._admit_one(preparation):
                     back.append(preparation)
-            except _REDIS_ERRORS as exc:  # it goes back to the queue once Redis answers
+            except REDIS_ERRORS as exc:  # it goes back to the queue once Redis answers
                 self._backoff.failed("admit", exc)
                 back.append(preparation)
             except ownership.NotOwned:  # a sweeper took it since the claim (this worker was frozen in between)
@@ -240,7 +207,7 @@ class Worker:
             return
         try:
             jobs.put_back(self.redis, self.worker_id, self.model_name, self.returning)
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._backoff.failed("put_back", exc)
             return
         self.returning = []
@@ -314,7 +281,7 @@ class Worker:
                 if claiming:
                     jobs.queue_claim(pipe, self.worker_id, self.model_name, self._free_slots())
                 results = pipe.execute()
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._backoff.failed("publish", exc)
             return
         self._backoff.ok()
@@ -369,7 +336,7 @@ class Worker:
         as claimed nor as being prepared, returned or finished, come from a claim whose reply it never got: they go
         back to the queue. (A running job is marked started: one listed here was taken away and claimed again.)"""
         held = {
-            *claimed, *map(_text, self._claimed_ids), *self.returning,
+            *claimed, *map(as_text, self._claimed_ids), *self.returning,
             *(p.job_id for p in self.preparing.in_flight()), *(j.job_id for j in self.finishing),
         }  # fmt: skip
         lost = [job_id for job_id in earlier if job_id not in held]
@@ -400,7 +367,7 @@ class Worker:
                     if self.metrics is not None:
                         self.metrics.on_finished(job)
                 self.redis.publish(keys.chunks(job.job_id), job.final_event().model_dump_json())
-            except _REDIS_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 self._backoff.failed("finish", exc)
                 remaining.append(job)
             except Exception:  # one catch point per job: a record that cannot be written is logged, not fatal
@@ -413,100 +380,3 @@ class Worker:
             job.end(FinishReason.error, error)
         self.active.pop(job.job_id, None)
         self.finishing.append(job)
-
-    # ---- drain, abandon, deregister ---------------------------------------------------------------------------
-
-    def _drain_step(self) -> bool:
-        """While stopping: False once nothing is left to do; past the drain deadline, settle what is left."""
-        if not self.draining:
-            self.draining = True
-            self._drain_deadline = min(
-                self._drain_deadline or float("inf"), time.monotonic() + self.settings.drain_timeout_s
-            )
-            log.info("stopping: draining %d job(s) within %.0f s", len(self.active), self.settings.drain_timeout_s)
-            self.returning += self.preparing.drop()  # never started: back to the queue for another worker
-        if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and self.active:
-            log.warning("drain timeout: settling %d unfinished job(s)", len(self.active))
-            self._abandon(None, requeue=True)
-        if self.active or self.engine.has_work():
-            return True
-        if (self.finishing or self.returning) and time.monotonic() < (self._drain_deadline or 0) + 10:
-            return True  # give Redis a little longer to take the last results
-        return False
-
-    def _abandon(self, error: LlavaError | None, *, requeue: bool) -> None:
-        """Settle every job still in the engine: requeue those that streamed nothing (when `requeue`), fail the
-        rest with `error` (default: a worker_lost-style error), and write every pending result."""
-        self.returning += self.preparing.drop()  # never started: back to the queue
-        for job_id in list(self.active):
-            self.engine.cancel(job_id)
-        for job_id, job in list(self.active.items()):
-            if requeue and not job.streaming and not job.unsent:
-                requeue_one = lambda j=job_id: jobs.requeue(self.redis, self.worker_id, j, fenced=True)  # noqa: E731
-                if self._retry_redis("requeue", requeue_one):
-                    del self.active[job_id]
-                    log.info("job %s returned to the queue", job_id)
-                    continue
-            if error is None:
-                lost = liveness.worker_lost_error(job_id, self.worker_id, reason="shut down")
-                job.end(FinishReason.error, error_from_event(lost))
-            else:
-                job.end(FinishReason.error, error)
-            self._end(job)
-        deadline = time.monotonic() + 5
-        while (self.finishing or self.returning) and time.monotonic() < deadline:
-            self._publish([])
-            self._finish()
-            if self.finishing or self.returning:
-                self._backoff.wait_if_down() or time.sleep(0.05)
-        self.busy_slots = 0
-
-    def _register(self) -> bool:
-        """First heartbeat, written before any claim; settles leftovers of an earlier life under the same id."""
-        while not self._stop.is_set():
-            try:
-                table, inbox = keys.worker_jobs(self.worker_id), keys.worker_inbox(self.worker_id)
-                if not self.redis.exists(keys.worker(self.worker_id)) and self.redis.exists(table, inbox):
-                    jobs.settle_worker(self.redis, self.worker_id, jobs.Settled())
-                liveness.register(self.redis, self.info())
-                self._backoff.reachable_for(liveness.redis_uptime_s(self.redis))
-                return True
-            except _REDIS_ERRORS as exc:
-                self._backoff.failed("register", exc)
-                self._backoff.wait_if_down()
-        return False
-
-    def _reconcile(self) -> None:
-        """After a heartbeat gap longer than the TTL: drop the jobs a sweeper took away (requeued or failed), before
-        anything else is written for them. A running job is still this worker's only while its table entry says
-        started or streaming (`claimed` is a new claim of a job that went back to the queue)."""
-        try:
-            raw = self.redis.hgetall(keys.worker_jobs(self.worker_id))
-            held = {_text(k): _text(v) for k, v in raw.items()}
-        except _REDIS_ERRORS as exc:
-            self._backoff.failed("reconcile", exc)
-            return
-        self.heartbeat.lost.clear()
-        self.preparing.drop([p.job_id for p in self.preparing.in_flight() if p.job_id not in held])
-        running_states = (ClaimState.started.value, ClaimState.streaming.value)
-        for job_id in [j for j in self.active if held.get(j) not in running_states]:
-            self._drop(job_id)
-        for job_id in [j.job_id for j in self.finishing if j.job_id not in held]:
-            self._drop(job_id)
-
-    def _deregister(self) -> None:
-        if self._retry_redis("deregister", lambda: liveness.unregister(self.redis, self.worker_id)) is False:
-            log.warning("worker %s left jobs behind; the sweeper settles them", self.worker_id)
-        log.info("worker %s deregistered", self.worker_id)
-
-    def _retry_redis(self, what: str, call: Any, attempts: int = 5) -> Any:
-        for attempt in range(attempts):
-            try:
-                result = call()
-                self._backoff.ok()
-                return result
-            except _REDIS_ERRORS as exc:
-                self._backoff.failed(what, exc)
-                if attempt + 1 < attempts:
-                    self._backoff.wait_if_down()
-        return None

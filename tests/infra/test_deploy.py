@@ -35,7 +35,7 @@ K8S_VERSIONS = ("1.30", "latest")
 # Custom resources: kubernetes-validate ships schemas for built-in kinds only.
 CRD_GROUPS = {"keda.sh": "KEDA"}
 # After its drain timeout a worker settles what is left and gives Redis up to 10 s more to take the last results
-# (workers/worker.py `_drain_step`, `_abandon`), then waits up to 5 s for its sweeper thread (workers/cli.py
+# (workers/worker_lifecycle.py `_drain_step`, `_abandon`), then waits up to 5 s for its sweeper thread (workers/cli.py
 # `run_worker`); the grace period must cover the drain and both.
 DRAIN_SETTLE_MARGIN_S = 15
 K8S_DEFAULT_GRACE_S = 30

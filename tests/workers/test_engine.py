@@ -8,7 +8,8 @@ from PIL import Image
 from contract.errors import ContextTooLong, DeviceError, ImageInvalid, InvalidRequest
 from contract.messages import FinishReason, JobImage, JobMessage, JobText, SamplingParams
 from tests.workers.tiny_llava import tiny_loaded
-from workers.engine import Engine, EngineImage, EngineJob, TransformersEngine, run_to_completion
+from workers.completion import run_to_completion
+from workers.engine import Engine, EngineImage, EngineJob, TransformersEngine
 
 RED = EngineImage("sha-red", Image.new("RGB", (60, 40), (200, 10, 10)))
 BLUE = EngineImage("sha-blue", Image.new("RGB", (30, 70), (10, 10, 200)))

@@ -15,7 +15,8 @@ from tests.workers.faulty_models import (
     ModelRaisingOnMarkedToken,
 )
 from tests.workers.tiny_llava import tiny_loaded
-from workers.engine import EngineJob, TransformersEngine, run_to_completion
+from workers.completion import run_to_completion
+from workers.engine import EngineJob, TransformersEngine
 from workers.slots import SlotBatch, decode_forward
 
 

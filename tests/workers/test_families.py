@@ -11,7 +11,8 @@ from PIL import Image
 
 from contract.errors import InvalidRequest
 from contract.messages import JobImage, JobMessage, JobText, SamplingParams
-from workers.engine import EngineImage, EngineJob, TransformersEngine, run_to_completion
+from workers.completion import run_to_completion
+from workers.engine import EngineImage, EngineJob, TransformersEngine
 from workers.families import FAMILIES, MROPE, UnsupportedFamily, family_of
 from workers.positions import prompt_positions
 from workers.tiny_families import BUILDERS, family_loaded, model_type

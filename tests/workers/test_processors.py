@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from workers.processors import NoVideoProcessor, load_processor, processor_class, without_videos
-from workers.tiny_families import checkpoint_path, family_loaded, tokenizer
+from workers.tiny_families import checkpoint_path, family_loaded
+from workers.tiny_family_parts import tokenizer
 
 SAVED = {
     "llava_onevision": "LlavaOnevisionProcessor",

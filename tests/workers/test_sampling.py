@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from contract.messages import GREEDY_TEMPERATURE, MAX_TEMPERATURE, FinishReason, JobMessage, JobText, SamplingParams
 from tests.workers.tiny_llava import tiny_loaded
-from workers.engine import EngineJob, TransformersEngine, run_to_completion
+from workers.completion import run_to_completion
+from workers.engine import EngineJob, TransformersEngine
 from workers.sampling import make_generator, sample_batch, sample_row, token_distribution
 
 

@@ -8,7 +8,8 @@ from contract.messages import FinishReason
 from tests.workers.test_engine import BLUE, RED, chat_job, greedy
 from tests.workers.tiny_llava import tiny_loaded
 from workers.batch import Prefilled, cache_from_tensors
-from workers.engine import TransformersEngine, run_to_completion
+from workers.completion import run_to_completion
+from workers.engine import TransformersEngine
 from workers.positions import step_position_ids
 from workers.slots import SlotBatch, SlotCache, bucket_for, buckets
 

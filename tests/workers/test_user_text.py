@@ -8,7 +8,8 @@ from transformers import CLIPImageProcessor
 
 from contract.messages import JobMessage, JobText, SamplingParams
 from tests.workers.tiny_llava import tiny_loaded
-from workers.engine import EngineJob, TransformersEngine, run_to_completion
+from workers.completion import run_to_completion
+from workers.engine import EngineJob, TransformersEngine
 from workers.families import FAMILIES
 from workers.preprocess import WORD_JOINER, as_text, build_inputs, render_messages, special_token_pattern
 from workers.tiny_model import _CORPUS, build_bpe_tokenizer, llava_processor

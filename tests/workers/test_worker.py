@@ -12,7 +12,7 @@ from contract import jobs, keys
 from contract.messages import DoneEvent, ErrorEvent, FinishReason, TokenEvent, WorkerInfo
 from tests.workers.harness import MODEL, RunningWorker, make_worker, status, submit, wait_for
 from workers.scripted import ScriptedEngine
-from workers.worker import EXIT_DEVICE_ERROR, EXIT_OK
+from workers.worker_lifecycle import EXIT_DEVICE_ERROR, EXIT_OK
 
 
 def test_a_job_streams_tokens_then_done_and_is_recorded(redis_client):

@@ -9,7 +9,8 @@ from tests.workers.faulty_models import ModelRaisingOnMarkedToken
 from tests.workers.harness import MODEL, RunningWorker, submit
 from workers.cli import build_engine
 from workers.engine import EngineJob
-from workers.worker import EXIT_OK, Worker
+from workers.worker import Worker
+from workers.worker_lifecycle import EXIT_OK
 
 PROMPTS = ("hello there", "a zebra crossing", "a crossing")
 

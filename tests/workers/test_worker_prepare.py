@@ -18,7 +18,8 @@ from tests.workers.harness import MODEL, RunningWorker, status, submit, wait_for
 from workers.cli import build_engine
 from workers.engine import EngineJob
 from workers.scripted import ScriptedEngine
-from workers.worker import EXIT_OK, Worker
+from workers.worker import Worker
+from workers.worker_lifecycle import EXIT_OK
 
 
 def gated_worker(redis_client, tiny_model_path, marker: str | None = None) -> tuple[Worker, GatedTokenizer]:

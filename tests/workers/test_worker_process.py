@@ -13,7 +13,7 @@ from pathlib import Path
 from contract import keys, sweeper
 from contract.messages import DoneEvent, ErrorEvent
 from tests.workers.harness import MODEL, RunningWorker, make_worker, status, submit, wait_for
-from workers.worker import EXIT_OK
+from workers.worker_lifecycle import EXIT_OK
 
 ROOT = Path(__file__).resolve().parents[2]
 

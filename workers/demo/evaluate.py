@@ -63,7 +63,8 @@ def held_out_cases(per_kind: int, seed: int = 10_000) -> list[Case]:
 def ask(loaded: LoadedModel, cases: list[Case], max_batch: int = 32, max_new_tokens: int = 16) -> list[str]:
     """The model's greedy answer to each case's last question (earlier turns given with their true answers)."""
     from contract.messages import JobImage, JobMessage, JobText, SamplingParams
-    from workers.engine import EngineImage, EngineJob, TransformersEngine, run_to_completion
+    from workers.completion import run_to_completion
+    from workers.engine import EngineImage, EngineJob, TransformersEngine
 
     params = SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
     jobs = []
