@@ -1,4 +1,4 @@
-"""A generation job's life in rq's records: enqueue, claim, start, finish, cancel, requeue.
+"""A generation job's life in rq's records: enqueue, start, finish, cancel, requeue (claiming is `contract.claims`).
 
 rq gives the per-model queues, job records and registries that `rq info` and `redis-cli` show; its worker classes
 run one job at a time, so llava-serve workers claim jobs themselves through these functions, and every status
@@ -7,7 +7,7 @@ change goes through rq's own job and registry API so that the records tell the t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from redis import Redis, RedisError
@@ -29,52 +29,6 @@ from contract.messages import ClaimState, DoneEvent, ErrorEvent, FinishReason, J
 _FINAL = {JobStatus.FINISHED.value, JobStatus.FAILED.value, JobStatus.CANCELED.value, JobStatus.STOPPED.value}
 # A started job's registry entry; liveness is judged by our worker keys, so rq's own expiry must never fire first.
 STARTED_TTL_S = 24 * 3600
-
-# Both claim scripts reply {ids taken, ids the job table (KEYS[2]) held as claimed before}: the second list is how
-# a worker finds the jobs of a claim whose reply it lost (see `Claimed`). `state` is the claimed state.
-_EARLIER_CLAIMS = """
-local function earlier_claims(state)
-  local earlier, fields = {}, redis.call('HGETALL', KEYS[2])
-  for i = 1, #fields, 2 do
-    if fields[i + 1] == state then earlier[#earlier + 1] = fields[i] end
-  end
-  return earlier
-end
-"""
-
-_CLAIM = (
-    _EARLIER_CLAIMS
-    + """
-local earlier = earlier_claims(ARGV[2])
-local ids = {}
-for i = 1, tonumber(ARGV[1]) do
-  local id = redis.call('LPOP', KEYS[1])
-  if not id then break end
-  redis.call('HSET', KEYS[2], id, ARGV[2])
-  ids[#ids + 1] = id
-end
-if #ids > 0 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
-return {ids, earlier}
-"""
-)
-
-# Moves every id a blocking claim left in the inbox into the job table, so a lost reply never strands a job.
-_TAKE_INBOX = (
-    _EARLIER_CLAIMS
-    + """
-local earlier = earlier_claims(ARGV[1])
-local ids = redis.call('LRANGE', KEYS[1], 0, -1)
-for _, id in ipairs(ids) do
-  redis.call('HSET', KEYS[2], id, ARGV[1])
-end
-if #ids > 0 then
-  redis.call('DEL', KEYS[1])
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-end
-return {ids, earlier}
-"""
-)
-
 
 # Forgets a settled worker (job table, inbox, id) unless it came back meanwhile: what a woken worker claimed since
 # is its own, and its heartbeat keeps its id registered.
@@ -151,105 +105,6 @@ def enqueue(redis: Redis, request: JobRequest, *, max_queue: int, result_ttl: in
 
 def job_request(job: Job) -> JobRequest:
     return JobRequest.model_validate(job.kwargs["request"])
-
-
-@dataclass
-class Claimed:
-    """What a claim took, and `earlier`: the ids the worker's job table held as claimed before it. Among those, the
-    ones the worker does not hold come from a claim whose reply it never got (Redis ran it, the connection dropped,
-    or the client sent it again and heard only the second run); the worker puts them back."""
-
-    requests: list[JobRequest] = field(default_factory=list)
-    earlier: list[str] = field(default_factory=list)
-
-
-def queue_claim(pipe: Pipeline, worker_id: str, model: str, n: int) -> None:
-    """Queue, on the caller's pipeline, an atomic take of up to `n` jobs off the front of a model's queue into the
-    worker's job table; read its reply with `claim_reply`. Lets a busy worker claim in the same round trip as it
-    publishes a decode step."""
-    claim_keys = (keys.rq_queue(model), keys.worker_jobs(worker_id))
-    pipe.eval(_CLAIM, 2, *claim_keys, n, ClaimState.claimed.value, keys.WORKER_JOBS_TTL_S)
-
-
-def claim_reply(raw: Sequence[Iterable[bytes | str]]) -> tuple[list[str], list[str]]:
-    """(ids taken, ids held as claimed before) from the reply of a claim script (`queue_claim`)."""
-    taken, earlier = raw
-    return [_text(i) for i in taken], [_text(i) for i in earlier]
-
-
-def claim(redis: Redis, worker_id: str, model: str, n: int) -> list[JobRequest]:
-    """Atomically take up to `n` jobs off the front of a model's queue into the worker's job table."""
-    return _claim(redis, worker_id, model, n).requests
-
-
-def _claim(redis: Redis, worker_id: str, model: str, n: int) -> Claimed:
-    if n <= 0:
-        return Claimed()
-    with redis.pipeline(transaction=False) as pipe:
-        queue_claim(pipe, worker_id, model, n)
-        (raw,) = pipe.execute()
-    ids, earlier = claim_reply(raw)
-    return Claimed(claimed_requests(redis, worker_id, ids), earlier)
-
-
-def claimed_requests(redis: Redis, worker_id: str, raw_ids: Iterable[bytes | str]) -> list[JobRequest]:
-    """The requests of jobs just claimed (ids as the claim script returned them); vanished jobs are dropped."""
-    ids = [i.decode() if isinstance(i, bytes) else i for i in raw_ids]
-    if not ids:
-        return []
-    requests = []
-    for job_id, job in zip(ids, Job.fetch_many(ids, connection=redis, serializer=JSONSerializer), strict=True):
-        if job is None:  # deleted while queued
-            redis.hdel(keys.worker_jobs(worker_id), job_id)
-            continue
-        requests.append(job_request(job))
-    return requests
-
-
-def take_inbox(redis: Redis, worker_id: str) -> list[JobRequest]:
-    """Atomically move the job ids in a worker's inbox (left by `claim_blocking`) into its job table."""
-    return _take_inbox(redis, worker_id).requests
-
-
-def _take_inbox(redis: Redis, worker_id: str) -> Claimed:
-    raw = redis.eval(
-        _TAKE_INBOX,
-        2,
-        keys.worker_inbox(worker_id),
-        keys.worker_jobs(worker_id),
-        ClaimState.claimed.value,
-        keys.WORKER_JOBS_TTL_S,
-    )
-    ids, earlier = claim_reply(raw)
-    return Claimed(claimed_requests(redis, worker_id, ids), earlier)
-
-
-def claim_blocking(redis: Redis, worker_id: str, model: str, n: int, timeout_s: float) -> Claimed:
-    """Wait up to `timeout_s` seconds for a job (BLMOVE into the worker's inbox), then take up to `n` jobs in all.
-
-    Ids left in the inbox by an earlier call whose reply was lost are taken first."""
-    if n <= 0:
-        return Claimed()
-    claimed = _take_inbox(redis, worker_id)
-    if not claimed.requests:
-        moved = redis.blmove(keys.rq_queue(model), keys.worker_inbox(worker_id), timeout_s, "LEFT", "RIGHT")
-        if moved is None:
-            return claimed
-        claimed = _merged(claimed, _take_inbox(redis, worker_id))
-    if len(claimed.requests) < n:
-        claimed = _merged(claimed, _claim(redis, worker_id, model, n - len(claimed.requests)))
-    return claimed
-
-
-def _merged(first: Claimed, then: Claimed) -> Claimed:
-    earlier = list(dict.fromkeys([*first.earlier, *then.earlier]))
-    return Claimed([*first.requests, *then.requests], earlier)
-
-
-def put_back(redis: Redis, worker_id: str, model: str, job_ids: Iterable[str]) -> int:
-    """Return claimed, never-started jobs to the front of their queue, in their original order; only those the
-    worker still holds (a job a sweeper requeued meanwhile is not queued twice). How many went back."""
-    return ownership.put_back(redis, worker_id, model, job_ids)
 
 
 def mark_started(redis: Redis, worker_id: str, job_id: str) -> Execution | None:
@@ -442,10 +297,10 @@ def settle_worker(
     nothing go back to the front of their queue in their old order, cancelled ones end cancelled, streaming ones
     fail with `worker_lost`. `still_mine` is asked before each job (a sweep lock); False raises RuntimeError."""
     table = keys.worker_jobs(worker_id)
-    held: dict[str, str] = {_text(k): _text(v) for k, v in redis.hgetall(table).items()}
+    held: dict[str, str] = {text_of(k): text_of(v) for k, v in redis.hgetall(table).items()}
     in_table = set(held)  # writes for these are fenced: the worker may wake up and settle a job itself meanwhile
     for job_id in redis.lrange(keys.worker_inbox(worker_id), 0, -1):
-        held.setdefault(_text(job_id), ClaimState.claimed.value)
+        held.setdefault(text_of(job_id), ClaimState.claimed.value)
     to_requeue: list[tuple[float, str]] = []
     for job_id, state in held.items():
         if still_mine is not None and not still_mine():
@@ -475,7 +330,7 @@ def settle_worker(
     redis.eval(_FORGET_WORKER, len(forget_keys), *forget_keys, worker_id)
 
 
-def _text(value: bytes | str) -> str:
+def text_of(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from redis import Redis
 
-from contract import jobs, keys, ownership
+from contract import claims, jobs, keys, ownership
 from contract.errors import DeviceError, GenerationFailed, LlavaError
 from contract.limits import check_prompt_chars, job_text_chars
 from contract.messages import FinishReason, JobRequest, TokenEvent, WorkerInfo
@@ -140,12 +140,12 @@ class Worker(WorkerLifecycle):
             return []
         try:
             if claimed_ids or self.engine.has_work():
-                return jobs.claimed_requests(self.redis, self.worker_id, claimed_ids)
+                return claims.claimed_requests(self.redis, self.worker_id, claimed_ids)
             if not self._may_claim():
                 return []
             free = self._free_slots()
             block_s = PREPARE_POLL_S if self.preparing else CLAIM_BLOCK_S
-            claimed = jobs.claim_blocking(self.redis, self.worker_id, self.model_name, free, block_s)
+            claimed = claims.claim_blocking(self.redis, self.worker_id, self.model_name, free, block_s)
         except REDIS_ERRORS as exc:
             self._backoff.failed("claim", exc)
             self.returning += claimed_ids
@@ -206,7 +206,7 @@ class Worker(WorkerLifecycle):
         if not self.returning or not self._backoff.ready():
             return
         try:
-            jobs.put_back(self.redis, self.worker_id, self.model_name, self.returning)
+            claims.put_back(self.redis, self.worker_id, self.model_name, self.returning)
         except REDIS_ERRORS as exc:
             self._backoff.failed("put_back", exc)
             return
@@ -279,7 +279,7 @@ class Worker(WorkerLifecycle):
                     pipe.exists(keys.controller(controller_id))
                 claiming = bool(self.active) and self._may_claim()
                 if claiming:
-                    jobs.queue_claim(pipe, self.worker_id, self.model_name, self._free_slots())
+                    claims.queue_claim(pipe, self.worker_id, self.model_name, self._free_slots())
                 results = pipe.execute()
         except REDIS_ERRORS as exc:
             self._backoff.failed("publish", exc)
@@ -300,7 +300,7 @@ class Worker(WorkerLifecycle):
                 job.cancel_sent = True
                 self.engine.cancel(job.job_id)
         if claiming:
-            claimed, earlier = jobs.claim_reply(results[-1])
+            claimed, earlier = claims.claim_reply(results[-1])
             self._forget_stale(claimed)
             self._put_back_lost_claims(earlier, claimed)
             self._claimed_ids = [*self._claimed_ids, *claimed]

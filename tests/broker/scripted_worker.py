@@ -17,7 +17,7 @@ import redis
 from PIL import Image
 
 from broker.context import StreamTimings
-from contract import jobs, keys
+from contract import claims, jobs, keys
 from contract.client import iter_sse
 from contract.messages import DoneEvent, ErrorEvent, FinishReason, JobOutcome, JobRequest, TokenEvent, Usage, WorkerInfo
 from infra.settings import ControllerSettings
@@ -61,7 +61,7 @@ class ScriptedWorker:
         """Wait for a job in the model's queue and claim it (through `contract.jobs`, as a worker does)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            claimed = jobs.claim(self.redis, self.worker_id, self.model, 1)
+            claimed = claims.claim(self.redis, self.worker_id, self.model, 1)
             if claimed:
                 return claimed[0]
             time.sleep(0.02)

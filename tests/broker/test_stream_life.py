@@ -12,7 +12,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from broker.context import ControllerContext
-from contract import jobs, keys, sweeper
+from contract import claims, jobs, keys, sweeper
 from contract.keys import rq_queue
 from contract.messages import FinishReason, JobRequest, TokenEvent
 from tests.broker.scripted_worker import ScriptedWorker, Watchdog, chat_body, read_sse
@@ -110,7 +110,7 @@ def test_a_requeued_job_is_queued_again_and_ends_with_no_worker(
         name, data = next(events)
         assert (name, data["position"]) == ("queued", 1)
         job_id = data["job_id"]
-        claimed = jobs.claim(redis_client, worker.worker_id, MODEL, 2)
+        claimed = claims.claim(redis_client, worker.worker_id, MODEL, 2)
         assert [j.job_id for j in claimed] == ["ahead", job_id]
         worker.finish(claimed[0], "done ahead", publish=False)
         worker.start(claimed[1])

@@ -1,41 +1,28 @@
-"""The rq job lifecycle against a real Redis: enqueue, claim, start, finish, cancel, requeue, put_back."""
+"""The rq job lifecycle against a real Redis: enqueue, start, finish, cancel, requeue."""
 
 from __future__ import annotations
 
 import pytest
 
-from contract import jobs, keys
+from contract import claims, jobs, keys
 from contract.errors import QueueFull
 from contract.messages import ClaimState, FinishReason, JobOutcome, JobRequest, Usage
-
-MODEL = "m"
-
-
-def _enqueue(client, job_id: str, *, max_queue: int = 100) -> None:
-    jobs.enqueue(client, JobRequest(job_id=job_id, model=MODEL, prompt="hi"), max_queue=max_queue, result_ttl=600)
-
-
-def _queue(client) -> list[str]:
-    return [i.decode() for i in client.lrange(jobs.queue_for(client, MODEL).key, 0, -1)]
-
-
-def _table(client, worker_id: str = "w1") -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in client.hgetall(keys.worker_jobs(worker_id)).items()}
+from tests.contract.queued import MODEL, enqueue, queue, table
 
 
 def test_enqueue_claim_start_finish(redis_client):
-    _enqueue(redis_client, "a")
+    enqueue(redis_client, "a")
     assert jobs.view(redis_client, "a").status == "queued"
     assert jobs.view(redis_client, "a").position == 0
 
-    claimed = jobs.claim(redis_client, "w1", MODEL, 4)
+    claimed = claims.claim(redis_client, "w1", MODEL, 4)
     assert [r.job_id for r in claimed] == ["a"]
-    assert _table(redis_client) == {"a": ClaimState.claimed.value}
-    assert _queue(redis_client) == []
+    assert table(redis_client) == {"a": ClaimState.claimed.value}
+    assert queue(redis_client) == []
 
     assert jobs.mark_started(redis_client, "w1", "a") is not None
     assert jobs.view(redis_client, "a").status == "started"
-    assert _table(redis_client) == {"a": ClaimState.started.value}
+    assert table(redis_client) == {"a": ClaimState.started.value}
 
     outcome = JobOutcome(
         job_id="a", status="finished", finish_reason=FinishReason.eos, text="hello", usage=Usage(completion_tokens=1)
@@ -45,67 +32,15 @@ def test_enqueue_claim_start_finish(redis_client):
     assert view.status == "finished"
     assert view.outcome.text == "hello"
     assert view.outcome.worker_id == "w1"
-    assert _table(redis_client) == {}
+    assert table(redis_client) == {}
     assert 0 < redis_client.ttl("rq:job:a") <= 600
 
 
-def test_claim_takes_at_most_n_in_queue_order(redis_client):
-    for job_id in "abcde":
-        _enqueue(redis_client, job_id)
-    assert [r.job_id for r in jobs.claim(redis_client, "w1", MODEL, 2)] == ["a", "b"]
-    assert jobs.claim(redis_client, "w1", MODEL, 0) == []
-    assert _queue(redis_client) == ["c", "d", "e"]
-    assert redis_client.ttl(keys.worker_jobs("w1")) > 0
-
-
-def test_claim_skips_a_job_deleted_while_queued(redis_client):
-    _enqueue(redis_client, "a")
-    _enqueue(redis_client, "b")
-    redis_client.delete("rq:job:a")
-    assert [r.job_id for r in jobs.claim(redis_client, "w1", MODEL, 2)] == ["b"]
-    assert _table(redis_client) == {"b": "claimed"}
-
-
-def test_claim_blocking_waits_then_tops_up(redis_client):
-    assert jobs.claim_blocking(redis_client, "w1", MODEL, 2, timeout_s=0.1) == jobs.Claimed()
-    for job_id in "abc":
-        _enqueue(redis_client, job_id)
-    claimed = jobs.claim_blocking(redis_client, "w1", MODEL, 2, timeout_s=1)
-    assert [r.job_id for r in claimed.requests] == ["a", "b"]
-    assert _table(redis_client) == {"a": "claimed", "b": "claimed"}
-    assert redis_client.llen(keys.worker_inbox("w1")) == 0
-    assert _queue(redis_client) == ["c"]
-
-
-def test_take_inbox_recovers_an_id_left_by_a_lost_reply(redis_client):
-    _enqueue(redis_client, "a")
-    redis_client.lmove(jobs.queue_for(redis_client, MODEL).key, keys.worker_inbox("w1"), "LEFT", "RIGHT")
-    assert [r.job_id for r in jobs.claim_blocking(redis_client, "w1", MODEL, 1, timeout_s=0.1).requests] == ["a"]
-    assert not redis_client.exists(keys.worker_inbox("w1"))
-    assert _table(redis_client) == {"a": "claimed"}
-
-
-def test_every_claim_reports_the_jobs_already_held_as_claimed(redis_client):
-    """How a worker learns of the jobs of a claim whose reply it lost: the next claim lists them."""
-    for job_id in "abcd":
-        _enqueue(redis_client, job_id)
-    assert jobs.claim(redis_client, "w1", MODEL, 2)  # a reply the worker never gets
-    jobs.mark_started(redis_client, "w1", "a")
-    with redis_client.pipeline(transaction=False) as pipe:
-        jobs.queue_claim(pipe, "w1", MODEL, 1)
-        (raw,) = pipe.execute()
-    assert jobs.claim_reply(raw) == (["c"], ["b"])  # a started job is not a claim
-    redis_client.lmove(jobs.queue_for(redis_client, MODEL).key, keys.worker_inbox("w1"), "LEFT", "RIGHT")
-    claimed = jobs.claim_blocking(redis_client, "w1", MODEL, 1, timeout_s=0.1)
-    assert [r.job_id for r in claimed.requests] == ["d"] and claimed.earlier == ["b", "c"]
-    assert jobs.claim_blocking(redis_client, "w2", MODEL, 1, timeout_s=0.1) == jobs.Claimed()
-
-
 def test_cancel_of_a_queued_job_removes_it_at_once(redis_client):
-    _enqueue(redis_client, "a")
-    _enqueue(redis_client, "b")
+    enqueue(redis_client, "a")
+    enqueue(redis_client, "b")
     assert jobs.request_cancel(redis_client, "a", MODEL) is True
-    assert _queue(redis_client) == ["b"]
+    assert queue(redis_client) == ["b"]
     view = jobs.view(redis_client, "a")
     assert view.status == "canceled"
     assert view.outcome.finish_reason == FinishReason.cancelled
@@ -114,8 +49,8 @@ def test_cancel_of_a_queued_job_removes_it_at_once(redis_client):
 
 
 def test_cancel_of_a_claimed_job_only_sets_the_flag(redis_client):
-    _enqueue(redis_client, "a")
-    jobs.claim(redis_client, "w1", MODEL, 1)
+    enqueue(redis_client, "a")
+    claims.claim(redis_client, "w1", MODEL, 1)
     assert jobs.request_cancel(redis_client, "a", MODEL) is False
     assert jobs.is_cancel_requested(redis_client, "a")
     assert 0 < redis_client.ttl(keys.cancel("a")) <= keys.CANCEL_TTL_S
@@ -123,15 +58,15 @@ def test_cancel_of_a_claimed_job_only_sets_the_flag(redis_client):
 
 def test_requeue_puts_a_started_job_back_first(redis_client):
     for job_id in "ab":
-        _enqueue(redis_client, job_id)
-    jobs.claim(redis_client, "w1", MODEL, 1)
+        enqueue(redis_client, job_id)
+    claims.claim(redis_client, "w1", MODEL, 1)
     jobs.mark_started(redis_client, "w1", "a")
     assert jobs.requeue(redis_client, "w1", "a") is True
-    assert _queue(redis_client) == ["a", "b"]
+    assert queue(redis_client) == ["a", "b"]
     assert jobs.view(redis_client, "a").status == "queued"
-    assert _table(redis_client) == {}
+    assert table(redis_client) == {}
     # and it can be claimed and finished again
-    assert [r.job_id for r in jobs.claim(redis_client, "w2", MODEL, 1)] == ["a"]
+    assert [r.job_id for r in claims.claim(redis_client, "w2", MODEL, 1)] == ["a"]
     jobs.mark_started(redis_client, "w2", "a")
     jobs.finish(redis_client, "w2", JobOutcome(job_id="a", status="finished", finish_reason=FinishReason.eos))
     assert jobs.view(redis_client, "a").status == "finished"
@@ -140,29 +75,20 @@ def test_requeue_puts_a_started_job_back_first(redis_client):
 def test_requeue_of_an_unknown_job_only_forgets_it(redis_client):
     redis_client.hset(keys.worker_jobs("w1"), "ghost", "claimed")
     assert jobs.requeue(redis_client, "w1", "ghost") is False
-    assert _table(redis_client) == {}
-
-
-def test_put_back_keeps_the_original_order_at_the_front(redis_client):
-    for job_id in "abcd":
-        _enqueue(redis_client, job_id)
-    jobs.claim(redis_client, "w1", MODEL, 3)
-    jobs.put_back(redis_client, "w1", MODEL, ["b", "c"])
-    assert _queue(redis_client) == ["b", "c", "d"]
-    assert _table(redis_client) == {"a": "claimed"}
+    assert table(redis_client) == {}
 
 
 def test_enqueue_refuses_past_max_queue(redis_client):
-    _enqueue(redis_client, "a", max_queue=1)
+    enqueue(redis_client, "a", max_queue=1)
     with pytest.raises(QueueFull):
-        _enqueue(redis_client, "b", max_queue=1)
+        enqueue(redis_client, "b", max_queue=1)
 
 
 def test_failed_finish_keeps_the_error(redis_client):
     from contract.messages import ErrorEvent
 
-    _enqueue(redis_client, "a")
-    jobs.claim(redis_client, "w1", MODEL, 1)
+    enqueue(redis_client, "a")
+    claims.claim(redis_client, "w1", MODEL, 1)
     error = ErrorEvent(job_id="a", code="invalid_request", message="bad", status_code=422)
     jobs.finish(redis_client, "w1", JobOutcome(job_id="a", status="failed", finish_reason="error", error=error))
     view = jobs.view(redis_client, "a")
@@ -174,7 +100,7 @@ def test_start_claimed_marks_started_and_reads_the_cancel_flag_in_one_go(redis_c
 
     for job_id in ("a", "b"):
         jobs.enqueue(redis_client, JobRequest(job_id=job_id, model="m"), max_queue=10, result_ttl=60)
-    claimed = jobs.claim(redis_client, "w1", "m", 2)
+    claimed = claims.claim(redis_client, "w1", "m", 2)
     redis_client.set(keys.cancel("b"), "1")
     assert [jobs.start_claimed(redis_client, "w1", request) for request in claimed] == [False, True]
     assert jobs.view(redis_client, "a").status == "started"
@@ -222,8 +148,8 @@ def test_rqs_own_api_tells_the_truth_about_ended_jobs(redis_client):
     from contract.messages import ErrorEvent
 
     for job_id in "ab":
-        _enqueue(redis_client, job_id)
-    jobs.claim(redis_client, "w1", MODEL, 2)
+        enqueue(redis_client, job_id)
+    claims.claim(redis_client, "w1", MODEL, 2)
     for job_id in "ab":
         jobs.mark_started(redis_client, "w1", job_id)
     done = JobOutcome(job_id="a", status="finished", finish_reason=FinishReason.eos, text="hello")

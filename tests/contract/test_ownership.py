@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from contract import jobs, keys, ownership
+from contract import claims, jobs, keys, ownership
 from contract.messages import FinishReason, JobOutcome, JobRequest, TokenEvent, parse_event
 
 MODEL = "m"
@@ -40,14 +40,14 @@ def _token(job_id: str, text: str) -> str:
 def _started(client, *job_ids: str, worker_id: str = "w1") -> None:
     for job_id in job_ids:
         _enqueue(client, job_id)
-    for request in jobs.claim(client, worker_id, MODEL, len(job_ids)):
+    for request in claims.claim(client, worker_id, MODEL, len(job_ids)):
         assert jobs.start_claimed(client, worker_id, request) is False
 
 
 def test_a_step_publishes_only_for_jobs_the_worker_still_holds(redis_client):
     _started(redis_client, "a", "b", "c")
     jobs.requeue(redis_client, "w1", "b")  # as a sweeper does for a frozen worker
-    jobs.claim(redis_client, "w1", MODEL, 1)  # ... and the same worker claims it again: a new run, not the old one
+    claims.claim(redis_client, "w1", MODEL, 1)  # ... and the same worker claims it again: a new run, not the old one
     redis_client.set(keys.cancel("c"), "1")
     pubsub = redis_client.pubsub(ignore_subscribe_messages=True)
     pubsub.subscribe(keys.chunks("a"), keys.chunks("b"), keys.chunks("c"))
@@ -70,9 +70,9 @@ def test_a_step_publishes_only_for_jobs_the_worker_still_holds(redis_client):
 def test_put_back_returns_only_the_jobs_still_held(redis_client):
     for job_id in "abc":
         _enqueue(redis_client, job_id)
-    jobs.claim(redis_client, "w1", MODEL, 3)
+    claims.claim(redis_client, "w1", MODEL, 3)
     jobs.requeue(redis_client, "w1", "b")  # taken away and queued by a sweeper
-    assert jobs.put_back(redis_client, "w1", MODEL, ["a", "b", "c"]) == 2
+    assert claims.put_back(redis_client, "w1", MODEL, ["a", "b", "c"]) == 2
     assert _queue(redis_client) == ["a", "c", "b"]  # b is not queued twice
     assert _table(redis_client) == {}
 
@@ -80,7 +80,7 @@ def test_put_back_returns_only_the_jobs_still_held(redis_client):
 def test_a_fenced_finish_writes_nothing_for_a_job_taken_away(redis_client):
     _started(redis_client, "a")
     jobs.requeue(redis_client, "w1", "a")
-    jobs.claim(redis_client, "w2", MODEL, 1)  # another worker runs it now
+    claims.claim(redis_client, "w2", MODEL, 1)  # another worker runs it now
     outcome = JobOutcome(job_id="a", status="finished", finish_reason=FinishReason.eos, text="stale")
     assert jobs.finish(redis_client, "w1", outcome, fenced=True) is False
     view = jobs.view(redis_client, "a")
@@ -100,7 +100,7 @@ def test_a_fenced_requeue_of_a_job_taken_away_does_nothing(redis_client):
 
 def test_start_claimed_refuses_a_job_taken_away_since_the_claim(redis_client):
     _enqueue(redis_client, "a")
-    (request,) = jobs.claim(redis_client, "w1", MODEL, 1)
+    (request,) = claims.claim(redis_client, "w1", MODEL, 1)
     jobs.requeue(redis_client, "w1", "a")
     with pytest.raises(ownership.NotOwned):
         jobs.start_claimed(redis_client, "w1", request)
@@ -112,7 +112,7 @@ def test_start_claimed_does_not_start_a_job_whose_controller_lease_is_gone(redis
     for job_id, controller_id in (("orphan", "dead"), ("served", "alive"), ("unjudged", "dead")):
         _enqueue(redis_client, job_id, controller_id=controller_id)
     redis_client.delete(keys.controller("dead"))  # enqueue wrote it; the controller died since
-    orphan, served, unjudged = jobs.claim(redis_client, "w1", MODEL, 3)
+    orphan, served, unjudged = claims.claim(redis_client, "w1", MODEL, 3)
     assert jobs.start_claimed(redis_client, "w1", orphan, judge_lease=True) is True
     assert jobs.start_claimed(redis_client, "w1", served, judge_lease=True) is False
     assert jobs.start_claimed(redis_client, "w1", unjudged, judge_lease=False) is False  # e.g. right after an outage

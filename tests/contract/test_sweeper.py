@@ -7,7 +7,7 @@ import time
 
 import redis as redis_lib
 
-from contract import jobs, keys, liveness, sweeper
+from contract import claims, jobs, keys, liveness, sweeper
 from contract.messages import DoneEvent, ErrorEvent, JobRequest
 from tests.workers.harness import Stream, key_ttls
 
@@ -24,7 +24,7 @@ def _dead_worker_holding(client, worker_id: str = "dead") -> None:
     """A worker that claimed a..e, started b, c, d, streamed d, and e sits in its inbox; then its key expired."""
     for i, job_id in enumerate("abcdef"):
         _enqueue(client, job_id, 1000.0 + i)
-    jobs.claim(client, worker_id, MODEL, 4)  # a b c d
+    claims.claim(client, worker_id, MODEL, 4)  # a b c d
     for job_id in "bcd":
         jobs.mark_started(client, worker_id, job_id)
     with client.pipeline() as pipe:
@@ -80,7 +80,7 @@ def test_dead_workers_jobs_are_requeued_in_order_or_failed_with_worker_lost(redi
 def test_a_requeued_job_is_served_by_another_worker(redis_client):
     _dead_worker_holding(redis_client)
     sweeper.sweep_once(redis_client)
-    claimed = jobs.claim(redis_client, "alive", MODEL, 2)
+    claimed = claims.claim(redis_client, "alive", MODEL, 2)
     assert [r.job_id for r in claimed] == ["a", "b"]
     jobs.mark_started(redis_client, "alive", "b")
     assert jobs.view(redis_client, "b").status == "started"
@@ -88,7 +88,7 @@ def test_a_requeued_job_is_served_by_another_worker(redis_client):
 
 def test_live_workers_are_left_alone(redis_client):
     _enqueue(redis_client, "a", 1.0)
-    jobs.claim(redis_client, "live", MODEL, 1)
+    claims.claim(redis_client, "live", MODEL, 1)
     redis_client.sadd(keys.workers(), "live")
     redis_client.set(keys.worker("live"), "{}", ex=keys.WORKER_TTL_S)
     report = sweeper.sweep_once(redis_client)
@@ -110,7 +110,7 @@ def test_jobs_already_finished_are_only_forgotten(redis_client):
     from contract.messages import FinishReason, JobOutcome
 
     _enqueue(redis_client, "a", 1.0)
-    jobs.claim(redis_client, "dead", MODEL, 1)
+    claims.claim(redis_client, "dead", MODEL, 1)
     jobs.finish(redis_client, "x", JobOutcome(job_id="a", status="finished", finish_reason=FinishReason.eos))
     redis_client.hset(keys.worker_jobs("dead"), "a", "streaming")
     redis_client.sadd(keys.workers(), "dead")
@@ -152,7 +152,7 @@ def test_workers_get_time_to_reregister_after_an_outage_longer_than_their_ttl(tm
     beat = Heartbeat(client, _info)
     try:
         _enqueue(client, "a", 1.0)
-        jobs.claim(client, "hb", MODEL, 1)
+        claims.claim(client, "hb", MODEL, 1)
         jobs.mark_started(client, "hb", "a")
         with client.pipeline() as pipe:
             jobs.mark_streaming(pipe, "hb", "a")
@@ -197,7 +197,7 @@ def test_no_worker_is_judged_dead_within_the_grace_after_redis_came_back(redis_c
 def test_expired_entries_of_rq_registries_are_pruned_and_live_ones_kept(redis_client):
     for job_id in ("old-done", "new-done", "old-failed", "old-canceled", "new-canceled"):
         _enqueue(redis_client, job_id, 1000.0)
-    jobs.claim(redis_client, "w", MODEL, 5)
+    claims.claim(redis_client, "w", MODEL, 5)
     now = time.time()
     for kind, job_id, expires_at in (
         ("finished", "old-done", now - 10),

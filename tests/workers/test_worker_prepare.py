@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from contract import jobs, keys
+from contract import claims, jobs, keys
 from contract.errors import ErrorCode, PayloadTooLarge
 from contract.limits import max_prompt_chars
 from contract.messages import DoneEvent, ErrorEvent, SamplingParams
@@ -105,7 +105,7 @@ def test_when_a_job_does_not_fit_the_jobs_claimed_after_it_go_back_too_in_claim_
     try:
         for job_id, tokens in (("a", 30), ("b", 1), ("c", 1)):  # "a" does not fit; "c" would
             submit(redis_client, job_id, "x", subscribe=False, max_new_tokens=tokens)
-        worker._admit(jobs.claim(redis_client, "w1", MODEL, 3))
+        worker._admit(claims.claim(redis_client, "w1", MODEL, 3))
         wait_for(lambda: all(p.done for p in worker.preparing.in_flight() if p.job_id != "b"), what="a and c ready")
         worker._admit([])
         assert [jobs.queue_position(redis_client, MODEL, j) for j in ("a", "b", "c")] == [0, 1, 2]
