@@ -15,6 +15,7 @@ from broker.app import create_app
 from broker.limits import _TAKE_SLOT, _TAKE_TOKENS
 from contract import keys
 from tests.broker.scripted_worker import FAST, ScriptedWorker, chat_body, read_sse, settings_for
+from tests.workers.harness import wait_for
 from tests.workers.reply_dropping_proxy import ReplyDroppingProxy
 
 MODEL = "tiny-llava"
@@ -90,3 +91,17 @@ def test_a_fair_share_slot_whose_reply_was_lost_is_not_held_against_its_own_job(
         events = generate(client, worker, "mine")
         assert proxy.dropped.is_set(), "the slot's reply was never dropped"
     assert events[-1][0] == "done", f"the client's only job was refused: {events[-1]}"
+
+
+def test_a_reply_debited_twice_by_a_lost_reply_is_counted_once(redis_client, proxy_to):
+    proxy = proxy_to(b"debit")  # the charge of a reply's tokens once it ends ('debit' is not in the script's text)
+    worker = ScriptedWorker(redis_client).register()
+    settings = settings_for(proxy.url, rate_limit_tokens_per_minute=10, max_jobs_per_client=5)
+    with TestClient(create_app(settings, timings=FAST, run_sweeper=False)) as client:
+        events = generate(client, worker, "abcdef")  # 6 tokens
+        assert events[-1][0] == "done", events[-1]
+        # the job's slot is released after its tokens are debited, so the bookkeeping is over once the slot is free
+        wait_for(lambda: redis_client.zcard(keys.client_jobs("testclient")) == 0, what="the job's end bookkeeping")
+    assert proxy.dropped.is_set(), "the debit's reply was never dropped"
+    level = float(redis_client.hget(keys.rate_bucket("testclient", "tokens"), "level"))
+    assert 3.9 <= level <= 4.5, f"10 tokens a minute less a 6-token reply left {level:.2f}"
